@@ -1,0 +1,87 @@
+"""App factory. Nothing heavy happens at import: models load in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api.errors import install_error_handlers
+from service.api.limits import BodyLimitMiddleware
+from service.api.routes import router
+from service.config import Settings
+from service.engine import resolve_providers
+from service.metrics import Metrics
+from service.pipeline import ServiceContext
+from service.queue import create_queue
+from service.registry import Registry
+
+log = logging.getLogger("service")
+
+
+def load_registry(settings: Settings) -> Registry:
+    return Registry.load(
+        settings.models_dir,
+        providers=resolve_providers(settings.providers),
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        warmup_runs=settings.warmup_runs,
+        only=settings.models or None,
+        default_model=settings.default_model,
+    )
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
+    """Build the app. Pass ``registry`` to reuse already-loaded models (tests, benchmarks)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A manifest/graph mismatch raises here and start-up stops with its message.
+        reg = registry or load_registry(settings)
+        metrics = Metrics()
+        queue = create_queue(
+            settings.queue_url,
+            reg,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1e3,
+            max_queue_size=settings.max_queue_size,
+            on_batch=metrics.observe_batch,
+        )
+        await queue.start()
+        pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        ctx = ServiceContext(settings, reg, queue, metrics, pool)
+        for mv in reg.all():
+            is_default = mv.name == reg.default_model and mv is reg.get(mv.name)
+            metrics.model_info.labels(
+                mv.name, mv.version, ",".join(mv.engine.providers), str(is_default).lower()
+            ).set(1)
+        app.state.ctx = ctx
+        ctx.ready = True
+        metrics.ready.set(1)
+        log.info(
+            "ready", extra={"models": [mv.key for mv in reg.all()], "queue": settings.queue_url}
+        )
+        try:
+            yield
+        finally:
+            ctx.ready = False
+            metrics.ready.set(0)
+            await queue.stop()
+            pool.shutdown(wait=True)
+
+    app = FastAPI(
+        title="endofuse",
+        version=__version__,
+        description="Calibrated multimodal diagnosis probabilities from an endoscopy frame "
+        "and optional tabular clinical fields.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,51 @@
+"""The one place where errors become HTTP responses: ``{"error": {"code", "message"}}``."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ServiceError
+
+log = logging.getLogger("service.api")
+
+
+def error_response(
+    status: int, code: str, message: str, retry_after: float | None = None
+) -> JSONResponse:
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        retry = exc.retry_after if exc.status == 503 else None
+        if exc.status == 503 and retry is None:
+            retry = 1.0
+        return error_response(exc.status, exc.code, exc.message, retry)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Report where, never the offending input.
+        where = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors())
+        return error_response(422, "invalid_request", f"invalid request parameters: {where}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        return error_response(500, "internal_error", "internal error")

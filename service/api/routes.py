@@ -1,0 +1,158 @@
+"""Route handlers: thin, each one parse -> pipeline -> respond."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api.parsing import decode_request
+from service.errors import NotReady, ServiceError
+from service.pipeline import ServiceContext, predict
+
+log = logging.getLogger("service.api")
+router = APIRouter()
+
+_PREDICT_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "tabular": {"type": "string", "description": "JSON object"},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "base64"},
+                        "tabular": {"type": "object"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _ctx(request: Request) -> ServiceContext:
+    return request.app.state.ctx
+
+
+async def _predict(request: Request, name: str | None, version: str | None) -> JSONResponse:
+    ctx = _ctx(request)
+    start = time.perf_counter()
+    model_label = name or ctx.registry.default_model or "?"
+    try:
+        if not ctx.ready:
+            raise NotReady("models are not loaded yet")
+        model_label = ctx.registry.get(name, version).name
+        raw = await decode_request(request)
+        body = await predict(ctx, raw, name, version)
+    except ServiceError as exc:
+        ctx.metrics.requests.labels(model_label, exc.code).inc()
+        _log_request(request, model_label, exc.status, exc.code, start)
+        raise
+    _log_request(request, model_label, 200, "ok", start, body["request_id"])
+    return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
+
+
+def _log_request(
+    request: Request, model: str, status: int, code: str, start: float, request_id: str = ""
+) -> None:
+    log.info(
+        "predict",
+        extra={
+            "request_id": request_id or request.headers.get("x-request-id", "")[:64],
+            "model": model,
+            "status": status,
+            "code": code,
+            "timing_ms": round((time.perf_counter() - start) * 1e3, 2),
+        },
+    )
+
+
+@router.post("/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
+async def predict_default(request: Request, model: str | None = None) -> JSONResponse:
+    """Predict with the default model, or the newest version of ``model``."""
+    return await _predict(request, model, None)
+
+
+@router.post("/v1/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
+async def predict_v1(request: Request, model: str | None = None) -> JSONResponse:
+    return await _predict(request, model, None)
+
+
+@router.post("/models/{name}/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
+async def predict_model(request: Request, name: str) -> JSONResponse:
+    return await _predict(request, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/predict", openapi_extra=_PREDICT_DOC, tags=["predict"]
+)
+async def predict_version(request: Request, name: str, version: str) -> JSONResponse:
+    return await _predict(request, name, version)
+
+
+@router.get("/models", tags=["models"])
+async def list_models(request: Request) -> dict[str, Any]:
+    registry = _ctx(request).registry
+    return {
+        "default": registry.default_model,
+        "models": [
+            {
+                "name": name,
+                "versions": [mv.version for mv in registry.versions(name)],
+                "latest": registry.get(name).version,
+                "labels": list(registry.get(name).manifest.labels),
+                "tabular": registry.get(name).manifest.has_tabular,
+            }
+            for name in registry.names()
+        ],
+    }
+
+
+@router.get("/models/{name}", tags=["models"])
+async def describe_model(request: Request, name: str) -> dict[str, Any]:
+    registry = _ctx(request).registry
+    latest = registry.get(name)
+    return {
+        "name": name,
+        "versions": [mv.version for mv in registry.versions(name)],
+        "latest": latest.manifest.public_view(),
+    }
+
+
+@router.get("/models/{name}/versions/{version}", tags=["models"])
+async def describe_version(request: Request, name: str, version: str) -> dict[str, Any]:
+    return _ctx(request).registry.get(name, version).manifest.public_view()
+
+
+@router.get("/healthz", tags=["ops"])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"])
+async def readyz(request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    if not ctx.ready:
+        return JSONResponse({"status": "not ready"}, status_code=503)
+    return JSONResponse({"status": "ready", "models": [mv.key for mv in ctx.registry.all()]})
+
+
+@router.get("/metrics", tags=["ops"])
+async def metrics(request: Request) -> Response:
+    ctx = _ctx(request)
+    for mv in ctx.registry.all():
+        ctx.metrics.queue_depth.labels(mv.name, mv.version).set(ctx.queue.depth(mv.key))
+    return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,113 @@
+"""``endofuse`` command line: serve, and the training commands (imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="endofuse inference service")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Bind address (ENDOFUSE_HOST)"),
+    port: int = typer.Option(None, help="Port (ENDOFUSE_PORT)"),
+    models_dir: Path = typer.Option(None, "--models-dir", help="Model repository"),
+    queue: str = typer.Option(None, "--queue", help="memory:// (embedded)"),
+    workers: int = typer.Option(1, help="uvicorn worker processes"),
+) -> None:
+    """Serve every model in the model repository over HTTP."""
+    import uvicorn
+
+    from service.config import Settings
+    from service.logs import configure_logging
+
+    overrides = {
+        k: v
+        for k, v in {
+            "host": host,
+            "port": port,
+            "models_dir": models_dir,
+            "queue_url": queue,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level)
+    if workers > 1:
+        import os
+
+        for key, value in overrides.items():
+            os.environ[f"ENDOFUSE_{key.upper()}"] = str(value)
+        uvicorn.run(
+            "service.api.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            log_config=None,
+            access_log=False,
+        )
+        return
+    from service.api import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+def _training() -> None:
+    try:
+        import torch  # noqa: F401
+
+        import training  # noqa: F401
+    except ImportError as exc:
+        raise typer.BadParameter(
+            "training needs the 'train' extra: pip install 'endofuse[train]'"
+        ) from exc
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", exists=True, help="Training YAML"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Default: runs/<name>"),
+) -> None:
+    """Train a model (resumes an interrupted run in the same run directory)."""
+    _training()
+    from training.train import main
+
+    main(config, run_dir)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., exists=True),
+    models_dir: Path = typer.Option(Path("models"), "--models-dir"),
+    version: str = typer.Option("1", "--version"),
+) -> None:
+    """Export a trained run to models/<name>/<version>/ (ONNX + manifest), with parity check."""
+    _training()
+    from training.export import main
+
+    main(run_dir, models_dir, version)
+
+
+@app.command()
+def evaluate(
+    model_dir: Path = typer.Argument(..., exists=True),
+    split: str = typer.Option("test", "--split"),
+    out: Path | None = typer.Option(None, "--out", help="Report directory"),
+) -> None:
+    """Evaluate an exported model (ONNX Runtime) on a data split, per missingness pattern."""
+    from training.evaluate import main
+
+    main(model_dir, split, out)
+
+
+if __name__ == "__main__":
+    app()

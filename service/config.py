@@ -1,0 +1,39 @@
+"""Service settings: one pydantic-settings class, read from ``ENDOFUSE_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENDOFUSE_", env_file=None, extra="ignore")
+
+    models_dir: Path = Path("models")
+    # Restrict loading to these model names (empty = every model under models_dir).
+    models: list[str] = Field(default_factory=list)
+    default_model: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
+    inter_op_threads: int = Field(1, ge=0)
+    warmup_runs: int = Field(2, ge=0)
+
+    queue_url: str = "memory://"
+    max_batch_size: int = Field(16, ge=1)
+    # Only applied once the engine is already busy: an idle engine runs a lone request at once.
+    max_batch_wait_ms: float = Field(2.0, ge=0)
+    max_queue_size: int = Field(256, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0)
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    decode_threads: int = Field(2, ge=1)
+
+    log_level: str = "INFO"

@@ -1,0 +1,137 @@
+"""The request lifecycle: decode -> validate -> (queue: batch -> infer -> unbatch) -> encode.
+
+Each stage is a small function; the HTTP layer only parses the transport into
+:class:`RawRequest` and turns the returned dict into JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.errors import MissingInput
+from service.manifest import Manifest
+from service.metrics import Metrics
+from service.preprocess import decode_image
+from service.queue import InferenceQueue, ItemResult, WorkItem
+from service.registry import ModelVersion, Registry
+from service.tabular import parse_tabular
+
+
+@dataclass
+class RawRequest:
+    """What the client sent, transport-independent. ``tabular`` is parsed JSON or None."""
+
+    image: bytes | None
+    tabular: Any = None
+    request_id: str = ""
+
+
+@dataclass
+class Prepared:
+    item: WorkItem
+    modalities: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    registry: Registry
+    queue: InferenceQueue
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+    ready: bool = False
+
+
+def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepared:
+    """Decode the image and validate tabular fields against the model's manifest."""
+    manifest = model.manifest
+    warnings: list[str] = []
+    tabular_report: dict[str, list[str]] | None = None
+    tab_values = tab_mask = None
+    if manifest.tabular is not None:
+        parsed = parse_tabular(raw.tabular, manifest.tabular)
+        tab_values, tab_mask = parsed.values, parsed.mask
+        tabular_report = {"used": parsed.used, "missing": parsed.missing}
+    elif raw.tabular not in (None, {}):
+        warnings.append(
+            f"model '{manifest.name}' takes no tabular input; the tabular fields were ignored"
+        )
+    image_present = raw.image is not None
+    if image_present:
+        image = decode_image(raw.image, manifest.image, settings.max_image_pixels)
+    else:
+        _require_image_or_tabular(manifest, tabular_report)
+        image = np.zeros((manifest.image.height, manifest.image.width, 3), np.uint8)
+    item = WorkItem(
+        model_key=model.key,
+        image=image,
+        tabular=tab_values,
+        tabular_mask=tab_mask,
+        image_present=image_present,
+        request_id=raw.request_id,
+    )
+    modalities = {"image": image_present, "tabular": tabular_report}
+    return Prepared(item=item, modalities=modalities, warnings=warnings)
+
+
+def _require_image_or_tabular(manifest: Manifest, report: dict[str, list[str]] | None) -> None:
+    if not manifest.image_optional:
+        raise MissingInput(f"model '{manifest.name}' requires an image")
+    if not report or not report["used"]:
+        raise MissingInput("send an image, at least one tabular field, or both")
+
+
+def encode_response(
+    model: ModelVersion,
+    prepared: Prepared,
+    result: ItemResult,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    labels = model.manifest.labels
+    probs = result.probabilities
+    return {
+        "request_id": prepared.item.request_id,
+        "model": {"name": model.name, "version": model.version},
+        "label": labels[int(np.argmax(probs))],
+        "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
+        "modalities": prepared.modalities,
+        "warnings": prepared.warnings,
+        "batch_size": result.batch_size,
+        "timing_ms": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+async def predict(
+    ctx: ServiceContext, raw: RawRequest, name: str | None, version: str | None
+) -> dict[str, Any]:
+    """Run one request through the lifecycle, recording metrics for every outcome."""
+    start = time.perf_counter()
+    model = ctx.registry.get(name, version)
+    loop = asyncio.get_running_loop()
+    prepared = await loop.run_in_executor(ctx.decode_pool, prepare, raw, model, ctx.settings)
+    decoded = time.perf_counter()
+    result = await ctx.queue.submit(prepared.item, ctx.settings.request_timeout_s)
+    total = time.perf_counter() - start
+    timings = {
+        "decode": (decoded - start) * 1e3,
+        "queue": result.queue_ms,
+        "inference": result.inference_ms,
+        "total": total * 1e3,
+    }
+    observe_success(ctx.metrics, model.name, timings)
+    return encode_response(model, prepared, result, timings)
+
+
+def observe_success(metrics: Metrics, model: str, timings: dict[str, float]) -> None:
+    metrics.requests.labels(model, "ok").inc()
+    metrics.latency.labels(model).observe(timings["total"] / 1e3)
+    for stage in ("decode", "queue", "inference"):
+        metrics.stage.labels(model, stage).observe(timings[stage] / 1e3)

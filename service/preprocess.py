@@ -1,0 +1,150 @@
+"""Image decode + resize: the one preprocessing path shared by training and serving.
+
+Torch-free on purpose: the serving image carries no torch, and training calls this same
+function on the same bytes, so a model never sees pixels prepared differently in production.
+Normalisation is not done here; it lives inside the exported ONNX graph.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import PayloadTooLarge, UndecodableImage, UnsupportedMediaType
+
+# Our own pixel cap (checked from the header, before any decoding) is stricter than Pillow's.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# EXIF orientation -> Pillow transpose ops, applied in order.
+_ORIENTATION_OPS: dict[int, tuple[Image.Transpose, ...]] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model expects: output size and regions blanked after resizing.
+
+    ``mask_regions`` are (x0, y0, x1, y1) fractions of the output frame set to black. They
+    remove capture artefacts (on-screen overlays, marker boxes) that would otherwise let a
+    model learn the recording device instead of the tissue.
+    """
+
+    height: int
+    width: int
+    mask_regions: tuple[tuple[float, float, float, float], ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_manifest(cls, image: dict) -> ImageSpec:
+        regions = tuple(tuple(float(v) for v in r) for r in image.get("mask_regions", []))
+        return cls(height=int(image["height"]), width=int(image["width"]), mask_regions=regions)
+
+    def to_manifest(self) -> dict:
+        return {
+            "height": self.height,
+            "width": self.width,
+            "layout": "NHWC",
+            "dtype": "uint8",
+            "color": "RGB",
+            "resize": "bilinear-antialiased, aspect not kept",
+            "mask_regions": [list(r) for r in self.mask_regions],
+        }
+
+
+def sniff_format(data: bytes) -> str:
+    """Return ``"jpeg"`` or ``"png"`` from the magic bytes; anything else is unsupported."""
+    if not data:
+        raise UndecodableImage("image is empty")
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    raise UnsupportedMediaType("image must be JPEG or PNG")
+
+
+def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Decode JPEG/PNG bytes to a uint8 RGB array of shape (spec.height, spec.width, 3)."""
+    fmt = sniff_format(data)
+    image = _open(data, fmt)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"image has {width * height} pixels; the limit is {max_pixels}")
+    orientation = _orientation(image)
+    if fmt == "jpeg":
+        # Scaled DCT decode: never smaller than the target, in the frame as stored.
+        swapped = orientation in (5, 6, 7, 8)
+        target = (spec.height, spec.width) if swapped else (spec.width, spec.height)
+        image.draft(image.mode, target)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UndecodableImage("image data is corrupt or truncated") from exc
+    for op in _ORIENTATION_OPS.get(orientation, ()):
+        image = image.transpose(op)
+    rgb = to_rgb(image)
+    if rgb.size != (spec.width, spec.height):
+        rgb = rgb.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    array = np.asarray(rgb, dtype=np.uint8)
+    if spec.mask_regions:
+        array = apply_mask_regions(array, spec.mask_regions)
+    return array
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any JPEG/PNG mode to 8-bit RGB; transparency is composited onto black."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I"):  # 16-bit (or 32-bit int) greyscale PNG: scale, don't clip.
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if values.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
+        grey = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("LA", "La", "RGBa", "RGBA"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
+        rgb = (rgba[..., :3] * rgba[..., 3:4] + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr
+
+
+def apply_mask_regions(
+    array: np.ndarray, regions: tuple[tuple[float, float, float, float], ...]
+) -> np.ndarray:
+    out = array.copy()
+    height, width = out.shape[:2]
+    for x0, y0, x1, y1 in regions:
+        out[round(y0 * height) : round(y1 * height), round(x0 * width) : round(x1 * width)] = 0
+    return out
+
+
+def _open(data: bytes, fmt: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=["JPEG" if fmt == "jpeg" else "PNG"])
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge("image dimensions exceed the pixel limit") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UndecodableImage("image header could not be read") from exc
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block must not reject an otherwise good frame
+        return 1

@@ -1,0 +1,9 @@
+"""Request queues between the HTTP layer and inference engines.
+
+One interface (:class:`~service.queue.base.InferenceQueue`), several backends selected by URL:
+``memory://`` (embedded, in-process dynamic batching; the default).
+"""
+
+from service.queue.base import InferenceQueue, ItemResult, WorkItem, create_queue
+
+__all__ = ["InferenceQueue", "ItemResult", "WorkItem", "create_queue"]

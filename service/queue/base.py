@@ -1,0 +1,62 @@
+"""The queue contract every backend satisfies."""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.registry import Registry
+
+
+@dataclass
+class WorkItem:
+    """One validated, decoded request: fixed-shape arrays only, never the original upload."""
+
+    model_key: str
+    image: np.ndarray  # uint8 [H,W,3]
+    tabular: np.ndarray | None = None  # float32 [F]
+    tabular_mask: np.ndarray | None = None  # float32 [F]
+    image_present: bool = True
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    probabilities: np.ndarray  # float32 [K]
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+class InferenceQueue(abc.ABC):
+    """Submit one item, get its result. Backends decide where and how items are batched.
+
+    ``submit`` raises :class:`~service.errors.Overloaded` (queue full or the expected wait
+    exceeds the timeout), :class:`~service.errors.DeadlineExceeded` (not answered in time) or
+    :class:`~service.errors.InferenceFailed` (this item failed; its batch neighbours do not).
+    """
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop accepting, finish what was accepted, then release resources."""
+
+    @abc.abstractmethod
+    async def submit(self, item: WorkItem, timeout_s: float) -> ItemResult: ...
+
+    @abc.abstractmethod
+    def depth(self, model_key: str) -> int: ...
+
+
+def create_queue(url: str, registry: Registry, **options: object) -> InferenceQueue:
+    scheme = url.split("://", 1)[0]
+    if scheme == "memory":
+        from service.queue.embedded import EmbeddedQueue
+
+        return EmbeddedQueue(registry, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unsupported queue URL scheme '{scheme}://' (supported: memory://)")

@@ -1,0 +1,229 @@
+"""Dynamic batcher in front of one engine.
+
+Policy: an idle engine with nothing queued runs a lone request at once (no batching window at
+low load). Requests that arrive while the engine is busy pile up and run together as the next
+batch; only when such a backlog exists does the batcher wait up to ``max_wait_s`` to fill it.
+Inference runs on one dedicated thread per engine, so batches form while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine import Batch, Engine
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServiceError
+from service.queue.base import ItemResult, WorkItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    item: WorkItem
+    future: asyncio.Future[ItemResult]
+    enqueued: float
+    deadline: float
+    started: float = field(default=0.0)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.002,
+        max_queue_size: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch
+        self._items: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Seconds per batch, smoothed; used for Retry-After and admission control.
+        self._batch_seconds = 0.01
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    def start(self) -> None:
+        self._accepting = True
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new work, answer everything accepted, then stop the worker thread."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._drained(), drain_timeout_s)
+        except TimeoutError:
+            log.warning("batcher stopped with work still queued", extra={"depth": self.depth})
+            for pending in self._items:
+                _fail(pending, NotReady("service is shutting down"))
+            self._items.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def expected_wait_s(self) -> float:
+        batches_ahead = math.ceil((self.depth + 1) / self.max_batch_size) + self._in_flight
+        return batches_ahead * self._batch_seconds
+
+    async def submit(self, item: WorkItem, timeout_s: float) -> ItemResult:
+        if not self._accepting:
+            raise NotReady("service is not accepting requests")
+        if self.depth >= self.max_queue_size:
+            raise Overloaded("inference queue is full", retry_after=self._retry_after())
+        if self.expected_wait_s() > timeout_s:
+            raise Overloaded(
+                "expected queue wait exceeds the request deadline",
+                retry_after=self._retry_after(),
+            )
+        now = time.monotonic()
+        future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
+        pending = _Pending(item=item, future=future, enqueued=now, deadline=now + timeout_s)
+        self._items.append(pending)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            future.cancel()  # the worker skips it if it has not started yet
+            raise DeadlineExceeded(f"no result within {timeout_s:.1f} s") from None
+        except asyncio.CancelledError:
+            future.cancel()  # client went away: do not spend inference on it
+            raise
+
+    def _retry_after(self) -> float:
+        return max(1.0, math.ceil(self.expected_wait_s()))
+
+    async def _drained(self) -> None:
+        while self._items or self._in_flight:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._items:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = self._take()
+            if 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0:
+                await self._fill(batch)
+            live = [p for p in batch if not p.future.done() and p.deadline > time.monotonic()]
+            for p in batch:
+                if p not in live and not p.future.done():
+                    _fail(p, DeadlineExceeded("deadline passed while queued"))
+            if live:
+                self._in_flight = 1
+                try:
+                    await self._run(live)
+                finally:
+                    self._in_flight = 0
+            if not self._items:
+                self._idle.set()
+
+    def _take(self) -> list[_Pending]:
+        batch = []
+        while self._items and len(batch) < self.max_batch_size:
+            batch.append(self._items.popleft())
+        return batch
+
+    async def _fill(self, batch: list[_Pending]) -> None:
+        end = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            if not self._items:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    return
+            while self._items and len(batch) < self.max_batch_size:
+                batch.append(self._items.popleft())
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        start = time.monotonic()
+        for p in batch:
+            p.started = start
+        loop = asyncio.get_running_loop()
+        outcomes = await loop.run_in_executor(self._executor, self._infer, [p.item for p in batch])
+        elapsed = time.monotonic() - start
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        for p, outcome in zip(batch, outcomes, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                p.future.set_exception(outcome)
+            else:
+                p.future.set_result(
+                    ItemResult(
+                        probabilities=outcome,
+                        queue_ms=(p.started - p.enqueued) * 1e3,
+                        inference_ms=elapsed * 1e3,
+                        batch_size=len(batch),
+                    )
+                )
+
+    def _infer(self, items: list[WorkItem]) -> list[np.ndarray | ServiceError]:
+        """Run a batch; if it fails, rerun items one by one so only the culprit fails."""
+        try:
+            probs = self.engine.run(stack(items))
+        except Exception as exc:  # isolate: any failure must not take the neighbours down
+            if len(items) == 1:
+                return [_as_service_error(exc)]
+            return [self._infer([item])[0] for item in items]
+        return [_checked_row(row) for row in probs]
+
+
+def stack(items: list[WorkItem]) -> Batch:
+    """Stack per-request arrays into engine inputs (raises ValueError on a shape mismatch)."""
+    images = np.stack([i.image for i in items])
+    if all(i.tabular is None for i in items):
+        tabular = mask = None
+    else:
+        width = next(i.tabular.shape[0] for i in items if i.tabular is not None)
+        zeros = np.zeros(width, np.float32)
+        tabular = np.stack([i.tabular if i.tabular is not None else zeros for i in items])
+        mask = np.stack([i.tabular_mask if i.tabular_mask is not None else zeros for i in items])
+    image_mask = np.array([[1.0 if i.image_present else 0.0] for i in items], np.float32)
+    return Batch(images=images, tabular=tabular, tabular_mask=mask, image_mask=image_mask)
+
+
+def _checked_row(row: np.ndarray) -> np.ndarray | ServiceError:
+    if not np.all(np.isfinite(row)) or abs(float(row.sum()) - 1.0) > 1e-3:
+        return InferenceFailed("model produced invalid probabilities for this input")
+    return row
+
+
+def _as_service_error(exc: BaseException) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    return InferenceFailed(f"inference failed: {type(exc).__name__}")
+
+
+def _fail(pending: _Pending, error: ServiceError) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)

@@ -1,0 +1,55 @@
+"""``memory://``: one in-process dynamic batcher per loaded model version."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from service.errors import ModelNotFound
+from service.queue.base import InferenceQueue, ItemResult, WorkItem
+from service.queue.batcher import DynamicBatcher
+from service.registry import Registry
+
+
+class EmbeddedQueue(InferenceQueue):
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.002,
+        max_queue_size: int = 256,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self._batchers: dict[str, DynamicBatcher] = {}
+        self._registry = registry
+        self._options = dict(
+            max_batch_size=max_batch_size, max_wait_s=max_wait_s, max_queue_size=max_queue_size
+        )
+        self._on_batch = on_batch
+
+    async def start(self) -> None:
+        for mv in self._registry.all():
+            hook = None
+            if self._on_batch is not None:
+                hook = _bind(self._on_batch, mv.name)
+            batcher = DynamicBatcher(mv.engine, on_batch=hook, **self._options)  # type: ignore[arg-type]
+            batcher.start()
+            self._batchers[mv.key] = batcher
+
+    async def stop(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.stop()
+
+    async def submit(self, item: WorkItem, timeout_s: float) -> ItemResult:
+        batcher = self._batchers.get(item.model_key)
+        if batcher is None:
+            raise ModelNotFound(f"model '{item.model_key}' is not served by this queue")
+        return await batcher.submit(item, timeout_s)
+
+    def depth(self, model_key: str) -> int:
+        batcher = self._batchers.get(model_key)
+        return batcher.depth if batcher else 0
+
+
+def _bind(hook: Callable[[str, int], None], name: str) -> Callable[[int], None]:
+    return lambda size: hook(name, size)

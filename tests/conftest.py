@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.config import Settings
+from service.registry import Registry
+from tests.builders import FIELDS, write_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def require_data(sub: str) -> Path:
+    path = data_dir() / sub
+    if not path.is_dir():
+        pytest.skip(
+            f"real data not found at {path}: set ENDOFUSE_DATA_DIR to the shared data folder"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def fullres_frames() -> list[Path]:
+    root = require_data("hyperkvasir-lgi-fullres")
+    frames = sorted(root.glob("*/*.jpg"))
+    assert len(frames) >= 10, f"expected real frames under {root}"
+    return frames
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    write_model_dir(root, "endo", "1", poison_black=True, seed=1)
+    write_model_dir(root, "endo", "2", poison_black=True, seed=2)
+    write_model_dir(root, "derm", "1", fields=FIELDS, image_mask=True, seed=3)
+    (root / "DEFAULT").write_text("endo\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tiny_models_dir: Path) -> Registry:
+    return Registry.load(tiny_models_dir, providers=["CPUExecutionProvider"], warmup_runs=1)
+
+
+def make_settings(models_dir: Path, **overrides: object) -> Settings:
+    base = dict(models_dir=models_dir, providers="cpu", warmup_runs=1, max_body_bytes=2_000_000)
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def client(tiny_models_dir: Path, tiny_registry: Registry) -> Iterator[TestClient]:
+    app = create_app(make_settings(tiny_models_dir), registry=tiny_registry)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
