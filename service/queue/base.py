@@ -11,7 +11,7 @@ import numpy as np
 from service.registry import Registry
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkItem:
     """One validated, decoded request: fixed-shape arrays only, never the original upload."""
 

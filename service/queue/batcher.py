@@ -26,7 +26,7 @@ from service.queue.base import ItemResult, WorkItem
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     item: WorkItem
     future: asyncio.Future[ItemResult]
@@ -126,20 +126,34 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take()
-            if 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0:
-                await self._fill(batch)
-            live = [p for p in batch if not p.future.done() and p.deadline > time.monotonic()]
-            for p in batch:
-                if p not in live and not p.future.done():
-                    _fail(p, DeadlineExceeded("deadline passed while queued"))
-            if live:
-                self._in_flight = 1
-                try:
-                    await self._run(live)
-                finally:
-                    self._in_flight = 0
+            try:
+                await self._serve(batch)
+            except Exception:
+                # Never let the loop die: that would strand every queued request.
+                log.exception("batch failed unexpectedly", extra={"batch_size": len(batch)})
+                for p in batch:
+                    _fail(p, InferenceFailed("inference failed"))
             if not self._items:
                 self._idle.set()
+
+    async def _serve(self, batch: list[_Pending]) -> None:
+        if 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0:
+            await self._fill(batch)
+        now = time.monotonic()
+        live = []
+        for p in batch:
+            if p.future.done():
+                continue  # cancelled by a client that went away or timed out
+            if p.deadline <= now:
+                _fail(p, DeadlineExceeded("deadline passed while queued"))
+                continue
+            live.append(p)
+        if live:
+            self._in_flight = 1
+            try:
+                await self._run(live)
+            finally:
+                self._in_flight = 0
 
     def _take(self) -> list[_Pending]:
         batch = []

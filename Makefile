@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make serve` and `make test` (each installs first if needed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first: otherwise a torch requirement pulls several GB of CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,train,dev]'
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/endofuse serve --host $(HOST) --port $(PORT) --models-dir models
+
+test: install
+	$(VENV)/bin/ruff check service training tests bench
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/ruff format --check service training tests bench
+
+bench: install
+	$(PY) bench/serving.py --out docs/performance.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
