@@ -51,7 +51,7 @@ def test_missing_or_broken_manifest_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not valid JSON"):
         load(tmp_path)
     (vdir / "manifest.json").unlink()
-    with pytest.raises(ManifestError, match="manifest.json is missing"):
+    with pytest.raises(ManifestError, match=r"manifest\.json is missing"):
         load(tmp_path)
 
 

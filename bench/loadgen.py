@@ -1,0 +1,96 @@
+"""Closed-loop HTTP/1.1 load generator with pre-encoded requests.
+
+Kept deliberately thin (raw asyncio streams, keep-alive, no client library) because it
+shares the machine with the server under test: every cycle it spends is one the server
+does not get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+def multipart_request(host: str, port: int, path: str, image: bytes) -> bytes:
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="f.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return status
+
+
+async def run_load(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
+) -> LoadResult:
+    result = LoadResult(concurrency)
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def connection(offset: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        i = offset
+        try:
+            while True:
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                writer.write(requests[i % len(requests)])
+                i += concurrency
+                status = await _read_response(reader)
+                done = time.perf_counter()
+                if sent >= measure_from:
+                    result.latencies.append(done - sent)
+                    result.statuses[status] = result.statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection(c) for c in range(concurrency)))
+    result.seconds = time.perf_counter() - measure_from
+    return result

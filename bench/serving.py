@@ -1,0 +1,200 @@
+"""Serving benchmark: in-process ceiling vs end-to-end HTTP, same model and frames, one run.
+
+(a) in-process: decode + preprocess + ONNX Runtime inference, no HTTP, no queue —
+    single-request latency (batch 1) and the best throughput (batches of max_batch_size).
+(b) HTTP: ``endofuse serve`` in a subprocess, a closed-loop loopback load generator at
+    concurrency 1, 8, 32 posting real frames as multipart.
+
+Usage: python bench/serving.py [--model hyperkvasir-lgi] [--out docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.loadgen import multipart_request, run_load  # noqa: E402
+from service.engine import Batch, resolve_providers  # noqa: E402
+from service.preprocess import decode_image  # noqa: E402
+from service.registry import Registry  # noqa: E402
+
+
+def frames(data_dir: Path) -> list[bytes]:
+    paths = sorted((data_dir / "hyperkvasir-lgi-fullres").glob("*/*.jpg"))
+    if not paths:
+        raise SystemExit(f"no frames under {data_dir}/hyperkvasir-lgi-fullres (ENDOFUSE_DATA_DIR)")
+    return [p.read_bytes() for p in paths]
+
+
+def in_process(models_dir: Path, model: str, images: list[bytes], batch: int, seconds: float):
+    registry = Registry.load(models_dir, providers=resolve_providers("cpu"), only=[model])
+    mv = registry.get(model)
+    spec, engine = mv.manifest.image, mv.engine
+    single = []
+    end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < end or len(single) < 20:
+        t = time.perf_counter()
+        arr = decode_image(images[i % len(images)], spec)
+        engine.run(Batch(images=arr[None]))
+        single.append(time.perf_counter() - t)
+        i += 1
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        chunk = [images[(count + k) % len(images)] for k in range(batch)]
+        arrays = np.stack([decode_image(b, spec) for b in chunk])
+        engine.run(Batch(images=arrays))
+        count += batch
+    return statistics.median(single), count / (time.perf_counter() - start), mv.version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(models_dir: Path, model: str, port: int) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        ENDOFUSE_MODELS=f'["{model}"]',
+        ENDOFUSE_PROVIDERS="cpu",
+        ENDOFUSE_LOG_LEVEL="WARNING",
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--models-dir",
+            str(models_dir),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--model", default="hyperkvasir-lgi")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+    images = frames(data_dir)
+
+    single, ceiling, version = in_process(
+        args.models_dir, args.model, images, args.batch, args.seconds
+    )
+    print(f"(a) in-process: single {single * 1e3:.2f} ms, ceiling {ceiling:.1f} img/s", flush=True)
+
+    port = free_port()
+    server = start_server(args.models_dir, args.model, port)
+    rows = []
+    try:
+        requests = [multipart_request("127.0.0.1", port, "/predict", img) for img in images]
+        for concurrency in (1, 8, 32):
+            r = asyncio.run(run_load("127.0.0.1", port, requests, concurrency, args.seconds))
+            ok = r.statuses.get(200, 0)
+            rows.append(
+                (
+                    concurrency,
+                    r.throughput,
+                    r.percentile(50) * 1e3,
+                    r.percentile(99) * 1e3,
+                    ok,
+                    sum(r.statuses.values()) - ok,
+                )
+            )
+            print(
+                f"(b) c={concurrency}: {r.throughput:.1f} req/s p50 {rows[-1][2]:.2f} ms "
+                f"p99 {rows[-1][3]:.2f} ms statuses {r.statuses}",
+                flush=True,
+            )
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    best = max(r[1] for r in rows)
+    lines = [
+        f"Model `{args.model}/{version}` ({args.seconds:.0f} s per point), "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, ONNX Runtime CPU; "
+        "load generator on the same machine over loopback.",
+        "",
+        "| measurement | value |",
+        "|---|---|",
+        f"| (a) in-process single request (decode + infer, batch 1), median "
+        f"| {single * 1e3:.2f} ms |",
+        f"| (a) in-process ceiling (decode + infer, batches of {args.batch}) "
+        f"| {ceiling:.1f} img/s |",
+        "",
+        "| concurrency | req/s | p50 ms | p99 ms | ok | errors | (b)/(a) throughput |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, rps, p50, p99, ok, err in rows:
+        lines.append(
+            f"| {c} | {rps:.1f} | {p50:.2f} | {p99:.2f} | {ok} | {err} | {rps / ceiling:.3f} |"
+        )
+    lines += [
+        "",
+        f"Saturation ratio (best HTTP req/s / in-process ceiling): **{best / ceiling:.3f}**; "
+        f"p50 at concurrency 1 minus in-process single latency: "
+        f"**{rows[0][2] - single * 1e3:+.2f} ms**.",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        write_section(args.out, "Embedded serving (issue: foundation)", table)
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) one '## title' section, keeping the rest of the document."""
+    text = path.read_text() if path.exists() else "# Performance\n"
+    marker = f"## {title}"
+    command = "Measured with `make bench` (`python bench/serving.py --out docs/performance.md`)."
+    section = f"{marker}\n\n{command}\n\n{body}\n"
+    if marker in text:
+        head, _, rest = text.partition(marker)
+        tail = rest.split("\n## ", 1)
+        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

