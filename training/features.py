@@ -19,6 +19,7 @@ from tqdm import tqdm
 from service.preprocess import ImageSpec, decode_image
 from training.backbone import EfficientNetLite0, checkpoint_path, normalise_uint8_nhwc
 
+DEFAULT_SPLIT = 11
 VIEWS = {
     "orig": lambda a: a,
     "hflip": lambda a: a[:, ::-1],
@@ -89,9 +90,14 @@ def cached_features(
     pooled_views, mid_views = [], []
     for view in views:
         path = cache_dir / f"{_cache_key(paths, spec, view, split_block)}.npz"
+        # Pooled features do not depend on the split point: reuse a fine-tuning cache.
+        reusable = cache_dir / f"{_cache_key(paths, spec, view, DEFAULT_SPLIT)}.npz"
+        if split_block is None and not path.is_file() and reusable.is_file():
+            path = reusable
         if path.is_file():
             with np.load(path) as data:
-                pooled, mid = data["pooled"], data.get("mid")
+                pooled = data["pooled"]
+                mid = data["mid"] if split_block is not None and "mid" in data else None
         else:
             pooled, mid = compute_view(
                 backbone, paths, spec, view, split_block, desc=f"{desc} [{view}]"

@@ -1,0 +1,76 @@
+"""The models shipped in models/ load, pass the manifest checks and answer real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from tests.conftest import REPO, make_settings, require_data
+
+MODELS = REPO / "models"
+
+
+def bundled(name: str) -> Path:
+    path = MODELS / name / "1"
+    if not (path / "model.onnx").is_file():
+        pytest.skip(f"bundled model {name}/1 not present")
+    return path
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    if not any(MODELS.glob("*/*/model.onnx")):
+        pytest.skip("no bundled models")
+    app = create_app(make_settings(MODELS, warmup_runs=1, max_body_bytes=20_000_000))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_default_model_is_the_endoscopy_model(client: TestClient) -> None:
+    assert client.get("/models").json()["default"] == "hyperkvasir-lgi"
+
+
+def test_endoscopy_model_classifies_untouched_fullres_frames(
+    client: TestClient, fullres_frames: list[Path]
+) -> None:
+    """40 original-resolution frames, as a client would post them (not the training copies)."""
+    bundled("hyperkvasir-lgi")
+    correct = 0
+    for frame in fullres_frames:
+        r = client.post("/predict", files={"image": (frame.name, frame.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+        correct += body["label"] == frame.parent.name
+    assert correct / len(fullres_frames) >= 0.85, f"{correct}/{len(fullres_frames)} correct"
+
+
+def test_fusion_model_answers_every_pattern_on_real_rows(client: TestClient) -> None:
+    model_dir = bundled("ham10000")
+    root = require_data("ham10000")
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    with (root / "metadata.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"][:6]
+    for row in rows:
+        image = (root / row["path"]).read_bytes()
+        full = {"age": float(row["age"]) if row["age"] else None, "sex": row["sex"],
+                "localization": row["localization"]}
+        for tabular, with_image in ((full, True), ({}, True), ({"sex": row["sex"]}, True),
+                                    (full, False)):
+            files = {"image": ("x.jpg", image, "image/jpeg")} if with_image else None
+            data = {"tabular": json.dumps(tabular)}
+            if files is None:
+                r = client.post("/models/ham10000/predict", json={"tabular": tabular})
+            else:
+                r = client.post("/models/ham10000/predict", files=files, data=data)
+            assert r.status_code == 200, r.text
+            probs = r.json()["probabilities"]
+            assert list(probs) == manifest["labels"]
+            assert abs(sum(probs.values()) - 1) < 1e-4
+            assert r.json()["modalities"]["image"] is with_image
