@@ -59,10 +59,17 @@ def test_fusion_model_answers_every_pattern_on_real_rows(client: TestClient) -> 
         rows = [r for r in csv.DictReader(fh) if r["split"] == "test"][:6]
     for row in rows:
         image = (root / row["path"]).read_bytes()
-        full = {"age": float(row["age"]) if row["age"] else None, "sex": row["sex"],
-                "localization": row["localization"]}
-        for tabular, with_image in ((full, True), ({}, True), ({"sex": row["sex"]}, True),
-                                    (full, False)):
+        full = {
+            "age": float(row["age"]) if row["age"] else None,
+            "sex": row["sex"],
+            "localization": row["localization"],
+        }
+        for tabular, with_image in (
+            (full, True),
+            ({}, True),
+            ({"sex": row["sex"]}, True),
+            (full, False),
+        ):
             files = {"image": ("x.jpg", image, "image/jpeg")} if with_image else None
             data = {"tabular": json.dumps(tabular)}
             if files is None:

@@ -55,8 +55,11 @@ def main() -> None:
         run_dir = Path("runs/compare") / name / variant
         train.main(args.config, run_dir, overrides)
         results[variant] = json.loads((run_dir / "results.json").read_text())
-    command = "python -m training.compare --config " + str(args.config) + " " + " ".join(
-        f"--variant '{v}'" for v in args.variant
+    command = (
+        "python -m training.compare --config "
+        + str(args.config)
+        + " "
+        + " ".join(f"--variant '{v}'" for v in args.variant)
     )
     lines = [
         f"# {name}: variant comparison",

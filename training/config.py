@@ -53,6 +53,8 @@ class TrainConfig:
     contrastive_temperature: float = 0.1
     class_balance: float = 0.0  # 0 = natural sampling, 1 = fully class-balanced batches
     threads: int = 0  # 0 = torch default
+    # Val metric (averaged over the all / image_only / partial patterns) that picks the epoch.
+    select_metric: str = "macro_f1"
 
 
 @dataclass(frozen=True)

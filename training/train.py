@@ -51,15 +51,32 @@ def predict_logits(
     return np.concatenate(out), pattern_ids(image_mask, tab_mask)
 
 
+def collect_logits(
+    model: FusionModel, feats: FeatureSet, table: Table
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Logits and pattern ids per evaluation pattern: computed once, scored many ways."""
+    return {
+        pattern: predict_logits(model, feats, table, pattern)
+        for pattern in eval_patterns(model.tabular is not None)
+    }
+
+
+def score(
+    logits: dict[str, tuple[np.ndarray, np.ndarray]],
+    table: Table,
+    temps: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    results = {}
+    for pattern, (lg, pids) in logits.items():
+        t = temperatures_for(pids, temps) if temps else 1.0
+        results[pattern] = summarize(softmax(lg, t), table.labels, table.label_names)
+    return results
+
+
 def evaluate(
     model: FusionModel, feats: FeatureSet, table: Table, temps: dict[str, float] | None = None
 ) -> dict[str, Any]:
-    results = {}
-    for pattern in eval_patterns(model.tabular is not None):
-        logits, pids = predict_logits(model, feats, table, pattern)
-        t = temperatures_for(pids, temps) if temps else 1.0
-        results[pattern] = summarize(softmax(logits, t), table.labels, table.label_names)
-    return results
+    return score(collect_logits(model, feats, table), table, temps)
 
 
 def selection_score(results: dict[str, Any], metric: str) -> float:
@@ -217,7 +234,7 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
     # --- training loop
     started = time.time()
     train, n_views = tables["train"], feats["train"].pooled.shape[0]
-    metric = "balanced_accuracy" if cfg.use_tabular else "macro_f1"
+    metric = tc.select_metric
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         set_tail_mode(model)
@@ -237,20 +254,20 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
         val = evaluate(model, feats["val"], tables["val"])
-        score = selection_score(val, metric)
+        val_score = selection_score(val, metric)
         history.append(
             {
                 "epoch": epoch + 1,
-                f"val_{metric}": score,
+                f"val_{metric}": val_score,
                 "val": {
                     p: {k: r[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "ece_15")}
                     for p, r in val.items()
                 },
             }
         )
-        print(f"epoch {epoch + 1}: val {metric} {score:.4f}")
-        if score > best:
-            best = score
+        print(f"epoch {epoch + 1}: val {metric} {val_score:.4f}")
+        if val_score > best:
+            best = val_score
             torch.save({"model": model.state_dict(), "epoch": epoch + 1}, run_dir / "ckpt_best.pt")
         torch.save(
             {
@@ -266,21 +283,21 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
 
     # --- calibration: one temperature per missingness pattern, fitted on validation
     model.load_state_dict(torch.load(run_dir / "ckpt_best.pt", weights_only=False)["model"])
-    logits, labels, pids = [], [], []
-    for pattern in eval_patterns(schema is not None):
-        lg, pid = predict_logits(model, feats["val"], tables["val"], pattern)
-        logits.append(lg)
-        labels.append(tables["val"].labels)
-        pids.append(pid)
-    temps = fit_per_pattern(np.concatenate(logits), np.concatenate(labels), np.concatenate(pids))
+    val_logits = collect_logits(model, feats["val"], tables["val"])
+    test_logits = collect_logits(model, feats["test"], tables["test"])
+    temps = fit_per_pattern(
+        np.concatenate([lg for lg, _ in val_logits.values()]),
+        np.concatenate([tables["val"].labels for _ in val_logits]),
+        np.concatenate([pid for _, pid in val_logits.values()]),
+    )
     if schema is None:
         temps = {name: temps["all"] for name in PATTERN_NAMES}
     report = {
         "temperatures": temps,
-        "val_uncalibrated": evaluate(model, feats["val"], tables["val"]),
-        "val": evaluate(model, feats["val"], tables["val"], temps),
-        "test_uncalibrated": evaluate(model, feats["test"], tables["test"]),
-        "test": evaluate(model, feats["test"], tables["test"], temps),
+        "val_uncalibrated": score(val_logits, tables["val"]),
+        "val": score(val_logits, tables["val"], temps),
+        "test_uncalibrated": score(test_logits, tables["test"]),
+        "test": score(test_logits, tables["test"], temps),
         "best_epoch": torch.load(run_dir / "ckpt_best.pt", weights_only=False)["epoch"],
         "train_seconds_this_session": round(time.time() - started, 1),
         "device": f"cpu ({platform.processor() or platform.machine()}, "
