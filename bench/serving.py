@@ -43,11 +43,15 @@ def frames(data_dir: Path) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-def in_process(models_dir: Path, model: str, images: list[bytes], batch: int, seconds: float):
+def in_process(
+    models_dir: Path, model: str, images: list[bytes], batch: int, seconds: float, spinning: bool
+):
     """Single-request latency, and the best in-process throughput: decoding the next batch on
     `decode_threads` threads while the engine runs the current one (what the service does,
     minus HTTP and the queue)."""
-    registry = Registry.load(models_dir, providers=resolve_providers("cpu"), only=[model])
+    registry = Registry.load(
+        models_dir, providers=resolve_providers("cpu"), only=[model], spinning=spinning
+    )
     mv = registry.get(model)
     spec, engine = mv.manifest.image, mv.engine
     single = []
@@ -89,7 +93,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models_dir: Path, model: str, port: int) -> subprocess.Popen:
+def start_server(models_dir: Path, model: str, port: int, spinning: bool) -> subprocess.Popen:
     # A file, not a pipe: an unread pipe that fills up would stall the server.
     log = tempfile.NamedTemporaryFile("w+", prefix="endofuse-bench-", suffix=".log", delete=False)  # noqa: SIM115
     env = dict(
@@ -97,6 +101,7 @@ def start_server(models_dir: Path, model: str, port: int) -> subprocess.Popen:
         ENDOFUSE_MODELS=f'["{model}"]',
         ENDOFUSE_PROVIDERS="cpu",
         ENDOFUSE_LOG_LEVEL="WARNING",
+        ENDOFUSE_ORT_SPINNING=str(spinning).lower(),
     )
     proc = subprocess.Popen(
         [
@@ -135,17 +140,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--ort-spinning",
+        choices=("true", "false"),
+        default="false",
+        help="ONNX Runtime intra-op spin-waiting, same for (a) and (b)",
+    )
     args = parser.parse_args()
     data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
     images = frames(data_dir)
 
+    spinning = args.ort_spinning == "true"
     single, ceiling, version = in_process(
-        args.models_dir, args.model, images, args.batch, args.seconds
+        args.models_dir, args.model, images, args.batch, args.seconds, spinning
     )
     print(f"(a) in-process: single {single * 1e3:.2f} ms, ceiling {ceiling:.1f} img/s", flush=True)
 
     port = free_port()
-    server = start_server(args.models_dir, args.model, port)
+    server = start_server(args.models_dir, args.model, port, spinning)
     rows = []
     try:
         requests = [multipart_request("127.0.0.1", port, "/predict", img) for img in images]
@@ -175,7 +187,7 @@ def main() -> None:
     lines = [
         f"Model `{args.model}/{version}` ({args.seconds:.0f} s per point), "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, ONNX Runtime CPU; "
-        "load generator on the same machine over loopback.",
+        f"ORT spinning {args.ort_spinning}; load generator on the same machine over loopback.",
         "",
         "| measurement | value |",
         "|---|---|",

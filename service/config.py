@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
     inter_op_threads: int = Field(1, ge=0)
+    # ORT worker threads busy-wait between runs by default; on a small CPU that steals cycles
+    # from HTTP parsing and image decoding running beside inference.
+    ort_spinning: bool = False
     warmup_runs: int = Field(2, ge=0)
 
     queue_url: str = "memory://"

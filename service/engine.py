@@ -52,6 +52,7 @@ class Engine:
         providers: list[str],
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -60,6 +61,9 @@ class Engine:
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
         try:
             self.session = ort.InferenceSession(
                 str(model_path), sess_options=options, providers=providers

@@ -70,13 +70,19 @@ class Registry:
         warmup_runs: int = 2,
         only: list[str] | None = None,
         default_model: str | None = None,
+        spinning: bool = True,
     ) -> Registry:
         loaded = []
         for name, version, vdir in discover(models_dir, only):
             start = time.perf_counter()
             manifest = _checked_manifest(vdir, name, version)
             engine = Engine(
-                vdir / "model.onnx", manifest, providers, intra_op_threads, inter_op_threads
+                vdir / "model.onnx",
+                manifest,
+                providers,
+                intra_op_threads,
+                inter_op_threads,
+                spinning,
             )
             engine.warm_up(warmup_runs)
             loaded.append(ModelVersion(name, version, vdir, manifest, engine))

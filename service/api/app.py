@@ -32,6 +32,7 @@ def load_registry(settings: Settings) -> Registry:
         warmup_runs=settings.warmup_runs,
         only=settings.models or None,
         default_model=settings.default_model,
+        spinning=settings.ort_spinning,
     )
 
 
