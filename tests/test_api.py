@@ -227,6 +227,7 @@ def test_invalid_tabular_is_422_without_echo(
     logs = json_logs.getvalue()
     assert SECRET_TEXT not in logs and "987654" not in logs
     assert '"status": 422' in logs, "the rejected request is still logged"
+    assert f'"request_id": "{r.headers["x-request-id"]}"' in logs, "errors carry a request id"
     del body
 
 

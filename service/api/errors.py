@@ -32,7 +32,11 @@ def install_error_handlers(app: FastAPI) -> None:
         retry = exc.retry_after if exc.status == 503 else None
         if exc.status == 503 and retry is None:
             retry = 1.0
-        return error_response(exc.status, exc.code, exc.message, retry)
+        response = error_response(exc.status, exc.code, exc.message, retry)
+        request_id = getattr(request.state, "request_id", None)
+        if request_id:
+            response.headers["X-Request-ID"] = request_id
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

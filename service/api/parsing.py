@@ -35,7 +35,6 @@ async def decode_request(request: Request) -> RawRequest:
             "send multipart/form-data (image file + optional tabular JSON field) "
             'or application/json ({"image": base64, "tabular": {...}})'
         )
-    raw.request_id = request_id_from(request)
     return raw
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.parsing import decode_request
+from service.api.parsing import decode_request, request_id_from
 from service.errors import NotReady, ServiceError
 from service.pipeline import ServiceContext, predict
 
@@ -50,28 +50,28 @@ def _ctx(request: Request) -> ServiceContext:
 async def _predict(request: Request, name: str | None, version: str | None) -> JSONResponse:
     ctx = _ctx(request)
     start = time.perf_counter()
+    request_id = request.state.request_id = request_id_from(request)
     model_label = name or ctx.registry.default_model or "?"
     try:
         if not ctx.ready:
             raise NotReady("models are not loaded yet")
         model_label = ctx.registry.get(name, version).name
         raw = await decode_request(request)
+        raw.request_id = request_id
         body = await predict(ctx, raw, name, version)
     except ServiceError as exc:
         ctx.metrics.requests.labels(model_label, exc.code).inc()
-        _log_request(request, model_label, exc.status, exc.code, start)
+        _log_request(request_id, model_label, exc.status, exc.code, start)
         raise
-    _log_request(request, model_label, 200, "ok", start, body["request_id"])
+    _log_request(request_id, model_label, 200, "ok", start)
     return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
 
 
-def _log_request(
-    request: Request, model: str, status: int, code: str, start: float, request_id: str = ""
-) -> None:
+def _log_request(request_id: str, model: str, status: int, code: str, start: float) -> None:
     log.info(
         "predict",
         extra={
-            "request_id": request_id or request.headers.get("x-request-id", "")[:64],
+            "request_id": request_id,
             "model": model,
             "status": status,
             "code": code,
