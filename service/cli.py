@@ -62,14 +62,11 @@ def serve(
 
 
 def _training() -> None:
-    try:
-        import torch  # noqa: F401
+    """Training commands need the 'train' extra; the service itself never loads torch."""
+    import importlib.util
 
-        import training  # noqa: F401
-    except ImportError as exc:
-        raise typer.BadParameter(
-            "training needs the 'train' extra: pip install 'endofuse[train]'"
-        ) from exc
+    if importlib.util.find_spec("torch") is None:
+        raise typer.BadParameter("training needs the 'train' extra: pip install 'endofuse[train]'")
 
 
 @app.command()

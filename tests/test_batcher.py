@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine import Batch, Engine
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from service.manifest import parse_manifest
 from service.queue import WorkItem
 from service.queue.batcher import DynamicBatcher
@@ -198,3 +198,21 @@ def test_deadline_gives_504_and_expired_work_is_never_run(tmp_path: Path) -> Non
     assert all(not isinstance(r, Exception) for r in done)
     assert isinstance(late, DeadlineExceeded), late
     assert sum(ran) == 16, "the expired request was dropped, not run"
+
+
+def test_stop_answers_everything_already_accepted(engine: Engine) -> None:
+    """Graceful shutdown: no accepted request is lost, new ones are refused."""
+
+    async def scenario() -> tuple[list[object], object]:
+        # 23 queued < 32: the batch waits to fill when stop() arrives.
+        batcher = DynamicBatcher(engine, max_batch_size=32, max_wait_s=0.2)
+        batcher.start()
+        accepted = [asyncio.ensure_future(batcher.submit(item_for(i), 3)) for i in range(23)]
+        await asyncio.sleep(0.02)
+        await batcher.stop()
+        late = await asyncio.gather(batcher.submit(item_for(99), 1), return_exceptions=True)
+        return await asyncio.gather(*accepted, return_exceptions=True), late[0]
+
+    results, late = asyncio.run(scenario())
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert isinstance(late, NotReady)

@@ -126,6 +126,9 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = self._take()
+            # Busy from the moment items leave the deque: stop() must not see "drained" while
+            # a batch is being filled or run, or those requests would never be answered.
+            self._in_flight = 1
             try:
                 await self._serve(batch)
             except Exception:
@@ -133,6 +136,8 @@ class DynamicBatcher:
                 log.exception("batch failed unexpectedly", extra={"batch_size": len(batch)})
                 for p in batch:
                     _fail(p, InferenceFailed("inference failed"))
+            finally:
+                self._in_flight = 0
             if not self._items:
                 self._idle.set()
 
@@ -149,11 +154,7 @@ class DynamicBatcher:
                 continue
             live.append(p)
         if live:
-            self._in_flight = 1
-            try:
-                await self._run(live)
-            finally:
-                self._in_flight = 0
+            await self._run(live)
 
     def _take(self) -> list[_Pending]:
         batch = []
