@@ -63,6 +63,11 @@ async def _predict(request: Request, name: str | None, version: str | None) -> J
         ctx.metrics.requests.labels(model_label, exc.code).inc()
         _log_request(request_id, model_label, exc.status, exc.code, start)
         raise
+    except Exception:
+        # Answered as a plain 500 by the error handler; still counted and logged here.
+        ctx.metrics.requests.labels(model_label, "internal_error").inc()
+        _log_request(request_id, model_label, 500, "internal_error", start)
+        raise
     _log_request(request_id, model_label, 200, "ok", start)
     return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
 
