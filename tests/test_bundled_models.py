@@ -39,7 +39,9 @@ def test_default_model_is_the_endoscopy_model(client: TestClient) -> None:
 def test_endoscopy_model_classifies_untouched_fullres_frames(
     client: TestClient, fullres_frames: list[Path]
 ) -> None:
-    """40 original-resolution frames, as a client would post them (not the training copies)."""
+    """40 original-resolution frames, as a client would post them. 30 of them are training
+    images seen at 320 px: this checks the full-resolution serving path, not generalisation
+    (the test split does that, in docs/models/)."""
     bundled("hyperkvasir-lgi")
     correct = 0
     for frame in fullres_frames:
