@@ -109,12 +109,9 @@ def encode_response(
     }
 
 
-async def predict(
-    ctx: ServiceContext, raw: RawRequest, name: str | None, version: str | None
-) -> dict[str, Any]:
-    """Run one request through the lifecycle, recording metrics for every outcome."""
+async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> dict[str, Any]:
+    """Run one request through the lifecycle, recording metrics on success."""
     start = time.perf_counter()
-    model = ctx.registry.get(name, version)
     loop = asyncio.get_running_loop()
     prepared = await loop.run_in_executor(ctx.decode_pool, prepare, raw, model, ctx.settings)
     decoded = time.perf_counter()

@@ -107,19 +107,16 @@ def parse_tabular(raw: Any, schema: TabularSchema) -> TabularInput:
     mask = np.zeros(len(schema.fields), dtype=np.float32)
     used: list[str] = []
     missing: list[str] = []
+    missing_tokens = {m.strip().lower() for m in schema.missing_values}
     for i, spec in enumerate(schema.fields):
         value = raw.get(spec.name)
-        if value is None or (isinstance(value, str) and value.strip().lower() in _lower(schema)):
+        if value is None or (isinstance(value, str) and value.strip().lower() in missing_tokens):
             missing.append(spec.name)
             continue
         values[i] = _encode(spec, value)
         mask[i] = 1.0
         used.append(spec.name)
     return TabularInput(values=values, mask=mask, used=used, missing=missing)
-
-
-def _lower(schema: TabularSchema) -> set[str]:
-    return {m.strip().lower() for m in schema.missing_values}
 
 
 def _encode(spec: FieldSpec, value: Any) -> float:

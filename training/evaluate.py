@@ -3,7 +3,6 @@ per missingness pattern, and write JSON + Markdown + PNG plots. Torch-free."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from training.metrics import reliability, summarize
 from training.patterns import apply_eval_pattern
 
 
-def decode_all(table: Table, manifest: Any, batch: int = 64) -> np.ndarray:
+def decode_all(table: Table, manifest: Any) -> np.ndarray:
     spec = manifest.image
     out = np.empty((len(table), spec.height, spec.width, 3), np.uint8)
     for i, path in enumerate(tqdm(table.paths, desc="decode", unit="img", leave=False)):
@@ -96,6 +95,3 @@ def main(model_dir: Path, split: str = "test", out: Path | None = None) -> dict[
         )
     print(f"report written to {out}")
     return results
-
-
-__all__ = ["evaluate_model_dir", "json", "main"]

@@ -21,7 +21,7 @@ from service.preprocess import ImageSpec
 from service.tabular import TabularSchema
 from training.backbone import EfficientNetLite0, load_pretrained, normalise_uint8_nhwc
 from training.config import Config, from_dict
-from training.data import fit_schema, load_split, read_rows
+from training.data import load_split, read_rows
 from training.features import load_images
 from training.model import FusionModel
 from training.patterns import PATTERN_NAMES
@@ -283,6 +283,3 @@ def main(run_dir: Path, models_dir: Path, version: str) -> Path:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and manifest.json")
     return out
-
-
-__all__ = ["ServingGraph", "fit_schema", "main"]

@@ -55,10 +55,11 @@ async def _predict(request: Request, name: str | None, version: str | None) -> J
     try:
         if not ctx.ready:
             raise NotReady("models are not loaded yet")
-        model_label = ctx.registry.get(name, version).name
+        model = ctx.registry.get(name, version)
+        model_label = model.name
         raw = await decode_request(request)
         raw.request_id = request_id
-        body = await predict(ctx, raw, name, version)
+        body = await predict(ctx, raw, model)
     except ServiceError as exc:
         ctx.metrics.requests.labels(model_label, exc.code).inc()
         _log_request(request_id, model_label, exc.status, exc.code, start)
