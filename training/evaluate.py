@@ -15,7 +15,7 @@ from training.calibrate import softmax
 from training.config import from_dict
 from training.data import Table, load_split, read_rows
 from training.metrics import reliability, summarize
-from training.patterns import apply_eval_pattern
+from training.patterns import apply_eval_pattern, eval_patterns
 
 
 def decode_all(table: Table, manifest: Any) -> np.ndarray:
@@ -39,7 +39,7 @@ def run_session(
     for s in tqdm(range(0, len(images), batch), desc="infer", unit="batch", leave=False):
         feeds = {"image": images[s : s + batch]}
         if "tabular" in names:
-            feeds["tabular"] = values[s : s + batch] * mask[s : s + batch]
+            feeds["tabular"] = values[s : s + batch]  # the graph applies the mask itself
             feeds["tabular_mask"] = mask[s : s + batch]
         if "image_mask" in names:
             feeds["image_mask"] = image_mask[s : s + batch]
@@ -60,7 +60,7 @@ def evaluate_model_dir(model_dir: Path, split: str = "test") -> dict[str, Any]:
     session = ort.InferenceSession(
         str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    patterns = ("all", "image_only", "tabular_only", "partial") if manifest.tabular else ("all",)
+    patterns = eval_patterns(manifest.tabular is not None)
     results: dict[str, Any] = {
         "model": f"{manifest.name}/{manifest.version}",
         "split": split,

@@ -10,6 +10,11 @@ ALL, IMAGE_ONLY, TABULAR_ONLY, PARTIAL = 0, 1, 2, 3
 PATTERN_NAMES = ("all", "image_only", "tabular_only", "partial")
 
 
+def eval_patterns(has_tabular: bool) -> tuple[str, ...]:
+    """Patterns a model is evaluated and calibrated under; image-only models have one."""
+    return PATTERN_NAMES if has_tabular else ("all",)
+
+
 def pattern_ids(image_mask: np.ndarray, tab_mask: np.ndarray | None) -> np.ndarray:
     """Map each row's masks to a pattern id; image-only models always get ALL."""
     image_mask = image_mask.reshape(-1)

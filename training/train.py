@@ -24,13 +24,15 @@ from training.data import Table, fit_schema, load_split, read_rows
 from training.features import FeatureSet, cached_features
 from training.metrics import summarize
 from training.model import BackboneTail, FusionModel, contrastive_loss
-from training.patterns import PATTERN_NAMES, apply_eval_pattern, modality_dropout, pattern_ids
+from training.patterns import (
+    PATTERN_NAMES,
+    apply_eval_pattern,
+    eval_patterns,
+    modality_dropout,
+    pattern_ids,
+)
 
 CACHE_DIR = Path(os.environ.get("ENDOFUSE_CACHE_DIR", ".cache/features"))
-
-
-def eval_patterns(has_tabular: bool) -> tuple[str, ...]:
-    return ("all", "image_only", "tabular_only", "partial") if has_tabular else ("all",)
 
 
 @torch.no_grad()
