@@ -95,6 +95,33 @@ def export(
 
 
 @app.command()
+def ablate(
+    settings: str = typer.Option("hk,ham,ham-image", help="Comma list: hk, ham, ham-image"),
+    fractions: str = typer.Option("1.0,0.1", help="Shares of training labels used"),
+    seeds: int = typer.Option(3),
+    epochs: int = typer.Option(15),
+    threads: int = typer.Option(0, help="torch threads per run (0 = default)"),
+    out: Path | None = typer.Option(Path("docs/ablation.md"), "--out"),
+) -> None:
+    """Run the methods ablation grid (resumable) and write its table and plot."""
+    _training()
+    import shlex
+    import sys
+
+    from training.ablate import main
+
+    main(
+        [s.strip() for s in settings.split(",") if s.strip()],
+        [float(f) for f in fractions.split(",")],
+        seeds,
+        epochs,
+        threads,
+        out,
+        "endofuse " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+
+
+@app.command()
 def evaluate(
     model_dir: Path = typer.Argument(..., exists=True),
     split: str = typer.Option("test", "--split"),

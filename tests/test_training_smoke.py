@@ -47,9 +47,20 @@ def smoke_config(tmp: Path, name: str) -> Path:
         raw["model"].update(finetune_from_block=14)  # exercise the fine-tuned tail path
     else:
         src = require_data("ham10000")
-        subset_csv(src, "metadata.csv", "dx", tmp / "ham.csv", counts)
+        subset_csv(src, "metadata.csv", "dx", tmp / f"{name}.csv", counts)
         raw = yaml.safe_load((Path("training/configs/ham10000.yaml")).read_text())
         raw["model"].update(finetune_from_block=None, layers=1)  # frozen pooled-feature path
+    if name == "methods":
+        # Every training option at once, on the fine-tuned tail: the export contract must not
+        # change whatever the options.
+        raw["model"].update(finetune_from_block=14)
+        raw["train"].update(label_fraction=0.5)
+        raw["methods"] = {
+            "pretrain": {"enabled": True, "epochs": 1},
+            "shift": {"enabled": True},
+            "negatives": {"enabled": True, "clusters": 3},
+            "curriculum": {"enabled": True},
+        }
     raw["name"] = f"smoke-{name}"
     raw["dataset"].update(root=str(tmp), csv=f"{name}.csv")
     raw["image"].update(height=64, width=64, views=["orig", "hflip"])
@@ -59,7 +70,7 @@ def smoke_config(tmp: Path, name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["hk", "ham"])
+@pytest.fixture(scope="module", params=["hk", "ham", "methods"])
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, object]]:
@@ -111,7 +122,7 @@ def test_served_probabilities_equal_torch(exported: tuple[Path, object]) -> None
     model_dir, graph = exported
     manifest = json.loads((model_dir / "manifest.json").read_text())
     spec = ImageSpec.from_manifest(manifest["image"])
-    csv_path = model_dir.parents[2] / ("hk.csv" if "hk" in manifest["name"] else "ham.csv")
+    csv_path = model_dir.parents[2] / (manifest["name"].removeprefix("smoke-") + ".csv")
     with csv_path.open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == "test"][:4]
     app = create_app(make_settings(model_dir.parents[1], warmup_runs=1))

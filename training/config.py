@@ -55,6 +55,64 @@ class TrainConfig:
     threads: int = 0  # 0 = torch default
     # Val metric (averaged over the all / image_only / partial patterns) that picks the epoch.
     select_metric: str = "macro_f1"
+    # Share of the training split whose labels are used (stratified, drawn with ``seed``);
+    # the rest stays available, label-free, to the self-supervised stage.
+    label_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Synergistic self-supervised pretraining (MICS): a label-free stage before fine-tuning."""
+
+    enabled: bool = False
+    epochs: int = 5
+    lr: float = 1e-3
+    consistency_weight: float = 1.0
+    reconstruction_weight: float = 10.0
+    alignment_weight: float = 1.0
+    mask_ratio: float = 0.5
+    temperature: float = 0.1
+    feature_noise: float = 0.1  # std of the Gaussian perturbation of a view's input features
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """Distribution shift on fused features (MICS fine-tuning): mix per-sample statistics."""
+
+    enabled: bool = False
+    p: float = 0.5
+    alpha: float = 0.3  # Beta(alpha, alpha) mixing weight
+
+
+@dataclass(frozen=True)
+class NegativesConfig:
+    """Cluster-guided negative sampling and cross-modal masked reconstruction (CM-CGNS)."""
+
+    enabled: bool = False
+    clusters: int = 8
+    momentum: float = 0.9
+    false_negative_weight: float = 0.0  # same-cluster pairs: 0 excludes them
+    hard_negative_weight: float = 2.0  # pairs in the anchor's nearest other cluster
+    reconstruction_weight: float = 1.0
+    mask_ratio: float = 0.5
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """Curriculum for imbalanced multimodal data (CLIMD)."""
+
+    enabled: bool = False
+    start_fraction: float = 0.4  # share of each class (easiest first) in the first epoch
+    full_at: float = 0.6  # fraction of the epochs after which all data, natural mix, is used
+    complementarity_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass(frozen=True)
@@ -64,6 +122,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
     use_tabular: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +144,20 @@ def _build(cls: type, raw: dict[str, Any] | None) -> Any:
     return cls(**raw)
 
 
+def _methods(raw: dict[str, Any] | None) -> MethodsConfig:
+    raw = dict(raw or {})
+    parts = {
+        "pretrain": PretrainConfig,
+        "shift": ShiftConfig,
+        "negatives": NegativesConfig,
+        "curriculum": CurriculumConfig,
+    }
+    unknown = sorted(set(raw) - set(parts))
+    if unknown:
+        raise ValueError(f"MethodsConfig: unknown keys {unknown}")
+    return MethodsConfig(**{k: _build(cls, raw.get(k)) for k, cls in parts.items()})
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     ds = dict(raw["dataset"])
     ds["tabular"] = tuple(_build(ColumnSpec, c) for c in ds.get("tabular", []))
@@ -98,6 +171,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         image=_build(ImageConfig, raw.get("image")),
         model=_build(ModelConfig, raw.get("model")),
         train=_build(TrainConfig, raw.get("train")),
+        methods=_methods(raw.get("methods")),
         use_tabular=bool(raw.get("use_tabular", True)),
     )
 

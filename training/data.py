@@ -57,7 +57,7 @@ def data_dir() -> Path:
 
 @dataclass
 class Table:
-    """One split: image paths, label indices, raw tabular values (NaN = missing) and mask."""
+    """One split: image paths, label indices, raw tabular values (0 where missing), mask."""
 
     paths: list[Path]
     labels: np.ndarray  # int64 [N]

@@ -8,149 +8,35 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from service.preprocess import ImageSpec
+from service.tabular import TabularSchema
 from training.backbone import load_pretrained
-from training.calibrate import fit_per_pattern, softmax, temperatures_for
+from training.calibrate import fit_per_pattern
 from training.config import Config, load_config
+from training.curriculum import curriculum_order, difficulty, progress, sample_order
 from training.data import Table, fit_schema, load_split, read_rows
 from training.features import FeatureSet, cached_features
-from training.metrics import summarize
-from training.model import BackboneTail, FusionModel, contrastive_loss
-from training.patterns import (
-    PATTERN_NAMES,
-    apply_eval_pattern,
-    eval_patterns,
-    modality_dropout,
-    pattern_ids,
+from training.model import BackboneTail, FusionModel
+from training.objectives import Auxiliary, build_auxiliary, make_batch, train_step
+from training.patterns import PATTERN_NAMES
+from training.pretrain import pretrain
+from training.scoring import (
+    collect_logits,
+    evaluate,
+    score,
+    selection_score,
+    true_class_probabilities,
 )
 
 CACHE_DIR = Path(os.environ.get("ENDOFUSE_CACHE_DIR", ".cache/features"))
-
-
-@torch.no_grad()
-def predict_logits(
-    model: FusionModel, feats: FeatureSet, table: Table, pattern: str, batch: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits for view 0 of every row under one pattern; also returns the pattern ids."""
-    model.eval()
-    has_tab = model.tabular is not None
-    image_mask, tab_mask = apply_eval_pattern(pattern, table.mask if has_tab else None, len(table))
-    source = feats.mid[0] if model.tail is not None else feats.pooled[0]
-    out = []
-    for s in range(0, len(table), batch):
-        x = torch.from_numpy(np.asarray(source[s : s + batch], np.float32))
-        values = torch.from_numpy(table.tabular[s : s + batch]) if has_tab else None
-        mask = torch.from_numpy(tab_mask[s : s + batch]) if has_tab else None
-        out.append(model(x, values, mask, torch.from_numpy(image_mask[s : s + batch])).numpy())
-    return np.concatenate(out), pattern_ids(image_mask, tab_mask)
-
-
-def collect_logits(
-    model: FusionModel, feats: FeatureSet, table: Table
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Logits and pattern ids per evaluation pattern: computed once, scored many ways."""
-    return {
-        pattern: predict_logits(model, feats, table, pattern)
-        for pattern in eval_patterns(model.tabular is not None)
-    }
-
-
-def score(
-    logits: dict[str, tuple[np.ndarray, np.ndarray]],
-    table: Table,
-    temps: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    results = {}
-    for pattern, (lg, pids) in logits.items():
-        t = temperatures_for(pids, temps) if temps else 1.0
-        results[pattern] = summarize(softmax(lg, t), table.labels, table.label_names)
-    return results
-
-
-def evaluate(
-    model: FusionModel, feats: FeatureSet, table: Table, temps: dict[str, float] | None = None
-) -> dict[str, Any]:
-    return score(collect_logits(model, feats, table), table, temps)
-
-
-def selection_score(results: dict[str, Any], metric: str) -> float:
-    used = [p for p in ("all", "image_only", "partial") if p in results]
-    return float(np.mean([results[p][metric] for p in used]))
-
-
-def sample_order(labels: np.ndarray, balance: float, rng: np.random.Generator) -> np.ndarray:
-    """An epoch's sample order; ``balance`` interpolates natural (0) to class-balanced (1)."""
-    if balance <= 0:
-        return rng.permutation(len(labels))
-    counts = np.bincount(labels)
-    weights = counts[labels].astype(np.float64) ** -balance
-    return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
-
-
-def train_step(
-    model: FusionModel, cfg: Config, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, float]]:
-    pooled = model.image_features(batch["image"])
-    ones = torch.ones(len(pooled), 1)
-    full = model.encode(pooled, batch["values"], batch["mask"], ones)
-    dropped = model.encode(pooled, batch["values"], batch["dropped_mask"], batch["image_mask"])
-    y = batch["labels"]
-    tc = cfg.train
-    loss_fused = F.cross_entropy(model.head(dropped["fused"]), y)
-    loss_uni = F.cross_entropy(model.image_head(full["image"]), y)
-    if model.tabular_head is not None:
-        loss_uni = loss_uni + F.cross_entropy(model.tabular_head(full["tabular"]), y)
-    z_fused = model.projector(dropped["fused"])
-    loss_con = contrastive_loss(z_fused, model.projector(full["image"]), tc.contrastive_temperature)
-    if "tabular" in full:
-        loss_con = loss_con + contrastive_loss(
-            z_fused, model.projector(full["tabular"]), tc.contrastive_temperature
-        )
-    loss = loss_fused + tc.unimodal_loss_weight * loss_uni + tc.contrastive_weight * loss_con
-    return loss, {
-        "fused": loss_fused.item(),
-        "unimodal": loss_uni.item(),
-        "contrastive": loss_con.item(),
-    }
-
-
-def make_batch(
-    idx: np.ndarray,
-    views: np.ndarray,
-    feats: FeatureSet,
-    table: Table,
-    model: FusionModel,
-    cfg: Config,
-    rng: np.random.Generator,
-) -> dict[str, torch.Tensor]:
-    source = feats.mid if model.tail is not None else feats.pooled
-    image = torch.from_numpy(np.asarray(source[views, idx], np.float32))
-    has_tab = model.tabular is not None
-    tab_mask = table.mask[idx] if has_tab else None
-    image_mask, dropped = modality_dropout(
-        tab_mask,
-        len(idx),
-        rng,
-        cfg.train.p_image_only,
-        cfg.train.p_tabular_only,
-        cfg.train.p_partial_fields,
-    )
-    return {
-        "image": image,
-        "labels": torch.from_numpy(table.labels[idx]),
-        "values": torch.from_numpy(table.tabular[idx]) if has_tab else None,
-        "mask": torch.from_numpy(tab_mask) if has_tab else None,
-        "dropped_mask": torch.from_numpy(dropped) if has_tab else None,
-        "image_mask": torch.from_numpy(image_mask),
-    }
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -175,21 +61,16 @@ def set_tail_mode(model: FusionModel) -> None:
                 m.eval()
 
 
-def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None = None) -> Path:
-    cfg = load_config(config_path, overrides)
-    run_dir = run_dir or Path("runs") / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(cfg.to_dict())):
-        raise SystemExit(f"{run_dir} holds a run with a different config; use another --run-dir")
-    cfg.save(saved)
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    rng = np.random.default_rng(tc.seed)
+@dataclass
+class Data:
+    """Everything a run reads from disk: splits, tabular schema, cached backbone features."""
 
-    # --- data: splits, schema from the training split, cached backbone features
+    schema: TabularSchema | None
+    tables: dict[str, Table]
+    feats: dict[str, FeatureSet]
+
+
+def load_data(cfg: Config) -> Data:
     rows = read_rows(cfg.dataset)
     schema = fit_schema(cfg.dataset, rows) if cfg.use_tabular else None
     tables = {s: load_split(cfg.dataset, s, schema, rows) for s in ("train", "val", "test")}
@@ -207,23 +88,72 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
         )
         for s, t in tables.items()
     }
-    del backbone
-    n_classes = len(tables["train"].label_names)
-    (run_dir / "schema.json").write_text(json.dumps(schema.to_manifest() if schema else None))
+    return Data(schema, tables, feats)
 
-    # --- model and optimiser
+
+def labelled_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A stratified share of the training rows whose labels are used (at least 2 per class)."""
+    if fraction >= 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, 7919])
+    keep = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n = min(len(rows), max(2, round(fraction * len(rows))))
+        keep.append(rng.choice(rows, size=n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def epoch_order(
+    cfg: Config,
+    model: FusionModel,
+    data: Data,
+    labelled: np.ndarray,
+    epoch: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Training rows for one epoch: natural/balanced sampling, or the CLIMD curriculum."""
+    labels = data.tables["train"].labels[labelled]
+    cc = cfg.methods.curriculum
+    if not cc.enabled:
+        return labelled[sample_order(labels, cfg.train.class_balance, rng)]
+    p_fused, p_uni = true_class_probabilities(
+        model, data.feats["train"], data.tables["train"], labelled
+    )
+    d = difficulty(p_fused, p_uni, cc.complementarity_weight)
+    t = progress(epoch, cfg.train.epochs, cc.full_at)
+    return labelled[curriculum_order(labels, d, t, cc.start_fraction, rng)]
+
+
+def fit(cfg: Config, data: Data, run_dir: Path) -> dict[str, Any]:
+    """Train (resuming from ``run_dir`` if it holds a checkpoint), calibrate, report."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    rng = np.random.default_rng(tc.seed)
+    tables, feats = data.tables, data.feats
+    train = tables["train"]
+    n_classes = len(train.label_names)
+    schema = data.schema
+    (run_dir / "schema.json").write_text(json.dumps(schema.to_manifest() if schema else None))
+    labelled = labelled_rows(train.labels, tc.label_fraction, tc.seed)
+
+    # --- model, training-only parts and optimiser
     model = build_model(cfg, n_classes, schema)
+    aux: Auxiliary = build_auxiliary(cfg, model)
     tail_params = list(model.tail.parameters()) if model.tail is not None else []
     tail_ids = {id(p) for p in tail_params}
-    head_params = [p for p in model.parameters() if id(p) not in tail_ids]
+    head_params = [p for p in model.parameters() if id(p) not in tail_ids] + aux.parameters()
     optimizer = torch.optim.AdamW(
         [{"params": head_params, "lr": tc.lr}, {"params": tail_params, "lr": tc.backbone_lr}],
         weight_decay=tc.weight_decay,
     )
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    steps_per_epoch = math.ceil(len(tables["train"]) / tc.batch_size)
+    steps_per_epoch = math.ceil(len(labelled) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     start_epoch, best, history = 0, -1.0, []
+    started = time.time()
     last = run_dir / "ckpt_last.pt"
     if last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=False)
@@ -232,15 +162,18 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         rng = np.random.default_rng([tc.seed, start_epoch])
         print(f"resuming {run_dir} at epoch {start_epoch + 1}/{tc.epochs}")
+    elif cfg.methods.pretrain.enabled:
+        # --- label-free stage over every training image, labelled or not
+        losses = pretrain(model, cfg, feats["train"], train, rng)
+        (run_dir / "pretrain.json").write_text(json.dumps(losses, indent=2))
 
     # --- training loop
-    started = time.time()
-    train, n_views = tables["train"], feats["train"].pooled.shape[0]
+    n_views = feats["train"].pooled.shape[0]
     metric = tc.select_metric
     for epoch in range(start_epoch, tc.epochs):
+        order = epoch_order(cfg, model, data, labelled, epoch, rng)
         model.train()
         set_tail_mode(model)
-        order = sample_order(train.labels, tc.class_balance, rng)
         views = rng.integers(0, n_views, len(order))
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step")
         for step in bar:
@@ -249,7 +182,7 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             batch = make_batch(order[sl], views[sl], feats["train"], train, model, cfg, rng)
-            loss, parts = train_step(model, cfg, batch)
+            loss, parts = train_step(model, cfg, batch, aux)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -284,7 +217,8 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
 
     # --- calibration: one temperature per missingness pattern, fitted on validation
-    model.load_state_dict(torch.load(run_dir / "ckpt_best.pt", weights_only=False)["model"])
+    best_state = torch.load(run_dir / "ckpt_best.pt", weights_only=False)
+    model.load_state_dict(best_state["model"])
     val_logits = collect_logits(model, feats["val"], tables["val"])
     test_logits = collect_logits(model, feats["test"], tables["test"])
     temps = fit_per_pattern(
@@ -300,7 +234,8 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
         "val": score(val_logits, tables["val"], temps),
         "test_uncalibrated": score(test_logits, tables["test"]),
         "test": score(test_logits, tables["test"], temps),
-        "best_epoch": torch.load(run_dir / "ckpt_best.pt", weights_only=False)["epoch"],
+        "best_epoch": best_state["epoch"],
+        "labelled_rows": len(labelled),
         "train_seconds_this_session": round(time.time() - started, 1),
         "device": f"cpu ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
@@ -308,6 +243,22 @@ def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None 
     }
     (run_dir / "calibration.json").write_text(json.dumps(temps, indent=2))
     (run_dir / "results.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        raise SystemExit(f"{run_dir} holds a run with a different config; use another --run-dir")
+    cfg.save(saved)
+
+
+def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None = None) -> Path:
+    cfg = load_config(config_path, overrides)
+    run_dir = run_dir or Path("runs") / cfg.name
+    prepare_run_dir(cfg, run_dir)
+    report = fit(cfg, load_data(cfg), run_dir)
     for pattern, r in report["test"].items():
         print(
             f"test [{pattern}] acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "

@@ -1,0 +1,151 @@
+"""Synergistic self-supervised pretraining (MICS, arXiv 2509.17492), before fine-tuning.
+
+A label-free stage over every training image (including those whose labels fine-tuning does
+not use) that trains the image path, the tabular encoder and the projector with
+
+    L = w_c L_consistency + w_r L_reconstruction + w_a L_alignment
+
+- consistency: InfoNCE between two augmented views of one image (two different cached
+  geometric views, each with Gaussian feature noise);
+- reconstruction: masked input -> light decoder -> the unmasked pooled features
+  (``training.reconstruction``); weights default to the paper's code, reconstruction 10 :
+  alignment 1;
+- alignment: one modality as an augmented view of the other: InfoNCE between the image and the
+  tabular-summary embeddings of the same patient (rows with at least one field). For image-only
+  data the second "modality" is a photometric-style view: the same cached view with independent
+  noise and random channel dropout, since geometric views are already used by consistency.
+
+With cluster-guided negatives on, both InfoNCE terms use them (``training.negatives``) and the
+reconstruction decoder is cross-modal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.config import Config
+from training.data import Table
+from training.features import FeatureSet
+from training.model import FusionModel, contrastive_loss
+from training.negatives import ClusterGuide, weighted_infonce
+from training.reconstruction import Reconstructor, reconstruction_loss
+
+
+def perturb(x: torch.Tensor, noise: float, drop: float = 0.0) -> torch.Tensor:
+    """Feature-space augmentation: multiplicative Gaussian noise and channel dropout."""
+    x = x * (1 + noise * torch.randn_like(x))
+    return F.dropout(x, drop) if drop > 0 else x
+
+
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, temperature: float, guide: ClusterGuide | None
+) -> torch.Tensor:
+    if guide is None:
+        return contrastive_loss(a, b, temperature)
+    return weighted_infonce(a, b, temperature, guide.weights(a))
+
+
+def pretrain_step(
+    model: FusionModel,
+    decoder: Reconstructor,
+    cfg: Config,
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    values: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    guide: ClusterGuide | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    pc = cfg.methods.pretrain
+    ones = torch.ones(len(xa), 1)
+    ea = model.encode(model.image_features(perturb(xa, pc.feature_noise)), values, mask, ones)
+    eb = model.image_features(perturb(xb, pc.feature_noise))
+    za = model.projector(ea["image"])
+    zb = model.projector(model.image_proj(eb))
+    consistency = info_nce(za, zb, pc.temperature, guide)
+    if "tabular" in ea:
+        present = mask.sum(dim=1) > 0
+        alignment = info_nce(
+            za[present], model.projector(ea["tabular"][present]), pc.temperature, None
+        )
+    else:
+        photometric = model.image_features(perturb(xa, pc.feature_noise, drop=0.2))
+        alignment = info_nce(
+            za, model.projector(model.image_proj(photometric)), pc.temperature, None
+        )
+    cross = cfg.methods.negatives.enabled
+    recon = reconstruction_loss(
+        model,
+        decoder,
+        xa,
+        pc.mask_ratio,
+        values if cross else None,
+        mask if cross else None,
+    )
+    loss = (
+        pc.consistency_weight * consistency
+        + pc.reconstruction_weight * recon
+        + pc.alignment_weight * alignment
+    )
+    return loss, {
+        "consistency": consistency.item(),
+        "reconstruction": recon.item(),
+        "alignment": alignment.item(),
+    }
+
+
+def pretrain(
+    model: FusionModel,
+    cfg: Config,
+    feats: FeatureSet,
+    table: Table,
+    rng: np.random.Generator,
+) -> list[dict[str, float]]:
+    """Run the label-free stage in place on ``model``; returns the mean losses per epoch."""
+    pc, tc = cfg.methods.pretrain, cfg.train
+    has_tab = model.tabular is not None
+    decoder = Reconstructor(
+        2 * model.cfg.dim if has_tab and cfg.methods.negatives.enabled else model.cfg.dim,
+        2 * model.cfg.dim,
+    )
+    nc = cfg.methods.negatives
+    guide = (
+        ClusterGuide(
+            nc.clusters, nc.momentum, nc.false_negative_weight, nc.hard_negative_weight, tc.seed
+        )
+        if nc.enabled
+        else None
+    )
+    params = list(model.parameters()) + list(decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=pc.lr, weight_decay=tc.weight_decay)
+    source = feats.mid if model.tail is not None else feats.pooled
+    n_views, n = source.shape[0], len(table)
+    history = []
+    model.train()
+    for epoch in range(pc.epochs):
+        order = rng.permutation(n)
+        va = rng.integers(0, n_views, n)
+        # A different view for the second branch whenever there is more than one.
+        vb = (va + rng.integers(1, max(n_views, 2), n)) % n_views if n_views > 1 else va
+        sums: dict[str, float] = {}
+        steps = range(0, n - 1, tc.batch_size)
+        for s in tqdm(steps, desc=f"pretrain {epoch + 1}/{pc.epochs}", unit="step", leave=False):
+            idx = order[s : s + tc.batch_size]
+            if len(idx) < 2:
+                continue
+            xa = torch.from_numpy(np.asarray(source[va[idx], idx], np.float32))
+            xb = torch.from_numpy(np.asarray(source[vb[idx], idx], np.float32))
+            values = torch.from_numpy(table.tabular[idx]) if has_tab else None
+            mask = torch.from_numpy(table.mask[idx]) if has_tab else None
+            loss, parts = pretrain_step(model, decoder, cfg, xa, xb, values, mask, guide)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx) / n
+        history.append(sums)
+        print(f"pretrain {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+    return history
