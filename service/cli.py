@@ -14,7 +14,9 @@ def serve(
     host: str = typer.Option(None, help="Bind address (ENDOFUSE_HOST)"),
     port: int = typer.Option(None, help="Port (ENDOFUSE_PORT)"),
     models_dir: Path = typer.Option(None, "--models-dir", help="Model repository"),
-    queue: str = typer.Option(None, "--queue", help="memory:// (embedded)"),
+    queue: str = typer.Option(
+        None, "--queue", help="memory:// (embedded, default) or redis://host:port/db (API only)"
+    ),
     workers: int = typer.Option(1, help="uvicorn worker processes"),
 ) -> None:
     """Serve every model in the model repository over HTTP."""
@@ -37,6 +39,12 @@ def serve(
     configure_logging(settings.log_level)
     if workers > 1:
         import os
+        import tempfile
+
+        # Several processes behind one port: metrics go through shared files (see metrics.py).
+        os.environ.setdefault(
+            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="endofuse-metrics-")
+        )
 
         for key, value in overrides.items():
             os.environ[f"ENDOFUSE_{key.upper()}"] = str(value)
@@ -59,6 +67,32 @@ def serve(
         log_config=None,
         access_log=False,
     )
+
+
+@app.command()
+def worker(
+    queue: str = typer.Option(..., "--queue", help="redis://host:port/db"),
+    models: str = typer.Option(None, "--models", help="Comma list of model names (default all)"),
+    models_dir: Path = typer.Option(None, "--models-dir", help="Model repository"),
+    host: str = typer.Option(None, help="Bind address of the health/metrics port"),
+    port: int = typer.Option(None, help="Health/metrics port (ENDOFUSE_WORKER_PORT)"),
+) -> None:
+    """Run inference for API replicas from the Redis request streams."""
+    import asyncio
+
+    from service.config import Settings
+    from service.logs import configure_logging
+    from service.worker.app import serve_worker
+
+    overrides: dict = {"queue_url": queue}
+    if models:
+        overrides["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    for key, value in {"models_dir": models_dir, "host": host, "worker_port": port}.items():
+        if value is not None:
+            overrides[key] = value
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level)
+    asyncio.run(serve_worker(settings))
 
 
 def _training() -> None:

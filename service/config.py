@@ -35,6 +35,18 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
 
+    # redis:// deployments (API replicas + workers); see docs/deployment.md.
+    queue_prefix: str = "endofuse"
+    # A delivered entry idle this long belongs to a dead or stuck worker and is re-delivered;
+    # must exceed the slowest batch, or healthy work runs twice.
+    reclaim_idle_ms: int = Field(5000, ge=50)
+    max_deliveries: int = Field(3, ge=1)
+    stream_maxlen: int = Field(10_000, ge=100)
+    reply_ttl_s: int = Field(60, ge=5)
+    heartbeat_s: float = Field(1.0, gt=0)
+    worker_block_ms: int = Field(200, ge=1)
+    worker_port: int = 8001
+
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     decode_threads: int = Field(2, ge=1)

@@ -57,6 +57,10 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class QueueUnavailable(ServiceError):
+    status, code = 503, "queue_unavailable"
+
+
 class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 

@@ -1,61 +1,171 @@
-"""Prometheus metrics, one registry per app so several apps (tests) never collide."""
+"""Prometheus metrics, one registry per app so several apps (tests) never collide.
+
+With several processes behind one port (``endofuse serve --workers N``) each process writes
+its samples to ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` merges them, so a scrape sees the
+whole replica whichever process answers it.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    if multiprocess():
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged)
+    return generate_latest(registry)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
         self.requests = Counter(
             "endofuse_requests",
             "Prediction requests by model and outcome (ok or an error code).",
             ["model", "outcome"],
-            registry=self.registry,
+            registry=r,
         )
         self.latency = Histogram(
             "endofuse_request_seconds",
             "End-to-end prediction latency inside the service.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.stage = Histogram(
             "endofuse_stage_seconds",
-            "Latency per stage: decode (image + tabular), queue (waiting), inference (batch run).",
+            "Latency per stage: decode (image + tabular), queue (waiting for a batch), "
+            "inference (batch run), reply (worker to API, redis:// only).",
             ["model", "stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "endofuse_batch_size",
             "Requests per inference batch.",
             ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "endofuse_queue_depth",
             "Requests waiting for inference.",
             ["model", "version"],
-            registry=self.registry,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.queue_pending = Gauge(
+            "endofuse_queue_pending",
+            "Entries delivered to a worker and not yet acknowledged.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.queue_lag = Gauge(
+            "endofuse_queue_lag",
+            "Entries no worker has read yet (consumer-group lag).",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.workers = Gauge(
+            "endofuse_workers",
+            "Workers with a live heartbeat serving the model version.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.queue_up = Gauge(
+            "endofuse_queue_up",
+            "1 while the request queue is reachable.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.replies_dropped = Counter(
+            "endofuse_replies_dropped",
+            "Replies with no waiting request: duplicate, late (after the deadline), unknown "
+            "or malformed.",
+            ["reason"],
+            registry=r,
         )
         self.model_info = Gauge(
             "endofuse_model_info",
             "Loaded model versions (value 1); default=true marks the default model's newest.",
             ["model", "version", "providers", "default"],
-            registry=self.registry,
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.ready = Gauge(
-            "endofuse_ready", "1 once models are loaded and warmed.", registry=self.registry
+            "endofuse_ready",
+            "1 once models are loaded and warmed.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
+        self.queue_up.set(1)
 
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model).observe(size)
+
+    def render(self) -> bytes:
+        return render(self.registry)
+
+
+class WorkerMetrics:
+    """What an ``endofuse worker`` exposes on its own port."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.items = Counter(
+            "endofuse_worker_items",
+            "Queue entries handled, by outcome: ok, failed (error reply), expired (deadline "
+            "passed before inference: dropped, never run), poison (could not be handled).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "endofuse_batch_size",
+            "Requests per inference batch.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "endofuse_worker_stage_seconds",
+            "Worker-side latency: queue (enqueued to batch start), inference, reply (writing "
+            "replies and acknowledging).",
+            ["model", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.reclaimed = Counter(
+            "endofuse_reclaimed",
+            "Entries taken over from a dead or stuck consumer.",
+            ["model"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "endofuse_dead_letters",
+            "Entries moved to the dead-letter stream.",
+            ["model"],
+            registry=r,
+        )
+        self.queue_up = Gauge(
+            "endofuse_queue_up", "1 while the request queue is reachable.", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

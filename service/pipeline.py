@@ -123,6 +123,8 @@ async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> 
         "inference": result.inference_ms,
         "total": total * 1e3,
     }
+    if result.reply_ms is not None:
+        timings["reply"] = result.reply_ms
     observe_success(ctx.metrics, model.name, timings)
     return encode_response(model, prepared, result, timings)
 
@@ -130,5 +132,6 @@ async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> 
 def observe_success(metrics: Metrics, model: str, timings: dict[str, float]) -> None:
     metrics.requests.labels(model, "ok").inc()
     metrics.latency.labels(model).observe(timings["total"] / 1e3)
-    for stage in ("decode", "queue", "inference"):
-        metrics.stage.labels(model, stage).observe(timings[stage] / 1e3)
+    for stage in ("decode", "queue", "inference", "reply"):
+        if stage in timings:
+            metrics.stage.labels(model, stage).observe(timings[stage] / 1e3)

@@ -21,7 +21,9 @@ class ModelVersion:
     version: str
     path: Path
     manifest: Manifest
-    engine: Engine
+    # None on an API replica that forwards to remote workers: it validates against the
+    # manifest but never runs the graph itself.
+    engine: Engine | None
 
     @property
     def key(self) -> str:
@@ -71,27 +73,30 @@ class Registry:
         only: list[str] | None = None,
         default_model: str | None = None,
         spinning: bool = True,
+        load_engines: bool = True,
     ) -> Registry:
         loaded = []
         for name, version, vdir in discover(models_dir, only):
             start = time.perf_counter()
             manifest = _checked_manifest(vdir, name, version)
-            engine = Engine(
-                vdir / "model.onnx",
-                manifest,
-                providers,
-                intra_op_threads,
-                inter_op_threads,
-                spinning,
-            )
-            engine.warm_up(warmup_runs)
+            engine = None
+            if load_engines:
+                engine = Engine(
+                    vdir / "model.onnx",
+                    manifest,
+                    providers,
+                    intra_op_threads,
+                    inter_op_threads,
+                    spinning,
+                )
+                engine.warm_up(warmup_runs)
             loaded.append(ModelVersion(name, version, vdir, manifest, engine))
             log.info(
                 "model loaded",
                 extra={
                     "model": name,
                     "version": version,
-                    "providers": engine.providers,
+                    "providers": engine.providers if engine else "remote",
                     "load_ms": round((time.perf_counter() - start) * 1e3, 1),
                 },
             )

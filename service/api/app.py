@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -15,15 +16,17 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.routes import router
 from service.config import Settings
 from service.engine import resolve_providers
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess
 from service.pipeline import ServiceContext
 from service.queue import create_queue
+from service.queue.base import uses_remote_workers
 from service.registry import Registry
 
 log = logging.getLogger("service")
 
 
 def load_registry(settings: Settings) -> Registry:
+    # Behind a redis:// queue the API only validates and decodes: workers own the sessions.
     return Registry.load(
         settings.models_dir,
         providers=resolve_providers(settings.providers),
@@ -33,6 +36,7 @@ def load_registry(settings: Settings) -> Registry:
         only=settings.models or None,
         default_model=settings.default_model,
         spinning=settings.ort_spinning,
+        load_engines=not uses_remote_workers(settings),
     )
 
 
@@ -45,21 +49,17 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         # A manifest/graph mismatch raises here and start-up stops with its message.
         reg = registry or load_registry(settings)
         metrics = Metrics()
-        queue = create_queue(
-            settings.queue_url,
-            reg,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_batch_wait_ms / 1e3,
-            max_queue_size=settings.max_queue_size,
-            on_batch=metrics.observe_batch,
-        )
+        queue = create_queue(settings, reg, metrics)
         await queue.start()
         pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         ctx = ServiceContext(settings, reg, queue, metrics, pool)
         for mv in reg.all():
             is_default = mv.name == reg.default_model and mv is reg.get(mv.name)
             metrics.model_info.labels(
-                mv.name, mv.version, ",".join(mv.engine.providers), str(is_default).lower()
+                mv.name,
+                mv.version,
+                ",".join(mv.engine.providers) if mv.engine else "remote",
+                str(is_default).lower(),
             ).set(1)
         app.state.ctx = ctx
         ctx.ready = True
@@ -74,6 +74,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             metrics.ready.set(0)
             await queue.stop()
             pool.shutdown(wait=True)
+            if multiprocess():
+                from prometheus_client import multiprocess as mp
+
+                mp.mark_process_dead(os.getpid())
 
     app = FastAPI(
         title="endofuse",

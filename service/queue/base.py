@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.config import Settings
+from service.metrics import Metrics
 from service.registry import Registry
 
 
@@ -29,6 +31,7 @@ class ItemResult:
     queue_ms: float
     inference_ms: float
     batch_size: int
+    reply_ms: float | None = None  # worker -> API hop, redis:// only
 
 
 class InferenceQueue(abc.ABC):
@@ -53,10 +56,37 @@ class InferenceQueue(abc.ABC):
     def depth(self, model_key: str) -> int: ...
 
 
-def create_queue(url: str, registry: Registry, **options: object) -> InferenceQueue:
+def create_queue(
+    settings: Settings, registry: Registry, metrics: Metrics | None = None
+) -> InferenceQueue:
+    """The backend named by ``settings.queue_url``: ``memory://`` or ``redis://host:port/db``."""
+    url = settings.queue_url
     scheme = url.split("://", 1)[0]
     if scheme == "memory":
         from service.queue.embedded import EmbeddedQueue
 
-        return EmbeddedQueue(registry, **options)  # type: ignore[arg-type]
-    raise ValueError(f"unsupported queue URL scheme '{scheme}://' (supported: memory://)")
+        return EmbeddedQueue(
+            registry,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1e3,
+            max_queue_size=settings.max_queue_size,
+            on_batch=metrics.observe_batch if metrics else None,
+        )
+    if scheme in ("redis", "rediss", "unix"):
+        from service.queue.redis_queue import RedisQueue
+
+        return RedisQueue(
+            registry,
+            url,
+            max_queue_size=settings.max_queue_size,
+            prefix=settings.queue_prefix,
+            stream_maxlen=settings.stream_maxlen,
+            reply_ttl_s=settings.reply_ttl_s,
+            heartbeat_s=settings.heartbeat_s,
+            metrics=metrics,
+        )
+    raise ValueError(f"unsupported queue URL scheme '{scheme}://' (supported: memory://, redis://)")
+
+
+def uses_remote_workers(settings: Settings) -> bool:
+    return not settings.queue_url.startswith("memory://")

@@ -203,14 +203,18 @@ class DynamicBatcher:
                 )
 
     def _infer(self, items: list[WorkItem]) -> list[np.ndarray | ServiceError]:
-        """Run a batch; if it fails, rerun items one by one so only the culprit fails."""
-        try:
-            probs = self.engine.run(stack(items))
-        except Exception as exc:  # isolate: any failure must not take the neighbours down
-            if len(items) == 1:
-                return [_as_service_error(exc)]
-            return [self._infer([item])[0] for item in items]
-        return [_checked_row(row) for row in probs]
+        return infer_isolated(self.engine, items)
+
+
+def infer_isolated(engine: Engine, items: list[WorkItem]) -> list[np.ndarray | ServiceError]:
+    """Run a batch; if it fails, rerun items one by one so only the culprit fails."""
+    try:
+        probs = engine.run(stack(items))
+    except Exception as exc:  # isolate: any failure must not take the neighbours down
+        if len(items) == 1:
+            return [_as_service_error(exc)]
+        return [infer_isolated(engine, [item])[0] for item in items]
+    return [_checked_row(row) for row in probs]
 
 
 def stack(items: list[WorkItem]) -> Batch:

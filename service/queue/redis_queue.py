@@ -1,0 +1,256 @@
+"""``redis://``: the API side of the Redis Streams deployment.
+
+submit: admission check + ``XADD`` in one atomic script -> wait on a future keyed by a fresh
+correlation id -> resolved by this process's reply reader. One reply stream per API process
+(host + pid + random); it carries a TTL so it disappears with its replica. A monitor task reads
+worker heartbeats (who serves which model, how fast) and stream statistics every
+``heartbeat_s``; admission uses them without an extra round trip per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+import uuid
+from collections import OrderedDict
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    NotReady,
+    Overloaded,
+    QueueUnavailable,
+    ServiceError,
+)
+from service.metrics import Metrics
+from service.queue.base import InferenceQueue, ItemResult, WorkItem
+from service.queue.wire import Reply, Streams, decode_reply, encode_request
+from service.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# Refuse when the stream already holds ARGV[1] entries; otherwise append (approximate MAXLEN
+# as a memory guard). Atomic, so concurrent replicas cannot overshoot the bound together.
+ADD_IF_ROOM = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+"""
+READ_BLOCK_MS = 1000
+RECENT = 4096
+
+
+class RedisQueue(InferenceQueue):
+    def __init__(
+        self,
+        registry: Registry,
+        url: str,
+        *,
+        max_queue_size: int = 256,
+        prefix: str = "endofuse",
+        stream_maxlen: int = 10_000,
+        reply_ttl_s: int = 60,
+        heartbeat_s: float = 1.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._registry = registry
+        self._url = url
+        self._max_queue_size = max_queue_size
+        self._streams = Streams(prefix)
+        self._maxlen = stream_maxlen
+        self._reply_ttl_s = reply_ttl_s
+        self._heartbeat_s = heartbeat_s
+        self._metrics = metrics or Metrics()
+        owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.reply_stream = self._streams.reply(owner)
+        self._waiting: dict[str, asyncio.Future[ItemResult]] = {}
+        self._recent: OrderedDict[str, str] = OrderedDict()  # id -> "answered" | "expired"
+        self._capacity: dict[str, float] = {}  # model key -> items/s over live workers
+        self._depth: dict[str, int] = {}
+        self._monitored = False
+        self._accepting = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._redis: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        # Start even if Redis is down: requests get 503 until it is reachable.
+        self._redis = aioredis.from_url(
+            self._url, socket_timeout=READ_BLOCK_MS / 1e3 + 4, socket_connect_timeout=2
+        )
+        self._add = self._redis.register_script(ADD_IF_ROOM)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._read_replies(), name="reply-reader"),
+            loop.create_task(self._monitor(), name="queue-monitor"),
+        ]
+        self._accepting = True
+
+    async def stop(self) -> None:
+        self._accepting = False
+        end = time.monotonic() + 30
+        while self._waiting and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None:
+            with contextlib.suppress(RedisError):
+                await self._redis.delete(self.reply_stream)
+            await self._redis.aclose()
+
+    def depth(self, model_key: str) -> int:
+        return self._depth.get(model_key, 0)
+
+    def _retry_after(self, model_key: str) -> float:
+        rate = self._capacity.get(model_key) or 0.0
+        return max(1.0, math.ceil(self.depth(model_key) / rate)) if rate else 1.0
+
+    async def submit(self, item: WorkItem, timeout_s: float) -> ItemResult:
+        if not self._accepting or self._redis is None:
+            raise NotReady("service is not accepting requests")
+        key = item.model_key
+        if self._monitored and key not in self._capacity:
+            raise Overloaded(f"no worker is serving model '{key}'", retry_after=1.0)
+        limit = self._max_queue_size
+        if self._capacity.get(key):
+            # Admit only what the live workers can finish before the deadline.
+            limit = max(1, min(limit, int(timeout_s * self._capacity[key])))
+        corr = uuid.uuid4().hex
+        fields = encode_request(item, self.reply_stream, time.time() + timeout_s)
+        fields["id"] = corr
+        future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
+        self._waiting[corr] = future
+        try:
+            args: list[bytes | str | int] = [limit, self._maxlen]
+            for name, value in fields.items():
+                args += [name, value]
+            try:
+                added = await self._add(keys=[self._streams.requests(key)], args=args)
+            except RedisError:
+                raise QueueUnavailable(
+                    "the request queue is unreachable", retry_after=1.0
+                ) from None
+            if added is None:
+                raise Overloaded("inference queue is full", retry_after=self._retry_after(key))
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            self._remember(corr, "expired")
+            raise DeadlineExceeded(f"no result within {timeout_s:.1f} s") from None
+        finally:
+            self._waiting.pop(corr, None)
+            if not future.done():
+                future.cancel()
+
+    def _remember(self, corr: str, outcome: str) -> None:
+        self._recent[corr] = outcome
+        while len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+
+    def resolve(self, reply: Reply) -> None:
+        future = self._waiting.get(reply.request_id)
+        if future is None or future.done():
+            reason = {"answered": "duplicate", "expired": "late"}.get(
+                self._recent.get(reply.request_id, ""), "unknown"
+            )
+            self._metrics.replies_dropped.labels(reason).inc()
+            return
+        self._remember(reply.request_id, "answered")
+        if reply.result is not None:
+            future.set_result(reply.result)
+        else:
+            future.set_exception(_remote_error(reply))
+
+    def _fail_waiting(self, error: ServiceError) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def _read_replies(self) -> None:
+        assert self._redis is not None
+        last, refreshed = "0-0", 0.0
+        while True:
+            try:
+                if time.monotonic() - refreshed > self._reply_ttl_s / 3:
+                    await self._redis.expire(self.reply_stream, self._reply_ttl_s)
+                    refreshed = time.monotonic()
+                got = await self._redis.xread({self.reply_stream: last}, 256, READ_BLOCK_MS)
+                self._metrics.queue_up.set(1)
+            except asyncio.CancelledError:
+                raise
+            except RedisError:
+                self._metrics.queue_up.set(0)
+                # Redis keeps no copy on disk: whatever was queued is gone, so fail fast (503)
+                # rather than let every waiting client run into its deadline.
+                self._fail_waiting(QueueUnavailable("lost the request queue", retry_after=1.0))
+                last, refreshed = "0-0", 0.0
+                await asyncio.sleep(0.2)
+                continue
+            ids = []
+            for _, entries in got or []:
+                for entry_id, fields in entries:
+                    ids.append(entry_id)
+                    last = entry_id
+                    try:
+                        self.resolve(decode_reply(fields))
+                    except (KeyError, ValueError):
+                        self._metrics.replies_dropped.labels("malformed").inc()
+            if ids:
+                with contextlib.suppress(RedisError):
+                    await self._redis.xdel(self.reply_stream, *ids)
+
+    async def _monitor(self) -> None:
+        while True:
+            try:
+                await self._refresh()
+                self._monitored = True
+            except asyncio.CancelledError:
+                raise
+            except RedisError:
+                self._metrics.queue_up.set(0)
+            await asyncio.sleep(self._heartbeat_s)
+
+    async def _refresh(self) -> None:
+        """Live workers and their measured throughput; stream depth, pending and lag."""
+        assert self._redis is not None
+        keys = [k async for k in self._redis.scan_iter(self._streams.worker_pattern, count=500)]
+        capacity: dict[str, float] = {}
+        workers: dict[str, int] = {}
+        for raw in await self._redis.mget(keys) if keys else []:
+            if raw is None:
+                continue  # expired between SCAN and MGET
+            beat = json.loads(raw)
+            for key in beat["models"]:
+                # A worker that has not measured itself yet still counts as alive.
+                capacity[key] = capacity.get(key, 0.0) + float(beat["rate"].get(key, 0.0))
+                workers[key] = workers.get(key, 0) + 1
+        self._capacity = capacity
+        for mv in self._registry.all():
+            stream = self._streams.requests(mv.key)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xlen(stream)
+            pipe.exists(stream)
+            depth, exists = await pipe.execute()
+            self._depth[mv.key] = int(depth)
+            pending = lag = 0
+            if exists:
+                for group in await self._redis.xinfo_groups(stream):
+                    pending += int(group.get("pending") or 0)
+                    lag += int(group.get("lag") or 0)
+            self._metrics.queue_pending.labels(mv.name, mv.version).set(pending)
+            self._metrics.queue_lag.labels(mv.name, mv.version).set(lag)
+            self._metrics.workers.labels(mv.name, mv.version).set(workers.get(mv.key, 0))
+
+
+def _remote_error(reply: Reply) -> ServiceError:
+    error = InferenceFailed(reply.message or "inference failed")
+    error.code = reply.code or error.code
+    return error

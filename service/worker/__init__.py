@@ -1,0 +1,1 @@
+"""``endofuse worker``: runs inference for API replicas through the Redis request streams."""

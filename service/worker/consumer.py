@@ -1,0 +1,286 @@
+"""An inference worker on the Redis request streams.
+
+Loop: ``XREADGROUP`` (up to max-batch entries, short block) -> drop entries past their deadline
+(acknowledged, never run) -> run the batch (a failing item fails alone) -> **reply, then XACK +
+XDEL**. A crash between reply and acknowledgement gives a duplicate reply (the API drops it),
+never a lost one. An entry that cannot be handled is left pending.
+
+Recovery: entries idle past ``reclaim_idle_ms`` belong to a dead or stuck consumer and are
+claimed (``XPENDING`` + ``XCLAIM``) and handled one by one, so one bad entry cannot sink its
+neighbours again. After ``max_deliveries`` deliveries an entry is moved to the dead-letter
+stream (metadata only) and its requester gets a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from service.config import Settings
+from service.errors import ServiceError
+from service.metrics import WorkerMetrics
+from service.queue.base import ItemResult, WorkItem
+from service.queue.batcher import infer_isolated
+from service.queue.wire import (
+    Streams,
+    decode_request,
+    encode_error,
+    encode_result,
+    request_metadata,
+)
+from service.registry import ModelVersion, Registry
+
+log = logging.getLogger("service.worker")
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def entry_ms(entry_id: bytes) -> float:
+    """Stream ids start with the Unix time in ms at which Redis appended the entry."""
+    return float(entry_id.split(b"-", 1)[0])
+
+
+class Worker:
+    def __init__(self, settings: Settings, registry: Registry, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.streams = Streams(settings.queue_prefix)
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.models: dict[str, ModelVersion] = {
+            self.streams.requests(mv.key): mv for mv in registry.all()
+        }
+        self._rates: dict[str, float] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._stopping = asyncio.Event()
+        self.ready = False
+        self.redis = aioredis.from_url(
+            settings.queue_url, socket_timeout=settings.worker_block_ms / 1e3 + 5
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+        ]
+        try:
+            await self._consume_loop()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(RedisError):
+                await self.redis.delete(self.streams.worker(self.consumer))
+            await self.redis.aclose()
+            self._executor.shutdown(wait=True)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then exit (what is still queued stays for others)."""
+        self._stopping.set()
+
+    async def ensure_groups(self) -> None:
+        for stream in self.models:
+            try:
+                await self.redis.xgroup_create(stream, self.streams.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # --- the consume loop -----------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        s = self.settings
+        need_groups = True
+        while not self._stopping.is_set():
+            try:
+                if need_groups:
+                    await self.ensure_groups()
+                    need_groups = False
+                got = await self.redis.xreadgroup(
+                    self.streams.group,
+                    self.consumer,
+                    {stream: ">" for stream in self.models},
+                    count=s.max_batch_size,
+                    block=s.worker_block_ms,
+                )
+                self.ready = True
+                self.metrics.queue_up.set(1)
+            except ResponseError as exc:
+                # NOGROUP: Redis restarted empty (no persistence); recreate and carry on.
+                need_groups = "NOGROUP" in str(exc)
+                if not need_groups:
+                    raise
+                continue
+            except RedisError:
+                self.ready = False
+                self.metrics.queue_up.set(0)
+                need_groups = True
+                await asyncio.sleep(0.2)
+                continue
+            for stream, entries in got or []:
+                await self.handle(_text(stream), entries)
+
+    async def handle(self, stream: str, entries: list[Entry]) -> None:
+        """Expire, run, reply, acknowledge one batch read from ``stream``."""
+        mv = self.models[stream]
+        now = time.time()
+        done: list[bytes] = []
+        live: list[tuple[bytes, WorkItem, str]] = []
+        for entry_id, fields in entries:
+            if not fields:
+                done.append(entry_id)  # deleted while pending: nothing left to do
+                continue
+            try:
+                item, reply, deadline = decode_request(fields)
+            except (KeyError, ValueError):
+                self.metrics.items.labels(mv.name, "poison").inc()
+                log.warning("unreadable queue entry left for redelivery", extra={"model": mv.key})
+                continue
+            if deadline <= now:
+                self.metrics.items.labels(mv.name, "expired").inc()
+                done.append(entry_id)
+                continue
+            live.append((entry_id, item, reply))
+        replies: list[tuple[str, dict]] = []
+        if live:
+            replies = await self._infer(mv, live)
+        await self._reply_and_ack(stream, replies, done + [e for e, _, _ in live])
+
+    async def _infer(
+        self, mv: ModelVersion, live: list[tuple[bytes, WorkItem, str]]
+    ) -> list[tuple[str, dict]]:
+        assert mv.engine is not None
+        start = time.time()
+        loop = asyncio.get_running_loop()
+        items = [item for _, item, _ in live]
+        outcomes = await loop.run_in_executor(self._executor, infer_isolated, mv.engine, items)
+        elapsed = time.time() - start
+        rate = len(items) / max(elapsed, 1e-6)
+        self._rates[mv.key] = 0.8 * self._rates.get(mv.key, rate) + 0.2 * rate
+        self.metrics.batch_size.labels(mv.name).observe(len(items))
+        self.metrics.stage.labels(mv.name, "inference").observe(elapsed)
+        replies = []
+        for (entry_id, item, reply), outcome in zip(live, outcomes, strict=True):
+            queue_ms = max(0.0, start * 1e3 - entry_ms(entry_id))
+            self.metrics.stage.labels(mv.name, "queue").observe(queue_ms / 1e3)
+            if isinstance(outcome, ServiceError):
+                self.metrics.items.labels(mv.name, "failed").inc()
+                fields = encode_error(item.request_id, outcome.code, outcome.message, self.consumer)
+            else:
+                self.metrics.items.labels(mv.name, "ok").inc()
+                result = ItemResult(outcome, queue_ms, elapsed * 1e3, len(items))
+                fields = encode_result(item.request_id, result, self.consumer)
+            replies.append((reply, fields))
+        return replies
+
+    async def _reply_and_ack(
+        self, stream: str, replies: list[tuple[str, dict]], ids: list[bytes]
+    ) -> None:
+        """Replies first, acknowledgement second; a failure leaves the entries pending."""
+        if not ids:
+            return
+        start = time.time()
+        try:
+            if replies:
+                pipe = self.redis.pipeline(transaction=False)
+                for reply, fields in replies:
+                    pipe.xadd(reply, fields, maxlen=self.settings.stream_maxlen, approximate=True)
+                    # Recreated by a late reply, a departed replica's stream still expires.
+                    pipe.expire(reply, self.settings.reply_ttl_s)
+                await pipe.execute()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(stream, self.streams.group, *ids)
+            pipe.xdel(stream, *ids)
+            await pipe.execute()
+        except RedisError:
+            log.warning("could not reply/acknowledge; entries stay pending for redelivery")
+            return
+        name = self.models[stream].name
+        self.metrics.stage.labels(name, "reply").observe(time.time() - start)
+
+    # --- recovery ---------------------------------------------------------------------------
+
+    async def _reclaim_loop(self) -> None:
+        interval = max(self.settings.reclaim_idle_ms / 2e3, 0.1)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for stream in self.models:
+                    await self.reclaim(stream)
+            except asyncio.CancelledError:
+                raise
+            except RedisError:
+                continue
+
+    async def reclaim(self, stream: str) -> None:
+        s = self.settings
+        try:
+            pending = await self.redis.xpending_range(
+                stream, self.streams.group, "-", "+", 100, idle=s.reclaim_idle_ms
+            )
+        except ResponseError:
+            return  # NOGROUP: the consume loop recreates it
+        mv = self.models[stream]
+        retry = []
+        for p in pending:
+            if p["times_delivered"] >= s.max_deliveries:
+                await self._dead_letter(stream, p["message_id"], p["times_delivered"])
+            else:
+                retry.append(p["message_id"])
+        if not retry:
+            return
+        # min_idle_time makes the claim atomic: of several workers racing, one gets each entry.
+        claimed = await self.redis.xclaim(
+            stream, self.streams.group, self.consumer, s.reclaim_idle_ms, retry
+        )
+        for entry in claimed:
+            self.metrics.reclaimed.labels(mv.name).inc()
+            await self.handle(stream, [entry])
+
+    async def _dead_letter(self, stream: str, entry_id: bytes, deliveries: int) -> None:
+        mv = self.models[stream]
+        entries = await self.redis.xrange(stream, entry_id, entry_id)
+        meta = request_metadata(entries[0][1]) if entries else {}
+        record = {**meta, "stream": stream, "entry": _text(entry_id), "deliveries": deliveries}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.streams.dead_letters, record, maxlen=self.settings.stream_maxlen, approximate=True
+        )
+        if meta.get("reply") and meta.get("id"):
+            message = f"request failed {deliveries} times and was dead-lettered"
+            pipe.xadd(
+                meta["reply"], encode_error(meta["id"], "dead_lettered", message, self.consumer)
+            )
+            pipe.expire(meta["reply"], self.settings.reply_ttl_s)
+        pipe.xack(stream, self.streams.group, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
+        self.metrics.dead_letters.labels(mv.name).inc()
+        log.error("entry dead-lettered", extra={"model": mv.key, "deliveries": deliveries})
+
+    async def _heartbeat(self) -> None:
+        """Announce this worker, its models and measured throughput (items/s) with a TTL."""
+        ttl = max(2, int(3 * self.settings.heartbeat_s) + 1)
+        while True:
+            if self.ready:
+                beat = {"models": [mv.key for mv in self.models.values()], "rate": self._rates}
+                with contextlib.suppress(RedisError):
+                    await self.redis.set(
+                        self.streams.worker(self.consumer), json.dumps(beat), ex=ttl
+                    )
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
