@@ -137,3 +137,45 @@ def write_model_dir(
     manifest = build_manifest(name, version, size, size, labels, fields, image_mask)
     (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return vdir
+
+
+def build_slow_model(size: int = 256, channels: int = 32, layers: int = 4) -> onnx.ModelProto:
+    """A real graph slow enough (convolutions on size x size) to build a backlog."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["f"], ["x0"], perm=[0, 3, 1, 2]),
+    ]
+    inits = []
+    prev, prev_c = "x0", 3
+    for layer in range(layers):
+        w = rng.normal(size=(channels, prev_c, 3, 3)).astype(np.float32) * 0.01
+        inits.append(numpy_helper.from_array(w, f"w{layer}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{layer}"], [f"x{layer + 1}"], pads=[1] * 4))
+        prev, prev_c = f"x{layer + 1}", channels
+    inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+    inits.append(numpy_helper.from_array(rng.normal(size=(channels, 3)).astype(np.float32), "fc"))
+    nodes += [
+        helper.make_node("ReduceMean", [prev, "axes"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "fc"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def write_slow_model_dir(root: Path, name: str, version: str = "1", size: int = 256) -> Path:
+    vdir = root / name / version
+    vdir.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_slow_model(size), vdir / "model.onnx")
+    manifest = build_manifest(name, version, size, size)
+    (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return vdir

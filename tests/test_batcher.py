@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
 
 from service.engine import Batch, Engine
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
@@ -19,7 +18,7 @@ from service.manifest import parse_manifest
 from service.queue import WorkItem
 from service.queue.batcher import DynamicBatcher
 from service.registry import Registry
-from tests.builders import build_manifest
+from tests.builders import write_slow_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -119,39 +118,9 @@ def test_concurrent_requests_coalesce(engine: Engine) -> None:
 
 def slow_engine(tmp_path: Path) -> Engine:
     """A real graph slow enough (convolutions on 256x256) to build a backlog."""
-    rng = np.random.default_rng(0)
-    size, channels = 256, 32
-    nodes = [
-        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-        helper.make_node("Transpose", ["f"], ["x0"], perm=[0, 3, 1, 2]),
-    ]
-    inits = []
-    prev, prev_c = "x0", 3
-    for layer in range(4):
-        w = rng.normal(size=(channels, prev_c, 3, 3)).astype(np.float32) * 0.01
-        inits.append(numpy_helper.from_array(w, f"w{layer}"))
-        nodes.append(helper.make_node("Conv", [prev, f"w{layer}"], [f"x{layer + 1}"], pads=[1] * 4))
-        prev, prev_c = f"x{layer + 1}", channels
-    inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
-    inits.append(numpy_helper.from_array(rng.normal(size=(channels, 3)).astype(np.float32), "fc"))
-    nodes += [
-        helper.make_node("ReduceMean", [prev, "axes"], ["pooled"], keepdims=0),
-        helper.make_node("MatMul", ["pooled", "fc"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    path = tmp_path / "slow.onnx"
-    onnx.save(model, path)
-    manifest = parse_manifest(build_manifest("slow", "1", size, size))
-    return Engine(path, manifest, ["CPUExecutionProvider"], intra_op_threads=1)
+    vdir = write_slow_model_dir(tmp_path, "slow")
+    manifest = parse_manifest(json.loads((vdir / "manifest.json").read_text()))
+    return Engine(vdir / "model.onnx", manifest, ["CPUExecutionProvider"], intra_op_threads=1)
 
 
 def big_item(i: int) -> WorkItem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def test_class_distribution_moves_from_balanced_to_empirical() -> None:
     np.testing.assert_allclose(start, [1 / 3] * 3)
     np.testing.assert_allclose(end, counts / counts.sum())
     minority = [class_distribution(counts, t)[2] for t in np.linspace(0, 1, 11)]
-    assert all(a >= b for a, b in zip(minority, minority[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(minority))
 
 
 def test_curriculum_samples_balanced_easy_rows_first_then_everything() -> None:
@@ -53,7 +54,7 @@ def test_curriculum_samples_balanced_easy_rows_first_then_everything() -> None:
     share = np.bincount(LABELS[early], minlength=3) / len(early)
     np.testing.assert_allclose(share, [1 / 3] * 3, atol=0.03)
     for c in range(3):
-        rows = np.flatnonzero(LABELS == c)
+        rows = np.flatnonzero(c == LABELS)
         easiest = set(rows[np.argsort(d[rows])[: int(np.ceil(0.4 * len(rows)))]])
         assert set(early[LABELS[early] == c]) <= easiest, "only the easiest 40% of each class"
     late = curriculum_order(LABELS, d, 1.0, 0.4, rng)

@@ -114,6 +114,8 @@ class Worker:
                     count=s.max_batch_size,
                     block=s.worker_block_ms,
                 )
+                if not self.ready:
+                    await self._beat()  # announce before /readyz says so
                 self.ready = True
                 self.metrics.queue_up.set(1)
             except ResponseError as exc:
@@ -269,16 +271,17 @@ class Worker:
         self.metrics.dead_letters.labels(mv.name).inc()
         log.error("entry dead-lettered", extra={"model": mv.key, "deliveries": deliveries})
 
-    async def _heartbeat(self) -> None:
+    async def _beat(self) -> None:
         """Announce this worker, its models and measured throughput (items/s) with a TTL."""
         ttl = max(2, int(3 * self.settings.heartbeat_s) + 1)
+        beat = {"models": [mv.key for mv in self.models.values()], "rate": self._rates}
+        await self.redis.set(self.streams.worker(self.consumer), json.dumps(beat), ex=ttl)
+
+    async def _heartbeat(self) -> None:
         while True:
             if self.ready:
-                beat = {"models": [mv.key for mv in self.models.values()], "rate": self._rates}
                 with contextlib.suppress(RedisError):
-                    await self.redis.set(
-                        self.streams.worker(self.consumer), json.dumps(beat), ex=ttl
-                    )
+                    await self._beat()
             await asyncio.sleep(self.settings.heartbeat_s)
 
 
