@@ -108,7 +108,11 @@ class WorkerProcess:
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
+            if (
+                line.startswith(name + "{")
+                or line.startswith(name + " ")
+                or ("{" in name and line.startswith(name))
+            ):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 

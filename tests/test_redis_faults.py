@@ -1,0 +1,219 @@
+"""Fault tests for the Redis deployment: real redis-server, real worker processes, real
+signals. Each scenario checks that no request is lost, none is answered twice, and that the
+service says 503/504 instead of hanging."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.engine import Batch
+from service.queue.wire import Streams
+from service.registry import Registry
+from tests.builders import write_slow_model_dir
+from tests.conftest import make_settings
+from tests.images import png
+from tests.redis_harness import RedisServer, WorkerProcess
+
+pytestmark = pytest.mark.slow
+STREAM = Streams().requests("slow:1")
+GROUP = Streams().group
+
+
+@pytest.fixture(scope="module")
+def slow_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("slow-models")
+    write_slow_model_dir(root, "slow", size=128)
+    return root
+
+
+@pytest.fixture(scope="module")
+def slow_registry(slow_models: Path) -> Registry:
+    return Registry.load(slow_models, providers=["CPUExecutionProvider"], warmup_runs=0)
+
+
+@pytest.fixture()
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture()
+def deploy(redis_server: RedisServer, slow_models: Path) -> Iterator[Callable]:
+    """deploy(workers=N, **settings) -> (TestClient, [WorkerProcess]) on a fresh Redis."""
+    workers: list[WorkerProcess] = []
+    clients: list[TestClient] = []
+
+    def start(n_workers: int = 1, timeout_s: float = 20.0, **settings: object):
+        env = {"reclaim_idle_ms": 1500, "heartbeat_s": 0.3, "max_batch_size": 8, **settings}
+        for _ in range(n_workers):
+            workers.append(WorkerProcess(redis_server.url, slow_models, **env))
+        for w in workers:
+            w.wait_ready()
+        api = make_settings(
+            slow_models, queue_url=redis_server.url, request_timeout_s=timeout_s, **settings
+        )
+        client = TestClient(create_app(api), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        time.sleep(0.5)  # one monitor round: the API has seen the workers' heartbeats
+        return client, workers
+
+    yield start
+    for c in clients:
+        c.__exit__(None, None, None)
+    for w in workers:
+        w.stop()
+
+
+def frame(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 255, (128, 128, 3)).astype(np.uint8)
+
+
+def post(client: TestClient, i: int):
+    return client.post("/v1/predict", json={"image": base64.b64encode(png(frame(i))).decode()})
+
+
+def fire(client: TestClient, ids: range) -> Iterator:
+    pool = ThreadPoolExecutor(len(ids))
+    futures = [pool.submit(post, client, i) for i in ids]
+    pool.shutdown(wait=False)
+    return futures
+
+
+def check_all_answered(futures: list, ids: range, registry: Registry) -> None:
+    engine = registry.get("slow").engine
+    for i, f in zip(ids, futures, strict=True):
+        r = f.result(timeout=60)
+        assert r.status_code == 200, r.text
+        want = engine.run(Batch(images=frame(i)[None]))[0]
+        # Each client gets its own answer, once: a reply for another request would not match.
+        np.testing.assert_allclose(list(r.json()["probabilities"].values()), want, atol=1e-5)
+
+
+def consumer_pending(server: RedisServer, pid: int) -> int:
+    info = server.client().xpending(STREAM, GROUP)
+    return sum(c["pending"] for c in info["consumers"] if f":{pid}:" in c["name"].decode())
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def api_metric(client: TestClient, name: str) -> float:
+    total = 0.0
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_kill_9_mid_batch_loses_nothing(deploy, redis_server, slow_registry) -> None:
+    client, (a, b) = deploy(n_workers=2)
+    futures = fire(client, range(40))
+    wait_for(lambda: consumer_pending(redis_server, a.proc.pid) > 0, 20, "a batch on worker A")
+    a.signal(signal.SIGKILL)
+    check_all_answered(futures, range(40), slow_registry)
+    # A's unacknowledged entries are taken over (answered again if A had already replied:
+    # the API drops those duplicates) and nothing is left behind.
+    wait_for(lambda: b.metric("endofuse_reclaimed_total") > 0, 10, "B to take over")
+    wait_for(lambda: redis_server.client().xlen(STREAM) == 0, 10, "an empty stream")
+
+
+def test_stopped_worker_late_replies_are_ignored(deploy, redis_server, slow_registry) -> None:
+    client, (a, b) = deploy(n_workers=2, reclaim_idle_ms=800)
+    futures = fire(client, range(24))
+    wait_for(lambda: consumer_pending(redis_server, a.proc.pid) > 0, 20, "a batch on worker A")
+    a.signal(signal.SIGSTOP)
+    check_all_answered(futures, range(24), slow_registry)
+    wait_for(lambda: b.metric("endofuse_reclaimed_total") > 0, 10, "B to take over")
+    a.signal(signal.SIGCONT)
+
+    def extra_replies_all_dropped() -> bool:
+        sent = sum(
+            w.metric('endofuse_worker_items_total{model="slow",outcome="ok"}') for w in (a, b)
+        )
+        return sent - 24 == api_metric(client, "endofuse_replies_dropped_total")
+
+    # Whatever A sends once it wakes up reaches no client: every reply beyond the 24 answers
+    # is counted as dropped by the API.
+    wait_for(lambda: redis_server.client().xlen(STREAM) == 0, 10, "an empty stream")
+    wait_for(extra_replies_all_dropped, 10, "the late replies to be dropped")
+
+
+def test_poison_entry_is_dead_lettered_after_3_deliveries(deploy, redis_server, slow_registry):
+    client, (w,) = deploy(n_workers=1, reclaim_idle_ms=300)
+    r = redis_server.client()
+    reply = "test:replies"
+    poison = {
+        "id": "poison-1", "model": "slow:1", "reply": reply, "deadline": repr(time.time() + 60),
+        "shape": "128,128,3", "image": b"\x00" * 17, "image_present": "1",
+    }  # fmt: skip
+    r.xadd(STREAM, poison)
+    futures = fire(client, range(12))
+    check_all_answered(futures, range(12), slow_registry)  # neighbours unaffected
+    wait_for(lambda: r.xlen(Streams().dead_letters) == 1, 15, "the dead letter")
+    ((_, letter),) = r.xrange(Streams().dead_letters)
+    assert letter[b"deliveries"] == b"3" and letter[b"id"] == b"poison-1"
+    assert b"image" not in letter and b"shape" not in letter, "metadata only"
+    ((_, answer),) = r.xrange(reply)
+    assert answer[b"status"] == b"error" and answer[b"code"] == b"dead_lettered"
+    assert w.metric("endofuse_dead_letters_total") == 1
+    assert r.xlen(STREAM) == 0
+
+
+def test_all_workers_down_gives_503_or_504_in_time(deploy) -> None:
+    client, (w,) = deploy(n_workers=1, timeout_s=2.0)
+    w.signal(signal.SIGKILL)
+    for _ in range(2):  # before and after the heartbeat has expired
+        start = time.monotonic()
+        futures = fire(client, range(6))
+        for f in futures:
+            r = f.result(timeout=10)
+            assert r.status_code in (503, 504), r.text
+            assert time.monotonic() - start <= 2.0 + 1.0
+        time.sleep(1.5)
+    assert post(client, 0).status_code == 503, "no live worker: refused at once"
+
+
+def test_redis_restart_fails_fast_and_recovers(deploy, redis_server, slow_registry) -> None:
+    client, _ = deploy(n_workers=1, timeout_s=3.0)
+    assert post(client, 1).status_code == 200
+    futures = fire(client, range(16))
+    time.sleep(0.05)
+    start = time.monotonic()
+    redis_server.kill()
+    for f in futures:
+        r = f.result(timeout=10)
+        assert r.status_code in (200, 503, 504), r.text
+        assert time.monotonic() - start <= 3.0 + 1.0
+    redis_server.start()  # same port, empty (no persistence)
+    restarted = time.monotonic()
+    while post(client, 2).status_code != 200:
+        assert time.monotonic() - restarted < 5.0, "did not recover within 5 s"
+        time.sleep(0.1)
+
+
+def test_backlog_past_its_deadline_is_never_run(deploy, redis_server) -> None:
+    client, (w,) = deploy(n_workers=1, timeout_s=1.0, max_queue_size=6)
+    w.signal(signal.SIGSTOP)
+    futures = fire(client, range(10))
+    codes = sorted(f.result(timeout=10).status_code for f in futures)
+    assert codes == [503] * 4 + [504] * 6, codes  # 6 queued (then expired), 4 refused: full
+    w.signal(signal.SIGCONT)
+    wait_for(lambda: redis_server.client().xlen(STREAM) == 0, 10, "the backlog to be dropped")
+    assert w.metric('endofuse_worker_items_total{model="slow",outcome="expired"}') == 6
+    assert w.metric('endofuse_worker_items_total{model="slow",outcome="ok"}') == 0
