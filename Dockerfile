@@ -1,33 +1,46 @@
 # syntax=docker/dockerfile:1
-# Serving images only: onnxruntime, no torch. Targets: `cpu` (default, slim) and `gpu` (CUDA).
+# Serving images only: ONNX Runtime, never torch. Targets:
+#   cpu  slim Python base, onnxruntime            (API replicas; CPU workers)
+#   gpu  NVIDIA CUDA runtime base, onnxruntime-gpu (GPU workers)
+# Both run `endofuse serve` by default; compose runs `endofuse worker` from the same image.
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+# Wheels for the project and its serving dependencies only (no 'train' extra).
+RUN pip wheel --wheel-dir /wheels '.[cpu]' && pip wheel --wheel-dir /wheels-gpu '.[gpu]'
 
 FROM python:3.11-slim AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /app
 RUN useradd --create-home --uid 10001 endofuse
-COPY pyproject.toml README.md ./
-COPY service ./service
-RUN pip install '.[cpu]'
+COPY --from=build /wheels /wheels
+RUN pip install --no-index --find-links /wheels endofuse onnxruntime && rm -rf /wheels \
+    && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+WORKDIR /app
 COPY models ./models
 USER endofuse
-EXPOSE 8000
-ENV ENDOFUSE_HOST=0.0.0.0 ENDOFUSE_MODELS_DIR=/app/models
+EXPOSE 8000 8001
+ENV ENDOFUSE_HOST=0.0.0.0 ENDOFUSE_MODELS_DIR=/app/models \
+    ENDOFUSE_HEALTH_URL=http://127.0.0.1:8000/readyz
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
-  CMD python -c "import sys,urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"
+  CMD python -c "import os,sys,urllib.request as u; sys.exit(u.urlopen(os.environ['ENDOFUSE_HEALTH_URL'], timeout=2).status != 200)"
 CMD ["endofuse", "serve"]
 
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=noninteractive
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip \
+RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3-pip \
     && rm -rf /var/lib/apt/lists/* && useradd --create-home --uid 10001 endofuse
+COPY --from=build /wheels-gpu /wheels
+RUN python3.11 -m pip install --no-index --find-links /wheels endofuse onnxruntime-gpu \
+    && rm -rf /wheels
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY service ./service
-RUN pip3 install '.[gpu]'
 COPY models ./models
 USER endofuse
-EXPOSE 8000
-ENV ENDOFUSE_HOST=0.0.0.0 ENDOFUSE_MODELS_DIR=/app/models ENDOFUSE_PROVIDERS=auto
+EXPOSE 8000 8001
+ENV ENDOFUSE_HOST=0.0.0.0 ENDOFUSE_MODELS_DIR=/app/models ENDOFUSE_PROVIDERS=auto \
+    ENDOFUSE_HEALTH_URL=http://127.0.0.1:8001/readyz
 HEALTHCHECK --interval=10s --timeout=3s --start-period=90s \
-  CMD python3 -c "import sys,urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"
-CMD ["endofuse", "serve"]
+  CMD python3.11 -c "import os,sys,urllib.request as u; sys.exit(u.urlopen(os.environ['ENDOFUSE_HEALTH_URL'], timeout=2).status != 200)"
+CMD ["endofuse", "worker"]

@@ -6,9 +6,15 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint bench clean
+.PHONY: install redis serve test lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) redis
+
+# The Redis tests start a real redis-server: Debian's package, never a mock.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends redis-server; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +37,7 @@ lint: install
 
 bench: install
 	$(PY) bench/serving.py --out docs/performance.md
+	$(PY) bench/redis_hop.py --out docs/performance.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

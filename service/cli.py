@@ -71,7 +71,7 @@ def serve(
 
 @app.command()
 def worker(
-    queue: str = typer.Option(..., "--queue", help="redis://host:port/db"),
+    queue: str = typer.Option(None, "--queue", help="redis://host:port/db (ENDOFUSE_QUEUE_URL)"),
     models: str = typer.Option(None, "--models", help="Comma list of model names (default all)"),
     models_dir: Path = typer.Option(None, "--models-dir", help="Model repository"),
     host: str = typer.Option(None, help="Bind address of the health/metrics port"),
@@ -84,7 +84,7 @@ def worker(
     from service.logs import configure_logging
     from service.worker.app import serve_worker
 
-    overrides: dict = {"queue_url": queue}
+    overrides: dict = {"queue_url": queue} if queue else {}
     if models:
         overrides["models"] = [m.strip() for m in models.split(",") if m.strip()]
     for key, value in {"models_dir": models_dir, "host": host, "worker_port": port}.items():
