@@ -1,0 +1,98 @@
+"""The container deployment, checked structurally (no Docker engine runs here): compose
+services, networks, Redis hardening, GPU reservation, scrape targets and dashboard queries."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from service.config import Settings
+from service.metrics import Metrics, WorkerMetrics
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_compose_has_the_scaled_topology() -> None:
+    assert {"redis", "api", "worker", "prometheus", "grafana", "gateway"} <= set(SERVICES)
+    assert SERVICES["api"]["build"]["target"] == "cpu"
+    assert SERVICES["worker"]["build"]["target"] == "gpu"
+    for name in ("api", "worker"):
+        env = SERVICES[name]["environment"]
+        assert env["ENDOFUSE_QUEUE_URL"].startswith("redis://:${REDIS_PASSWORD")
+        # Replicas scale: no fixed host port on what `--scale` multiplies.
+        assert "ports" not in SERVICES[name], name
+    assert SERVICES["worker"]["command"][:2] == ["endofuse", "worker"]
+    for path in re.findall(
+        r"\./(service/deploy/[\w./-]+):", (REPO / "docker-compose.yml").read_text()
+    ):
+        assert (REPO / path).exists(), path
+
+
+def test_redis_is_internal_password_protected_and_never_persists() -> None:
+    redis = SERVICES["redis"]
+    assert redis["networks"] == ["backend"] and "ports" not in redis
+    assert COMPOSE["networks"]["backend"]["internal"] is True
+    cmd = redis["command"]
+    opts = {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1, 2)}
+    assert opts["--save"] == "" and opts["--appendonly"] == "no"
+    assert opts["--maxmemory-policy"] == "noeviction" and opts["--maxmemory"]
+    assert "REDIS_PASSWORD" in opts["--requirepass"]
+    assert "backend" in SERVICES["worker"]["networks"]
+    assert "frontend" not in SERVICES["worker"]["networks"]
+
+
+def test_worker_reserves_a_gpu() -> None:
+    (device,) = SERVICES["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def test_dockerfile_targets_are_torch_free_non_root_and_healthchecked() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    stages = dict(re.findall(r"^FROM (\S+) AS (\w+)", text, re.M)[i][::-1] for i in range(3))
+    assert stages["gpu"].startswith("nvidia/cuda:") and "slim" in stages["cpu"]
+    for target in ("cpu", "gpu"):
+        body = text.split(f" AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert "USER endofuse" in body and "HEALTHCHECK" in body, target
+        installs = " ".join(re.findall(r"pip\S* install[^\n]*", body))
+        assert "torch" not in installs.replace("onnxruntime", ""), target
+    assert "onnxruntime-gpu" in text
+
+
+def test_prometheus_scrapes_every_api_and_worker_replica() -> None:
+    config = yaml.safe_load((REPO / "service/deploy/prometheus.yml").read_text())
+    targets = {
+        sd["names"][0]: sd["port"]
+        for job in config["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+    }
+    assert targets == {"api": Settings().port, "worker": Settings().worker_port}
+    assert all(
+        sd["type"] == "A" for job in config["scrape_configs"] for sd in job["dns_sd_configs"]
+    )
+
+
+def exported_names() -> set[str]:
+    names = set()
+    for metrics in (Metrics(), WorkerMetrics()):
+        for family in metrics.registry.collect():
+            names.update(sample.name for sample in family.samples)
+            names.add(family.name)
+            names.update(f"{family.name}_{s}" for s in ("bucket", "sum", "count", "total"))
+    return names
+
+
+def test_dashboard_queries_name_metrics_we_export() -> None:
+    dashboard = json.loads((REPO / "service/deploy/grafana/dashboards/endofuse.json").read_text())
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("throughput", "latency", "queue depth", "batch size"):
+        assert topic in titles, topic
+    known = exported_names()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\bendofuse_\w+", target["expr"]):
+                assert name in known, f"{panel['title']}: {name} is not exported"
