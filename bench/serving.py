@@ -93,7 +93,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models_dir: Path, model: str, port: int, spinning: bool) -> subprocess.Popen:
+def start_server(
+    models_dir: Path,
+    model: str,
+    port: int,
+    spinning: bool,
+    command: tuple[str, ...] = ("serve",),
+    ready_port: int | None = None,
+    **extra_env: str,
+) -> subprocess.Popen:
     # A file, not a pipe: an unread pipe that fills up would stall the server.
     log = tempfile.NamedTemporaryFile("w+", prefix="endofuse-bench-", suffix=".log", delete=False)  # noqa: SIM115
     env = dict(
@@ -102,13 +110,14 @@ def start_server(models_dir: Path, model: str, port: int, spinning: bool) -> sub
         ENDOFUSE_PROVIDERS="cpu",
         ENDOFUSE_LOG_LEVEL="WARNING",
         ENDOFUSE_ORT_SPINNING=str(spinning).lower(),
+        **extra_env,
     )
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "service.cli",
-            "serve",
+            *command,
             "--port",
             str(port),
             "--models-dir",
@@ -122,7 +131,8 @@ def start_server(models_dir: Path, model: str, port: int, spinning: bool) -> sub
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            ready = f"http://127.0.0.1:{ready_port or port}/readyz"
+            with urllib.request.urlopen(ready, timeout=1) as r:
                 if r.status == 200:
                     return proc
         except OSError:
@@ -216,11 +226,11 @@ def main() -> None:
         write_section(args.out, "Embedded serving (issue: foundation)", table)
 
 
-def write_section(path: Path, title: str, body: str) -> None:
+def write_section(path: Path, title: str, body: str, script: str = "bench/serving.py") -> None:
     """Replace (or append) one '## title' section, keeping the rest of the document."""
     text = path.read_text() if path.exists() else "# Performance\n"
     marker = f"## {title}"
-    command = "Measured with `make bench` (`python bench/serving.py --out docs/performance.md`)."
+    command = f"Measured with `make bench` (`python {script} --out docs/performance.md`)."
     section = f"{marker}\n\n{command}\n\n{body}\n"
     if marker in text:
         head, _, rest = text.partition(marker)

@@ -20,6 +20,8 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -79,6 +81,7 @@ class RedisQueue(InferenceQueue):
         self._monitored = False
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._redis: aioredis.Redis | None = None
 
     async def start(self) -> None:
@@ -204,8 +207,17 @@ class RedisQueue(InferenceQueue):
                     except (KeyError, ValueError):
                         self._metrics.replies_dropped.labels("malformed").inc()
             if ids:
-                with contextlib.suppress(RedisError):
-                    await self._redis.xdel(self.reply_stream, *ids)
+                # Off the read path: the next reply need not wait for this round trip.
+                self._spawn(self._redis.xdel(self.reply_stream, *ids))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        async def quietly() -> None:
+            with contextlib.suppress(RedisError):
+                await coro
+
+        task = asyncio.get_running_loop().create_task(quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _monitor(self) -> None:
         while True:

@@ -194,14 +194,13 @@ class Worker:
             return
         start = time.time()
         try:
-            if replies:
-                pipe = self.redis.pipeline(transaction=False)
-                for reply, fields in replies:
-                    pipe.xadd(reply, fields, maxlen=self.settings.stream_maxlen, approximate=True)
-                    # Recreated by a late reply, a departed replica's stream still expires.
-                    pipe.expire(reply, self.settings.reply_ttl_s)
-                await pipe.execute()
+            # One round trip, and MULTI/EXEC: if any reply is refused (e.g. Redis at
+            # maxmemory) nothing is acknowledged, so the entry is never let go unanswered.
             pipe = self.redis.pipeline(transaction=True)
+            for reply, fields in replies:
+                pipe.xadd(reply, fields, maxlen=self.settings.stream_maxlen, approximate=True)
+                # Recreated by a late reply, a departed replica's stream still expires.
+                pipe.expire(reply, self.settings.reply_ttl_s)
             pipe.xack(stream, self.streams.group, *ids)
             pipe.xdel(stream, *ids)
             await pipe.execute()
