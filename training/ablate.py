@@ -54,6 +54,8 @@ ALL_FOUR = {
 }
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
+    # CLIMD starts class-balanced: this row separates its curriculum from plain rebalancing.
+    "plain, class-balanced sampling": {"train.class_balance": 0.5},
     "- modality dropout & fused contrastive": NO_BASE,
     "+ MICS pretraining": {"methods.pretrain.enabled": True},
     "+ distribution shift": {"methods.shift.enabled": True},
