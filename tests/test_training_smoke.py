@@ -130,7 +130,7 @@ def test_served_probabilities_equal_torch(exported: tuple[Path, object]) -> None
     with TestClient(app) as client:
         for row in rows:
             data = Path(row["path"]).read_bytes()
-            pixels = torch.from_numpy(decode_image(data, spec)[None])
+            pixels = torch.from_numpy(np.array(decode_image(data, spec)[None]))
             cases = [({}, True)]
             if fields:
                 present = {f: _typed(row[f], f) for f in fields if row[f] not in ("", "unknown")}

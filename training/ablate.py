@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+ CLIMD curriculum": {"methods.curriculum.enabled": True},
     "+ all four": ALL_FOUR,
 }
+CONCLUSIONS = "## Conclusions"
 METRICS = (("macro_f1", "macro-F1"), ("balanced_accuracy", "bal. acc."), ("ece_15", "ECE"))
 
 
@@ -193,5 +194,8 @@ def main(
     print(text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # Written by people, not by this command: keep it across reruns.
+        if out.is_file() and CONCLUSIONS in out.read_text():
+            text += "\n" + CONCLUSIONS + out.read_text().split(CONCLUSIONS, 1)[1]
         out.write_text(text)
         plot(results, out.with_suffix(".png"))
