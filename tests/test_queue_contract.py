@@ -98,3 +98,11 @@ def test_version_routing(backend: TestClient, tiny_registry: Registry) -> None:
     engine = tiny_registry.get("endo", "1").engine
     want = engine.run(Batch(images=image(3)[None]))[0]
     np.testing.assert_allclose(list(r.json()["probabilities"].values()), want, atol=1e-6)
+
+
+def test_queue_url_credentials_are_redacted_for_logs() -> None:
+    from service.queue.base import redacted
+
+    assert redacted("redis://:s3cret@redis:6379/0") == "redis://redis:6379/0"
+    assert redacted("redis://user:p@ss@host:1/2") == "redis://host:1/2"
+    assert redacted("memory://") == "memory://"

@@ -19,7 +19,7 @@ from service.engine import resolve_providers
 from service.metrics import Metrics, multiprocess
 from service.pipeline import ServiceContext
 from service.queue import create_queue
-from service.queue.base import uses_remote_workers
+from service.queue.base import redacted, uses_remote_workers
 from service.registry import Registry
 
 log = logging.getLogger("service")
@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         ctx.ready = True
         metrics.ready.set(1)
         log.info(
-            "ready", extra={"models": [mv.key for mv in reg.all()], "queue": settings.queue_url}
+            "ready",
+            extra={"models": [mv.key for mv in reg.all()], "queue": redacted(settings.queue_url)},
         )
         try:
             yield

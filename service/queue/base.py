@@ -90,3 +90,9 @@ def create_queue(
 
 def uses_remote_workers(settings: Settings) -> bool:
     return not settings.queue_url.startswith("memory://")
+
+
+def redacted(url: str) -> str:
+    """The queue URL without credentials, for logs."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rsplit("@", 1)[-1]

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from service.config import Settings
 from service.engine import resolve_providers
 from service.metrics import WorkerMetrics
+from service.queue.base import redacted
 from service.registry import Registry
 from service.worker.consumer import Worker
 
@@ -69,7 +70,10 @@ async def serve_worker(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     http = asyncio.create_task(server.serve(), name="worker-http")
-    log.info("worker started", extra={"models": [mv.key for mv in registry.all()]})
+    log.info(
+        "worker started",
+        extra={"models": [mv.key for mv in registry.all()], "queue": redacted(settings.queue_url)},
+    )
     try:
         await worker.run()
     finally:
