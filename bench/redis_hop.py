@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--model", default="hyperkvasir-lgi")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--worker-threads", type=int, default=0, help="worker ONNX Runtime intra-op threads"
+    )
     args = parser.parse_args()
     data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
     images = frames(data_dir)
@@ -84,7 +87,12 @@ def main() -> None:
     url = f"redis://127.0.0.1:{redis_port}/0"
     redis = start_redis(redis_port)
     worker = start_server(
-        args.models_dir, args.model, worker_port, False, ("worker", "--queue", url)
+        args.models_dir,
+        args.model,
+        worker_port,
+        False,
+        ("worker", "--queue", url),
+        ENDOFUSE_INTRA_OP_THREADS=str(args.worker_threads),
     )
     api = start_server(args.models_dir, args.model, port, False, ENDOFUSE_QUEUE_URL=url)
     try:

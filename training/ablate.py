@@ -130,20 +130,24 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(results.items())
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), sharey=False)
-    for ax, ((key, fraction), runs) in zip(np.atleast_1d(axes), panels, strict=True):
+    keys = list(dict.fromkeys(k for k, _ in results))
+    fractions = list(dict.fromkeys(f for _, f in results))
+    fig, axes = plt.subplots(
+        len(keys), len(fractions), figsize=(5.5 * len(fractions), 3.2 * len(keys)), squeeze=False
+    )
+    for (key, fraction), runs in results.items():
+        ax = axes[keys.index(key)][fractions.index(fraction)]
         names = list(runs)
-        means = [np.mean([r["test"]["all"]["balanced_accuracy"] for r in runs[n]]) for n in names]
-        stds = [np.std([r["test"]["all"]["balanced_accuracy"] for r in runs[n]]) for n in names]
+        bal = [[r["test"]["all"]["balanced_accuracy"] for r in runs[n]] for n in names]
+        means, stds = [float(np.mean(b)) for b in bal], [float(np.std(b)) for b in bal]
         ax.barh(range(len(names)), means, xerr=stds, color="#4c72b0")
         ax.axvline(means[0], color="k", lw=0.8, ls="--")
-        ax.set_yticks(range(len(names)), names if ax is np.atleast_1d(axes)[0] else [])
+        ax.set_yticks(range(len(names)), names if fractions.index(fraction) == 0 else [])
         ax.invert_yaxis()
         lo = min(m - s for m, s in zip(means, stds, strict=True))
         ax.set_xlim(max(0.0, lo - 0.05), min(1.0, max(means) + 0.05))
-        ax.set_title(f"{key}, {fraction:g} labels", fontsize=10)
-        ax.set_xlabel("test balanced accuracy")
+        ax.set_title(f"{SETTINGS[key].title}, {fraction:.0%} labels", fontsize=9)
+        ax.set_xlabel("test balanced accuracy (all inputs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
