@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine import Engine
+from service.config import Settings
+from service.engine import Engine, resolve_providers
 from service.errors import ManifestError, ModelNotFound
 from service.manifest import Manifest, load_manifest
 
@@ -141,3 +142,18 @@ def _checked_manifest(vdir: Path, name: str, version: str) -> Manifest:
             f"but the directory is {name}/{version}"
         )
     return manifest
+
+
+def load_from_settings(settings: Settings, *, load_engines: bool = True) -> Registry:
+    """The model repository as the settings describe it (providers, threads, warm-up)."""
+    return Registry.load(
+        settings.models_dir,
+        providers=resolve_providers(settings.providers),
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        warmup_runs=settings.warmup_runs,
+        only=settings.models or None,
+        default_model=settings.default_model,
+        spinning=settings.ort_spinning,
+        load_engines=load_engines,
+    )

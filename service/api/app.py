@@ -15,29 +15,18 @@ from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware
 from service.api.routes import router
 from service.config import Settings
-from service.engine import resolve_providers
 from service.metrics import Metrics, multiprocess
 from service.pipeline import ServiceContext
 from service.queue import create_queue
 from service.queue.base import redacted, uses_remote_workers
-from service.registry import Registry
+from service.registry import Registry, load_from_settings
 
 log = logging.getLogger("service")
 
 
 def load_registry(settings: Settings) -> Registry:
     # Behind a redis:// queue the API only validates and decodes: workers own the sessions.
-    return Registry.load(
-        settings.models_dir,
-        providers=resolve_providers(settings.providers),
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        warmup_runs=settings.warmup_runs,
-        only=settings.models or None,
-        default_model=settings.default_model,
-        spinning=settings.ort_spinning,
-        load_engines=not uses_remote_workers(settings),
-    )
+    return load_from_settings(settings, load_engines=not uses_remote_workers(settings))
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:

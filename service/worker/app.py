@@ -12,10 +12,9 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
 from service.config import Settings
-from service.engine import resolve_providers
 from service.metrics import WorkerMetrics
 from service.queue.base import redacted
-from service.registry import Registry
+from service.registry import load_from_settings
 from service.worker.consumer import Worker
 
 log = logging.getLogger("service.worker")
@@ -45,16 +44,7 @@ def create_worker_app(worker: Worker) -> FastAPI:
 async def serve_worker(settings: Settings) -> None:
     if settings.queue_url.startswith("memory://"):
         raise SystemExit("a worker needs a shared queue: pass --queue redis://host:port/db")
-    registry = Registry.load(
-        settings.models_dir,
-        providers=resolve_providers(settings.providers),
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        warmup_runs=settings.warmup_runs,
-        only=settings.models or None,
-        default_model=settings.default_model,
-        spinning=settings.ort_spinning,
-    )
+    registry = load_from_settings(settings)
     worker = Worker(settings, registry, WorkerMetrics())
     config = uvicorn.Config(
         create_worker_app(worker),
