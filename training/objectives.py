@@ -38,16 +38,25 @@ class Auxiliary:
         return list(self.decoder.parameters()) if self.decoder is not None else []
 
 
-def build_auxiliary(cfg: Config, model: FusionModel) -> Auxiliary:
+def make_guide(cfg: Config) -> ClusterGuide | None:
     nc = cfg.methods.negatives
     if not nc.enabled:
-        return Auxiliary()
-    dim = model.cfg.dim
-    in_dim = 2 * dim if model.tabular is not None else dim
-    guide = ClusterGuide(
+        return None
+    return ClusterGuide(
         nc.clusters, nc.momentum, nc.false_negative_weight, nc.hard_negative_weight, cfg.train.seed
     )
-    return Auxiliary(guide=guide, decoder=Reconstructor(in_dim, 2 * dim))
+
+
+def make_decoder(model: FusionModel, cross_modal: bool) -> Reconstructor:
+    """Light reconstruction decoder; cross-modal ones also read the tabular summary."""
+    dim = model.cfg.dim
+    return Reconstructor(2 * dim if cross_modal and model.tabular is not None else dim, 2 * dim)
+
+
+def build_auxiliary(cfg: Config, model: FusionModel) -> Auxiliary:
+    if not cfg.methods.negatives.enabled:
+        return Auxiliary()
+    return Auxiliary(guide=make_guide(cfg), decoder=make_decoder(model, cross_modal=True))
 
 
 def make_batch(

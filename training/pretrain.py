@@ -31,6 +31,7 @@ from training.data import Table
 from training.features import FeatureSet
 from training.model import FusionModel, contrastive_loss
 from training.negatives import ClusterGuide, weighted_infonce
+from training.objectives import make_decoder, make_guide
 from training.reconstruction import Reconstructor, reconstruction_loss
 
 
@@ -106,18 +107,8 @@ def pretrain(
     """Run the label-free stage in place on ``model``; returns the mean losses per epoch."""
     pc, tc = cfg.methods.pretrain, cfg.train
     has_tab = model.tabular is not None
-    decoder = Reconstructor(
-        2 * model.cfg.dim if has_tab and cfg.methods.negatives.enabled else model.cfg.dim,
-        2 * model.cfg.dim,
-    )
-    nc = cfg.methods.negatives
-    guide = (
-        ClusterGuide(
-            nc.clusters, nc.momentum, nc.false_negative_weight, nc.hard_negative_weight, tc.seed
-        )
-        if nc.enabled
-        else None
-    )
+    decoder = make_decoder(model, cross_modal=cfg.methods.negatives.enabled)
+    guide = make_guide(cfg)
     params = list(model.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=pc.lr, weight_decay=tc.weight_decay)
     source = feats.mid if model.tail is not None else feats.pooled
