@@ -28,6 +28,32 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+def _batch_size(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "endofuse_batch_size",
+        "Requests per inference batch.",
+        ["model"],
+        buckets=BATCH_BUCKETS,
+        registry=registry,
+    )
+
+
+def _queue_up(registry: CollectorRegistry) -> Gauge:
+    return Gauge(
+        "endofuse_queue_up",
+        "1 while the request queue is reachable.",
+        registry=registry,
+        multiprocess_mode="livemin",
+    )
+
+
+def _per_version(name: str, documentation: str, registry: CollectorRegistry) -> Gauge:
+    # Every API process sees the same shared queue: report the freshest live value, not a sum.
+    return Gauge(
+        name, documentation, ["model", "version"], registry=registry, multiprocess_mode="livemax"
+    )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -53,47 +79,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
-            "endofuse_batch_size",
-            "Requests per inference batch.",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.batch_size = _batch_size(r)
+        self.queue_depth = _per_version(
+            "endofuse_queue_depth", "Requests waiting for inference.", r
         )
-        self.queue_depth = Gauge(
-            "endofuse_queue_depth",
-            "Requests waiting for inference.",
-            ["model", "version"],
-            registry=r,
-            multiprocess_mode="livemax",
+        self.queue_pending = _per_version(
+            "endofuse_queue_pending", "Entries delivered to a worker and not yet acknowledged.", r
         )
-        self.queue_pending = Gauge(
-            "endofuse_queue_pending",
-            "Entries delivered to a worker and not yet acknowledged.",
-            ["model", "version"],
-            registry=r,
-            multiprocess_mode="livemax",
+        self.queue_lag = _per_version(
+            "endofuse_queue_lag", "Entries no worker has read yet (consumer-group lag).", r
         )
-        self.queue_lag = Gauge(
-            "endofuse_queue_lag",
-            "Entries no worker has read yet (consumer-group lag).",
-            ["model", "version"],
-            registry=r,
-            multiprocess_mode="livemax",
+        self.workers = _per_version(
+            "endofuse_workers", "Workers with a live heartbeat serving the model version.", r
         )
-        self.workers = Gauge(
-            "endofuse_workers",
-            "Workers with a live heartbeat serving the model version.",
-            ["model", "version"],
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.queue_up = Gauge(
-            "endofuse_queue_up",
-            "1 while the request queue is reachable.",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
+        self.queue_up = _queue_up(r)
         self.replies_dropped = Counter(
             "endofuse_replies_dropped",
             "Replies with no waiting request: duplicate, late (after the deadline), unknown "
@@ -136,13 +135,7 @@ class WorkerMetrics:
             ["model", "outcome"],
             registry=r,
         )
-        self.batch_size = Histogram(
-            "endofuse_batch_size",
-            "Requests per inference batch.",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
+        self.batch_size = _batch_size(r)
         self.stage = Histogram(
             "endofuse_worker_stage_seconds",
             "Worker-side latency: queue (enqueued to batch start), inference, reply (writing "
@@ -163,9 +156,7 @@ class WorkerMetrics:
             ["model"],
             registry=r,
         )
-        self.queue_up = Gauge(
-            "endofuse_queue_up", "1 while the request queue is reachable.", registry=r
-        )
+        self.queue_up = _queue_up(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
