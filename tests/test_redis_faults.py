@@ -106,6 +106,18 @@ def consumer_pending(server: RedisServer, pid: int) -> int:
     return sum(c["pending"] for c in info["consumers"] if f":{pid}:" in c["name"].decode())
 
 
+def stop_mid_batch(worker: WorkerProcess, server: RedisServer) -> None:
+    """SIGSTOP ``worker`` while it holds unacknowledged entries (retrying if it acked first)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        wait_for(lambda: consumer_pending(server, worker.proc.pid) > 0, 20, "a batch on the worker")
+        worker.signal(signal.SIGSTOP)
+        if consumer_pending(server, worker.proc.pid) > 0:
+            return
+        worker.signal(signal.SIGCONT)  # it finished between the check and the signal
+    raise AssertionError("could not stop the worker mid-batch")
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -124,7 +136,7 @@ def api_metric(client: TestClient, name: str) -> float:
 def test_kill_9_mid_batch_loses_nothing(deploy, redis_server, slow_registry) -> None:
     client, (a, b) = deploy(n_workers=2)
     futures = fire(client, range(40))
-    wait_for(lambda: consumer_pending(redis_server, a.proc.pid) > 0, 20, "a batch on worker A")
+    stop_mid_batch(a, redis_server)
     a.signal(signal.SIGKILL)
     check_all_answered(futures, range(40), slow_registry)
     # A's unacknowledged entries are taken over (answered again if A had already replied:
@@ -136,8 +148,7 @@ def test_kill_9_mid_batch_loses_nothing(deploy, redis_server, slow_registry) -> 
 def test_stopped_worker_late_replies_are_ignored(deploy, redis_server, slow_registry) -> None:
     client, (a, b) = deploy(n_workers=2, reclaim_idle_ms=800)
     futures = fire(client, range(24))
-    wait_for(lambda: consumer_pending(redis_server, a.proc.pid) > 0, 20, "a batch on worker A")
-    a.signal(signal.SIGSTOP)
+    stop_mid_batch(a, redis_server)
     check_all_answered(futures, range(24), slow_registry)
     wait_for(lambda: b.metric("endofuse_reclaimed_total") > 0, 10, "B to take over")
     a.signal(signal.SIGCONT)
