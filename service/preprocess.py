@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import PayloadTooLarge, UndecodableImage, UnsupportedMediaType
+from service.geometry import canonical_frame
+from service.png_check import check_png
 
 # Our own pixel cap (checked from the header, before any decoding) is stricter than Pillow's.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -35,9 +37,16 @@ _ORIENTATION_OPS: dict[int, tuple[Image.Transpose, ...]] = {
 _EXIF_ORIENTATION = 0x0112
 
 
+# Preprocessing versions. A manifest without one was written before versions existed: 1.
+#   1: squash the whole frame to the input size, then black out fixed fractional regions.
+#   2: crop to the field of view, fit keeping the aspect, pad, black out beyond the inscribed
+#      ellipse (service/geometry.py): the capture's frame shape and overlays carry no signal.
+PREPROCESSING_VERSIONS = (1, 2)
+
+
 @dataclass(frozen=True)
 class ImageSpec:
-    """What a model expects: output size and regions blanked after resizing.
+    """What a model expects: output size, preprocessing version, regions blanked (version 1).
 
     ``mask_regions`` are (x0, y0, x1, y1) fractions of the output frame set to black. They
     remove capture artefacts (on-screen overlays, marker boxes) that would otherwise let a
@@ -47,21 +56,41 @@ class ImageSpec:
     height: int
     width: int
     mask_regions: tuple[tuple[float, float, float, float], ...] = field(default_factory=tuple)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.version not in PREPROCESSING_VERSIONS:
+            raise ValueError(
+                f"preprocessing version {self.version} is not one of {PREPROCESSING_VERSIONS}"
+            )
 
     @classmethod
     def from_manifest(cls, image: dict) -> ImageSpec:
         regions = tuple(tuple(float(v) for v in r) for r in image.get("mask_regions", []))
-        return cls(height=int(image["height"]), width=int(image["width"]), mask_regions=regions)
+        version = int((image.get("preprocessing") or {}).get("version", 1))
+        return cls(
+            height=int(image["height"]),
+            width=int(image["width"]),
+            mask_regions=regions,
+            version=version,
+        )
 
     def to_manifest(self) -> dict:
+        if self.version == 1:
+            resize = "bilinear-antialiased, aspect not kept"
+            steps = ["decode", "exif-orientation", "rgb", "squash-resize", "mask-regions"]
+        else:
+            resize = "field-of-view crop, bilinear-antialiased, aspect kept, black padding"
+            steps = ["decode", "exif-orientation", "rgb", "fov-crop", "fit-pad", "ellipse-mask"]
         return {
             "height": self.height,
             "width": self.width,
             "layout": "NHWC",
             "dtype": "uint8",
             "color": "RGB",
-            "resize": "bilinear-antialiased, aspect not kept",
+            "resize": resize,
             "mask_regions": [list(r) for r in self.mask_regions],
+            "preprocessing": {"version": self.version, "steps": steps},
         }
 
 
@@ -83,6 +112,8 @@ def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> 
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLarge(f"image has {width * height} pixels; the limit is {max_pixels}")
+    if fmt == "png":
+        check_png(data)  # Pillow would fill damaged image data with black and carry on
     orientation = _orientation(image)
     if fmt == "jpeg":
         # Scaled DCT decode: never smaller than the target, in the frame as stored.
@@ -95,7 +126,13 @@ def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> 
         raise UndecodableImage("image data is corrupt or truncated") from exc
     for op in _ORIENTATION_OPS.get(orientation, ()):
         image = image.transpose(op)
-    rgb = to_rgb(image)
+    return prepare(to_rgb(image), spec)
+
+
+def prepare(rgb: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """A decoded RGB frame -> the model's uint8 input, by the spec's preprocessing version."""
+    if spec.version == 2:
+        return canonical_frame(rgb, spec.height, spec.width)
     if rgb.size != (spec.width, spec.height):
         rgb = rgb.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     array = np.asarray(rgb, dtype=np.uint8)

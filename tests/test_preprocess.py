@@ -144,3 +144,59 @@ def test_mask_regions_black_out_fractions_of_the_frame() -> None:
     out = decode_image(images.png(array), spec)
     assert (out[32:, :24] == 0).all()
     assert (out[:32] == 200).all() and (out[:, 24:] == 200).all()
+
+
+def _png_with_idat(data: bytes, payload: bytes) -> bytes:
+    """``data`` (a one-IDAT PNG) with its image data replaced and the CRC made valid again."""
+    import struct
+    import zlib
+
+    i = data.find(b"IDAT")
+    (length,) = struct.unpack(">I", data[i - 4 : i])
+    chunk = b"IDAT" + payload
+    crc = struct.pack(">I", zlib.crc32(chunk))
+    return (
+        data[: i - 4] + struct.pack(">I", len(payload)) + chunk + crc + data[i + 4 + length + 4 :]
+    )
+
+
+@pytest.mark.parametrize("damage", ["flipped", "not-zlib", "not-zlib-valid-crc", "short-stream"])
+def test_damaged_png_image_data_is_refused(damage: str) -> None:
+    """Pillow fills unreadable PNG data with black; the service must refuse, not diagnose."""
+    import struct
+    import zlib
+
+    rng = np.random.default_rng(0)
+    data = images.png((rng.random((60, 80, 3)) * 255).astype(np.uint8))
+    i = data.find(b"IDAT")
+    (length,) = struct.unpack(">I", data[i - 4 : i])
+    payload = data[i + 4 : i + 4 + length]
+    if damage == "flipped":
+        bad = bytearray(data)
+        for k in range(i + 4 + length // 2, i + 4 + length // 2 + 16):
+            bad[k] ^= 0xFF
+        bad = bytes(bad)
+    elif damage == "not-zlib":
+        bad = data[: i + 4] + rng.bytes(length) + data[i + 4 + length :]
+    elif damage == "not-zlib-valid-crc":
+        bad = _png_with_idat(data, rng.bytes(length))
+    else:  # a complete zlib stream holding too few scanlines
+        raw = zlib.decompress(payload)
+        bad = _png_with_idat(data, zlib.compress(raw[: len(raw) // 2]))
+    with pytest.raises(UndecodableImage):
+        decode_image(bad, SPEC)
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"])
+def test_sound_pngs_of_every_kind_pass_the_integrity_check(mode: str, interlace: int) -> None:
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray((rng.random((37, 53, 3)) * 255).astype(np.uint8))
+    image = (
+        rgb.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.asarray(rgb)[..., 0].astype(np.uint16) * 257)
+    )
+    buf = io.BytesIO()
+    image.save(buf, "PNG", interlace=interlace)
+    assert decode_image(buf.getvalue(), SPEC).shape == (SPEC.height, SPEC.width, 3)

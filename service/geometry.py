@@ -1,0 +1,159 @@
+"""Capture-independent frame geometry (preprocessing version 2), torch-free.
+
+Endoscopy frames arrive from many capture set-ups: the scope's field of view (FOV) sits in a
+black frame whose size and aspect ratio depend on the capture card, with text, icons and
+inset boxes drawn on the border. Squashing such a frame to a square lets a model read the
+set-up instead of the tissue. Here every frame is brought to one canonical geometry:
+
+1. find the FOV as the large region of pixels above the frame's own black level and below
+   flat white (thin text and small icons are removed first by a morphological opening, so
+   they never widen it);
+2. crop to it, resize keeping its aspect ratio, and pad to the model's input with black;
+3. black out everything outside the ellipse inscribed in the resized FOV, so the FOV's own
+   outline (octagon, circle, rounded rectangle) and anything in its corners look the same for
+   every scope.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Analysis runs on a thumbnail: a FOV is found as well at this size, at a fraction of the cost.
+_THUMB_LONG_SIDE = 160
+# Border black is measured per frame (capture cards deliver 0 or video-range 16); a pixel is
+# content when its max channel is this far above it. Dark lumen sits ~10 above pure black.
+_BLACK_MARGIN = 6
+_MAX_BLACK_LEVEL = 40
+# Min-channel value above which a pixel is flat white padding (some crops are padded white).
+_WHITE = 245
+# Opening radius as a share of the thumbnail's long side: removes text strokes and icons.
+_OPEN_FRACTION = 0.025
+# A row or column belongs to the FOV when its content is at least this share of the fullest.
+_PROFILE_FRACTION = 0.3
+# A FOV smaller than this share of the frame in either direction is not trusted.
+_MIN_FOV_FRACTION = 0.2
+# Below this size (pixels, shorter side) a frame is taken whole.
+_MIN_ANALYSIS_SIDE = 32
+
+
+def _box_count(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Number of set pixels in the (2r+1)^2 window around each pixel (zero outside)."""
+    k = 2 * radius + 1
+    padded = np.pad(mask.astype(np.int32), radius + 1)
+    integral = padded.cumsum(0).cumsum(1)
+    return integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]
+
+
+def _open(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Morphological opening with a square: erosion then dilation."""
+    if radius < 1:
+        return mask
+    k2 = (2 * radius + 1) ** 2
+    eroded = _box_count(mask, radius) == k2
+    return _box_count(eroded, radius) > 0
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
+    """[start, stop) of the longest run of True values, or None."""
+    best, start = None, None
+    for i, flag in enumerate([*flags.tolist(), False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            if best is None or i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    return best
+
+
+def black_level(hi: np.ndarray) -> float:
+    """The border's black: the darkest corner's median (a frame's corners are outside the
+    field of view whenever it has a border at all)."""
+    h, w = hi.shape
+    ch, cw = max(1, h // 10), max(1, w // 10)
+    corners = (hi[:ch, :cw], hi[:ch, -cw:], hi[-ch:, :cw], hi[-ch:, -cw:])
+    return min(min(float(np.median(c)) for c in corners), _MAX_BLACK_LEVEL)
+
+
+def content_mask(thumb: np.ndarray) -> np.ndarray:
+    """Pixels that may be tissue: neither border black nor flat white padding."""
+    hi = thumb.max(axis=2)
+    lo = thumb.min(axis=2)
+    return (hi > black_level(hi) + _BLACK_MARGIN) & (lo < _WHITE)
+
+
+def _spans(mask: np.ndarray) -> np.ndarray:
+    """Per row, from the first to the last set pixel (0 for an empty row): dark patches
+    inside the field of view (lumen, shadow) do not shorten it."""
+    any_set = mask.any(axis=1)
+    first = mask.argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+    return np.where(any_set, last - first + 1, 0)
+
+
+def find_fov(image: Image.Image) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the field of view in ``image`` pixels.
+
+    The whole frame when no clear FOV is found: a frame without a black border, a tiny image,
+    an almost black frame.
+    """
+    width, height = image.size
+    whole = (0, 0, width, height)
+    if min(width, height) < _MIN_ANALYSIS_SIDE:
+        return whole
+    scale = min(1.0, _THUMB_LONG_SIDE / max(width, height))
+    tw, th = max(1, round(width * scale)), max(1, round(height * scale))
+    thumb = np.asarray(image.resize((tw, th), Image.Resampling.BOX), dtype=np.uint8)
+    radius = max(1, round(_OPEN_FRACTION * max(tw, th)))
+    mask = _open(content_mask(thumb), radius)
+    rows = _spans(mask)
+    if rows.max(initial=0) == 0:
+        return whole
+    row_run = _longest_run(rows >= _PROFILE_FRACTION * rows.max())
+    if row_run is None:
+        return whole
+    cols = _spans(mask[row_run[0] : row_run[1]].T)
+    col_run = _longest_run(cols >= _PROFILE_FRACTION * cols.max())
+    if col_run is None:
+        return whole
+    # One thumbnail pixel of margin each side: the box filter's edge is at most that far off.
+    sx, sy = width / tw, height / th
+    left = max(0, int((col_run[0] - 1) * sx))
+    right = min(width, int(np.ceil((col_run[1] + 1) * sx)))
+    top = max(0, int((row_run[0] - 1) * sy))
+    bottom = min(height, int(np.ceil((row_run[1] + 1) * sy)))
+    if right - left < _MIN_FOV_FRACTION * width or bottom - top < _MIN_FOV_FRACTION * height:
+        return whole
+    return left, top, right, bottom
+
+
+def fit_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:
+    """Where a ``src`` region lands when resized into ``dst`` keeping its aspect, centred."""
+    scale = min(dst_w / src_w, dst_h / src_h)
+    w = max(1, min(dst_w, round(src_w * scale)))
+    h = max(1, min(dst_h, round(src_h * scale)))
+    x0, y0 = (dst_w - w) // 2, (dst_h - h) // 2
+    return x0, y0, x0 + w, y0 + h
+
+
+def ellipse_mask(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Boolean [height, width]: inside the ellipse inscribed in ``box``."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    rx, ry = max((x1 - x0) / 2, 0.5), max((y1 - y0) / 2, 0.5)
+    ys = (np.arange(height) + 0.5 - cy) / ry
+    xs = (np.arange(width) + 0.5 - cx) / rx
+    return ys[:, None] ** 2 + xs[None, :] ** 2 <= 1.0
+
+
+def canonical_frame(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """RGB ``image`` -> uint8 [height, width, 3]: FOV crop, aspect-keeping fit, ellipse mask."""
+    left, top, right, bottom = find_fov(image)
+    crop = image.crop((left, top, right, bottom))
+    box = fit_box(crop.width, crop.height, width, height)
+    resized = crop.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR)
+    out = np.zeros((height, width, 3), np.uint8)
+    out[box[1] : box[3], box[0] : box[2]] = np.asarray(resized, dtype=np.uint8)
+    out[~ellipse_mask(height, width, box)] = 0
+    return out

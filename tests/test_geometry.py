@@ -1,0 +1,160 @@
+"""Preprocessing version 2: the field of view is found and kept whole, its aspect is kept, and
+the capture around it (frame shape, border, overlays) does not reach the model's input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from service.geometry import canonical_frame, ellipse_mask, find_fov, fit_box
+from service.preprocess import ImageSpec, decode_image
+
+V2 = ImageSpec(224, 224, version=2)
+
+
+def tissue(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Textured reddish 'mucosa' filling the whole frame (no black anywhere)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([180, 90, 80], np.float32)
+    noise = rng.normal(0, 18, (height // 8 + 1, width // 8 + 1, 3)).astype(np.float32)
+    small = Image.fromarray(np.clip(base + noise, 40, 235).astype(np.uint8))
+    return small.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def scope_frame(
+    canvas: tuple[int, int], fov: tuple[int, int, int, int], overlays: bool = True
+) -> Image.Image:
+    """An octagonal field of view of tissue on black, with text and an inset box on the
+    border as capture cards draw them."""
+    frame = Image.new("RGB", canvas, (0, 0, 0))
+    x0, y0, x1, y1 = fov
+    w, h = x1 - x0, y1 - y0
+    cut = min(w, h) // 6
+    octagon = [
+        (x0 + cut, y0), (x1 - cut, y0), (x1, y0 + cut), (x1, y1 - cut),
+        (x1 - cut, y1), (x0 + cut, y1), (x0, y1 - cut), (x0, y0 + cut),
+    ]  # fmt: skip
+    mask = Image.new("L", canvas, 0)
+    ImageDraw.Draw(mask).polygon(octagon, fill=255)
+    frame.paste(tissue(*canvas), (0, 0), mask)
+    if overlays:
+        draw = ImageDraw.Draw(frame)
+        for i, line in enumerate(["ID: 1234", "Sex: F", "12:31:07", "CVP:8"]):
+            draw.text((4, 6 + 14 * i), line, fill=(240, 240, 240))
+        if x0 > 40:  # an inset panel on the border, left of the field of view
+            draw.rectangle((2, canvas[1] - 40, 32, canvas[1] - 4), fill=(30, 150, 60))
+    return frame
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("canvas", "fov"),
+    [
+        ((640, 540), (60, 10, 630, 530)),  # HyperKvasir-like
+        ((1920, 1080), (420, 40, 1500, 1040)),  # 16:9 card, wide black bars
+        ((768, 576), (120, 20, 660, 560)),
+    ],
+)
+def test_fov_found_despite_text_and_inset_panel(canvas: tuple, fov: tuple) -> None:
+    left, top, right, bottom = find_fov(scope_frame(canvas, fov))
+    tol_x, tol_y = 0.03 * canvas[0], 0.03 * canvas[1]
+    assert abs(left - fov[0]) <= tol_x and abs(right - fov[2]) <= tol_x, (left, right)
+    assert abs(top - fov[1]) <= tol_y and abs(bottom - fov[3]) <= tol_y, (top, bottom)
+
+
+def test_frame_without_border_is_taken_whole() -> None:
+    image = tissue(500, 400)
+    assert find_fov(image) == (0, 0, 500, 400)
+    out = canonical_frame(image, 224, 224)
+    box = fit_box(500, 400, 224, 224)
+    assert box == (0, 22, 224, 201)  # aspect 1.25 kept: 224 x 179, centred
+    inside = ellipse_mask(224, 224, box)
+    assert (out[~inside] == 0).all()
+    assert out[inside].mean() > 60  # the tissue is there
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 5), (31, 40)])
+def test_tiny_images(size: tuple[int, int]) -> None:
+    image = tissue(*size)
+    assert find_fov(image) == (0, 0, *size)
+    out = decode_image(encode(image), V2)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+def test_black_frame_does_not_fail() -> None:
+    out = decode_image(encode(Image.new("RGB", (320, 240))), V2)
+    assert out.shape == (224, 224, 3) and out.max() == 0
+
+
+def test_frame_shape_and_letterbox_do_not_change_the_input() -> None:
+    """The same field of view, captured by three cards, gives (almost) the same pixels."""
+    fov = scope_frame((600, 500), (0, 0, 600, 500), overlays=False)
+    outs = []
+    for canvas, at in (((600, 500), (0, 0)), ((1280, 720), (340, 110)), ((800, 800), (100, 150))):
+        frame = Image.new("RGB", canvas)
+        frame.paste(fov, at)
+        outs.append(coarse(decode_image(encode(frame), V2)))
+    # The box is found on a thumbnail: up to ~1 % of the FOV off, which training's crop jitter
+    # covers. At 28 x 28 the content must agree.
+    for other in outs[1:]:
+        assert np.abs(other - outs[0]).mean() < 6.0
+
+
+def coarse(image: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((28, 28), Image.Resampling.BOX), np.float32)
+
+
+def test_aspect_kept_and_ellipse_masks_corners() -> None:
+    frame = scope_frame((900, 500), (100, 50, 800, 450))  # FOV 700 x 400
+    out = decode_image(encode(frame), V2)
+    rows = np.flatnonzero(out.max(axis=(1, 2)) > 0)
+    cols = np.flatnonzero(out.max(axis=(0, 2)) > 0)
+    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    assert width >= 220 and abs(width / height - 700 / 400) < 0.08
+    assert out[:20, :20].max() == 0 and out[-20:, -20:].max() == 0  # corners outside the FOV
+
+
+def test_real_frames_border_found_and_aspect_kept(fullres_frames: list[Path]) -> None:
+    for path in fullres_frames[::3]:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        left, top, right, bottom = find_fov(rgb)
+        w, h = rgb.size
+        # HyperKvasir frames: an octagonal FOV spanning (nearly) the whole frame.
+        assert 0.75 * w < right - left <= w and bottom - top > 0.9 * h, (path.name, w, h)
+        arr = np.asarray(rgb)
+        assert arr[top:bottom, left:right].mean() >= arr.mean()  # the FOV is the bright part
+        # Letterboxed into a 16:9 capture, the same FOV is found again.
+        canvas = Image.new("RGB", (1920, 1080))
+        scale = 1080 / h
+        canvas.paste(rgb.resize((round(w * scale), 1080)), (300, 0))
+        l2, t2, r2, b2 = find_fov(canvas)
+        assert (
+            abs((l2 - 300) / scale - left) < 0.03 * w
+            and abs(r2 - 300 - right * scale) < 0.03 * w * scale
+        )
+        assert abs((r2 - l2) / (b2 - t2) - (right - left) / (bottom - top)) < 0.05
+
+
+def test_version_one_spec_unchanged() -> None:
+    """A manifest without a preprocessing version is version 1: squash, no FOV crop."""
+    old = ImageSpec.from_manifest({"height": 64, "width": 96})
+    assert old.version == 1
+    frame = scope_frame((640, 540), (60, 10, 630, 530))
+    expected = np.asarray(frame.resize((96, 64), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(decode_image(encode(frame), old), expected)
+    assert ImageSpec.from_manifest(V2.to_manifest()) == V2
+
+
+def test_unknown_preprocessing_version_refused() -> None:
+    with pytest.raises(ValueError, match="preprocessing version"):
+        ImageSpec.from_manifest({"height": 8, "width": 8, "preprocessing": {"version": 9}})
