@@ -160,11 +160,19 @@ def evaluate(
     model_dir: Path = typer.Argument(..., exists=True),
     split: str = typer.Option("test", "--split"),
     out: Path | None = typer.Option(None, "--out", help="Report directory"),
+    audit: bool = typer.Option(True, "--audit/--no-audit", help="Capture-shift audit"),
+    service: str | None = typer.Option(
+        None, "--service", help="Score the audit through a running service at this URL"
+    ),
+    baseline: Path | None = typer.Option(
+        None, "--baseline", exists=True, help="results.json of another version, side by side"
+    ),
 ) -> None:
-    """Evaluate an exported model (ONNX Runtime) on a data split, per missingness pattern."""
+    """Evaluate an exported model (ONNX Runtime) on a data split, per missingness pattern,
+    with its capture-shift audit."""
     from training.evaluate import main
 
-    main(model_dir, split, out)
+    main(model_dir, split, out, audit, service, baseline)
 
 
 if __name__ == "__main__":

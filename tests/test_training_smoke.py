@@ -43,8 +43,15 @@ def smoke_config(tmp: Path, name: str) -> Path:
     if name == "hk":
         src = require_data("hyperkvasir-lgi")
         subset_csv(src, "labels.csv", "class", tmp / "hk.csv", counts)
-        raw = yaml.safe_load((Path("training/configs/hyperkvasir-lgi.yaml")).read_text())
+        raw = yaml.safe_load((Path("training/configs/hyperkvasir-lgi-v1.yaml")).read_text())
         raw["model"].update(finetune_from_block=14)  # exercise the fine-tuned tail path
+    elif name == "hk2":
+        # The shipped endoscopy recipe as it is: whole backbone, capture augmentation,
+        # field-of-view preprocessing (version 2).
+        src = require_data("hyperkvasir-lgi")
+        subset_csv(src, "labels.csv", "class", tmp / "hk2.csv", counts)
+        raw = yaml.safe_load((Path("training/configs/hyperkvasir-lgi.yaml")).read_text())
+        assert raw["model"]["finetune_from_block"] == 0 and raw["image"]["preprocessing"] == 2
     else:
         src = require_data("ham10000")
         subset_csv(src, "metadata.csv", "dx", tmp / f"{name}.csv", counts)
@@ -70,7 +77,7 @@ def smoke_config(tmp: Path, name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["hk", "ham", "methods"])
+@pytest.fixture(scope="module", params=["hk", "hk2", "ham", "methods"])
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, object]]:
@@ -116,6 +123,14 @@ def test_manifest_contract(exported: tuple[Path, object]) -> None:
 
     model = onnx.load(str(model_dir / "model.onnx"))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_manifest_records_the_preprocessing_version(exported: tuple[Path, object]) -> None:
+    model_dir, _ = exported
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    expected = manifest["training"]["config"]["image"]["preprocessing"]
+    assert manifest["image"]["preprocessing"]["version"] == expected
+    assert ImageSpec.from_manifest(manifest["image"]).version == expected
 
 
 def test_served_probabilities_equal_torch(exported: tuple[Path, object]) -> None:

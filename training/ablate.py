@@ -34,7 +34,7 @@ class Setting:
 
 
 SETTINGS = {
-    "hk": Setting("HyperKvasir-LGI (image only)", CONFIGS / "hyperkvasir-lgi.yaml", {}),
+    "hk": Setting("HyperKvasir-LGI (image only)", CONFIGS / "hyperkvasir-lgi-v1.yaml", {}),
     "ham": Setting("HAM10000, image + tabular", CONFIGS / "ham10000.yaml", {}),
     "ham-image": Setting("HAM10000, image only", CONFIGS / "ham10000.yaml", {"use_tabular": False}),
 }

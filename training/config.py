@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from service.preprocess import ImageSpec
 from training.data import ColumnSpec, DatasetSpec
 
 
@@ -21,6 +22,18 @@ class ImageConfig:
     mask_regions: tuple[tuple[float, float, float, float], ...] = ()
     # Cached views of each training image; val/test always use "orig".
     views: tuple[str, ...] = ("orig", "hflip")
+    # Serving preprocessing version (service/preprocess.py): 1 squash + fixed masks,
+    # 2 field-of-view crop, aspect kept, ellipse mask.
+    preprocessing: int = 1
+    # Capture augmentation (training/augment.py) on every training step; needs the full
+    # fine-tune (model.finetune_from_block = 0), since augmented pixels cannot be cached.
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        ImageSpec(self.height, self.width, self.mask_regions, self.preprocessing)
+
+    def spec(self) -> ImageSpec:
+        return ImageSpec(self.height, self.width, self.mask_regions, self.preprocessing)
 
 
 @dataclass(frozen=True)
@@ -30,8 +43,8 @@ class ModelConfig:
     layers: int = 2
     heads: int = 4
     dropout: float = 0.1
-    # Backbone blocks from this index on are fine-tuned on cached block inputs;
-    # None trains on frozen pooled features only.
+    # Backbone blocks from this index on are fine-tuned on cached block inputs; 0 fine-tunes
+    # the whole backbone on decoded pixels; None trains on frozen pooled features only.
     finetune_from_block: int | None = 11
 
 
@@ -124,6 +137,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     use_tabular: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image.augment and self.model.finetune_from_block != 0:
+            raise ValueError("image.augment needs model.finetune_from_block: 0 (full fine-tune)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,7 @@
 """Evaluate an exported model directory with ONNX Runtime (the artefact the service runs),
-per missingness pattern, and write JSON + Markdown + PNG plots. Torch-free."""
+per missingness pattern, with its capture-shift audit, and write JSON + Markdown + PNG plots.
+Torch-free. The audit's frames go through ONNX Runtime too, or, with ``service_url``, as HTTP
+requests to a running endofuse service."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from tqdm import tqdm
 
 from service.manifest import load_manifest
 from service.preprocess import decode_image
+from training.audit import CHANGES, Predict, counterfactual, metadata_risk
 from training.calibrate import softmax
 from training.config import from_dict
 from training.data import Table, load_split, read_rows
@@ -49,7 +52,71 @@ def run_session(
     return np.concatenate(probs), np.concatenate(logits)
 
 
-def evaluate_model_dir(model_dir: Path, split: str = "test") -> dict[str, Any]:
+def onnx_predictor(session: Any, manifest: Any, table: Table) -> Predict:
+    """Encoded frames of ``table``'s rows (in order) -> probabilities, every input recorded."""
+
+    def predict(frames: list[bytes]) -> np.ndarray:
+        images = np.stack([decode_image(f, manifest.image, 100_000_000) for f in frames])
+        ones = np.ones((len(frames), 1), np.float32)
+        return run_session(session, images, table.tabular, table.mask, ones)[0]
+
+    return predict
+
+
+def http_predictor(url: str, manifest: Any, table: Table, concurrency: int = 8) -> Predict:
+    """The same, as ``POST /models/{name}/versions/{v}/predict`` requests to a service."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    endpoint = f"{url.rstrip('/')}/models/{manifest.name}/versions/{manifest.version}/predict"
+    fields = [] if manifest.tabular is None else list(manifest.tabular.fields)
+
+    def tabular_json(row: int) -> str | None:
+        values = {}
+        for j, spec in enumerate(fields):
+            if table.mask[row, j]:
+                raw = float(table.tabular[row, j])
+                values[spec.name] = raw if spec.kind == "numeric" else spec.categories[int(raw)]
+        return json.dumps(values) if values else None
+
+    def predict(frames: list[bytes]) -> np.ndarray:
+        with httpx.Client(timeout=60) as client:
+
+            def one(row: int) -> list[float]:
+                tab = tabular_json(row)
+                r = client.post(
+                    endpoint,
+                    files={"image": ("frame", frames[row])},
+                    data={"tabular": tab} if tab else None,
+                )
+                r.raise_for_status()
+                probs = r.json()["probabilities"]
+                return [probs[label] for label in manifest.labels]
+
+            with ThreadPoolExecutor(concurrency) as pool:
+                return np.array(list(pool.map(one, range(len(frames)))), np.float32)
+
+    return predict
+
+
+def capture_audit(
+    manifest: Any, cfg: Any, table: Table, predict: Predict, rows: list[dict[str, str]]
+) -> dict[str, Any]:
+    frames = [p.read_bytes() for p in table.paths]
+    with tqdm(total=len(CHANGES), desc="capture audit", unit="change", leave=False) as bar:
+        cf = counterfactual(frames, table.labels, manifest.labels, predict, lambda _: bar.update())
+    train = load_split(cfg.dataset, "train", manifest.tabular, rows)
+    risk = metadata_risk(
+        (train.paths, train.labels), (table.paths, table.labels), manifest.labels, manifest.image
+    )
+    return {"counterfactual": cf, "metadata": risk}
+
+
+def evaluate_model_dir(
+    model_dir: Path, split: str = "test", audit: bool = True, service_url: str | None = None
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
@@ -77,21 +144,45 @@ def evaluate_model_dir(model_dir: Path, split: str = "test") -> dict[str, Any]:
         calibrated["reliability"] = reliability(probs, table.labels)
         calibrated["reliability_before_temperature"] = reliability(softmax(logits), table.labels)
         results["patterns"][pattern] = calibrated
+    if audit:
+        predict = (
+            http_predictor(service_url, manifest, table)
+            if service_url
+            else onnx_predictor(session, manifest, table)
+        )
+        results["audit"] = capture_audit(manifest, cfg, table, predict, rows)
+        results["audit"]["scored_by"] = (
+            "HTTP requests to a running endofuse service" if service_url else "ONNX Runtime"
+        )
+    results["preprocessing"] = manifest.image.to_manifest()["preprocessing"]
     return results
 
 
-def main(model_dir: Path, split: str = "test", out: Path | None = None) -> dict[str, Any]:
+def main(
+    model_dir: Path,
+    split: str = "test",
+    out: Path | None = None,
+    audit: bool = True,
+    service_url: str | None = None,
+    baseline: Path | None = None,
+) -> dict[str, Any]:
     from training.report import write_report
 
-    results = evaluate_model_dir(model_dir, split)
-    out = out or Path("docs/models") / model_dir.parent.name
-    write_report(results, out, load_manifest(model_dir / "manifest.json"))
+    results = evaluate_model_dir(model_dir, split, audit, service_url)
+    out = out or Path("docs/models") / model_dir.parent.name / model_dir.name
+    write_report(results, out, load_manifest(model_dir / "manifest.json"), baseline)
     for pattern, r in results["patterns"].items():
         print(
             f"{results['model']} {split} [{pattern}] acc {r['accuracy']:.4f} "
             f"macro-F1 {r['macro_f1']:.4f} bal-acc {r['balanced_accuracy']:.4f} "
             f"AUROC {r['auroc_macro_ovr']:.4f} ECE {r['ece_15']:.4f} "
             f"(before T {r['ece_15_before_temperature']:.4f})"
+        )
+    if "audit" in results:
+        cf = results["audit"]["counterfactual"]
+        print(
+            f"capture audit: worst flip rate {cf['worst_flip_rate']:.4f}, "
+            f"worst macro-F1 {cf['worst_macro_f1']:.4f}"
         )
     print(f"report written to {out}")
     return results

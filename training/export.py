@@ -50,6 +50,8 @@ class ServingGraph(nn.Module):
         self.register_buffer("temperatures", temps)
 
     def pooled(self, image: torch.Tensor) -> torch.Tensor:
+        if self.split_block == 0:
+            return self.model.image_features(image)  # the tail is the whole backbone
         x = self.backbone.stem(normalise_uint8_nhwc(image))
         if self.split_block is None:
             return self.backbone.head(self.backbone.run_blocks(x))
@@ -169,7 +171,7 @@ def real_parity_inputs(cfg: Config, schema: TabularSchema | None, n: int = 8) ->
     rows = read_rows(cfg.dataset)
     table = load_split(cfg.dataset, "test", schema, rows)
     pick = np.linspace(0, len(table) - 1, n).astype(int)
-    spec = ImageSpec(cfg.image.height, cfg.image.width, cfg.image.mask_regions)
+    spec = cfg.image.spec()
     images = load_images([table.paths[i] for i in pick], spec)
     if schema is None:
         return (torch.from_numpy(images),)
@@ -208,7 +210,7 @@ def build_manifest(
     parity_error: float,
     split_sizes: dict[str, int],
 ) -> dict[str, Any]:
-    spec = ImageSpec(cfg.image.height, cfg.image.width, cfg.image.mask_regions)
+    spec = cfg.image.spec()
     image = spec.to_manifest() | {"normalisation": "x / 127.5 - 1 (inside the graph)"}
     keep = (
         "n",

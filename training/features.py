@@ -33,6 +33,10 @@ class FeatureSet:
     pooled: np.ndarray  # float32 [V,N,1280]
     mid: np.ndarray | None  # float16 [V,N,C,h,w], the input of block ``split_block``
 
+    @property
+    def n_views(self) -> int:
+        return self.pooled.shape[0]
+
 
 def load_images(paths: list[Path], spec: ImageSpec) -> np.ndarray:
     """Decode through the serving preprocessing path (same bytes in, same pixels out)."""

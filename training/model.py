@@ -19,21 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.tabular import TabularSchema
-from training.backbone import FEATURE_DIM, EfficientNetLite0
+from training.backbone import FEATURE_DIM, EfficientNetLite0, normalise_uint8_nhwc
 from training.config import ModelConfig
 
 
 class BackboneTail(nn.Module):
-    """Backbone blocks from ``start`` on plus the head conv: block input -> pooled features."""
+    """Backbone blocks from ``start`` on plus the head conv: block input -> pooled features.
+
+    From block 0 the tail is the whole backbone, stem included, and takes uint8-valued NHWC
+    pixels (the full fine-tune)."""
 
     def __init__(self, backbone: EfficientNetLite0, start: int) -> None:
         super().__init__()
         self.start = start
+        if start == 0:
+            self._conv_stem = copy.deepcopy(backbone._conv_stem)
+            self._bn0 = copy.deepcopy(backbone._bn0)
         self.blocks = copy.deepcopy(backbone._blocks[start:])
         self._conv_head = copy.deepcopy(backbone._conv_head)
         self._bn1 = copy.deepcopy(backbone._bn1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start == 0:
+            x = F.relu6(self._bn0(self._conv_stem(normalise_uint8_nhwc(x))))
         for block in self.blocks:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x))).mean(dim=(2, 3))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from training.config import Config
 from training.data import Table
 from training.features import FeatureSet
+from training.images import AugmentedImages
 from training.model import FusionModel, contrastive_loss
 from training.negatives import ClusterGuide, weighted_infonce
 from training.patterns import modality_dropout
@@ -62,14 +63,17 @@ def build_auxiliary(cfg: Config, model: FusionModel) -> Auxiliary:
 def make_batch(
     idx: np.ndarray,
     views: np.ndarray,
-    feats: FeatureSet,
+    feats: FeatureSet | AugmentedImages,
     table: Table,
     model: FusionModel,
     cfg: Config,
     rng: np.random.Generator,
 ) -> dict[str, torch.Tensor]:
-    source = feats.mid if model.tail is not None else feats.pooled
-    image = torch.from_numpy(np.asarray(source[views, idx], np.float32))
+    if isinstance(feats, AugmentedImages):
+        image = torch.from_numpy(feats.batch(idx, rng))
+    else:
+        source = feats.mid if model.tail is not None else feats.pooled
+        image = torch.from_numpy(np.asarray(source[views, idx], np.float32))
     has_tab = model.tabular is not None
     tab_mask = table.mask[idx] if has_tab else None
     image_mask, dropped = modality_dropout(

@@ -68,8 +68,107 @@ def plot_reliability(patterns: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict[str, Any], out: Path, manifest: Manifest) -> None:
+def plot_flips(audits: dict[str, dict[str, Any]], path: Path) -> None:
+    """Horizontal bars: share of frames whose class flips, per capture change and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    changes = list(next(iter(audits.values()))["changes"])
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(changes) * len(audits) + 1.5))
+    height = 0.8 / len(audits)
+    for k, (name, cf) in enumerate(audits.items()):
+        rates = [100 * cf["changes"].get(c, {}).get("flip_rate", np.nan) for c in changes]
+        ys = np.arange(len(changes)) + k * height
+        ax.barh(ys, rates, height, label=name)
+    ax.axvline(2.0, color="red", lw=0.8, ls="--", label="goal: 2 %")
+    ax.set_yticks(np.arange(len(changes)) + 0.4 - height / 2, changes, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("frames whose predicted class flips (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def audit_lines(results: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
+    audit = results["audit"]
+    cf = audit["counterfactual"]
+    base_cf = (baseline or {}).get("audit", {}).get("counterfactual")
+    ours, theirs = results["model"], (baseline or {}).get("model", "")
+    lines = [
+        "## Capture-shift audit",
+        "",
+        f"Scored by {audit['scored_by']}. Each of the {cf['n']} {results['split']} frames is "
+        "re-captured under a change that carries no diagnosis (`training/audit.py`); a flip is a "
+        "predicted class that differs from the one given for the frame as stored.",
+        "",
+    ]
+    if base_cf:
+        lines += [
+            f"| change | flips {ours} | macro-F1 {ours} | flips {theirs} | macro-F1 {theirs} |",
+            "|---|---|---|---|---|",
+            f"| (frame as stored) | — | {cf['original']['macro_f1']:.4f} | — "
+            f"| {base_cf['original']['macro_f1']:.4f} |",
+        ]
+    else:
+        lines += [
+            "| change | flip rate | flips | macro-F1 |",
+            "|---|---|---|---|",
+            f"| (frame as stored) | — | — | {cf['original']['macro_f1']:.4f} |",
+        ]
+    for change, r in cf["changes"].items():
+        if base_cf:
+            b = base_cf["changes"].get(change)
+            other = (
+                f"{100 * b['flip_rate']:.1f} % ({b['flips']}) | {b['macro_f1']:.4f}"
+                if b
+                else "— | —"
+            )
+            lines.append(
+                f"| {change} | {100 * r['flip_rate']:.1f} % ({r['flips']}) | "
+                f"{r['macro_f1']:.4f} | {other} |"
+            )
+        else:
+            lines.append(
+                f"| {change} | {100 * r['flip_rate']:.1f} % | {r['flips']} | {r['macro_f1']:.4f} |"
+            )
+    lines += [
+        "",
+        f"Worst change: flip rate {100 * cf['worst_flip_rate']:.1f} %, "
+        f"macro-F1 {cf['worst_macro_f1']:.4f}.",
+        "",
+        "![flip rate per capture change](flips.png)",
+        "",
+        "### Capture metadata alone",
+        "",
+        "How well the label is predicted from capture features only (frame size and aspect, "
+        "where the field of view sits, border blackness per side and corner, bright marks "
+        "outside the field of view, the blanked lower-left box): multinomial logistic "
+        f"regression fitted on the train split, scored on {results['split']}. Measured on the "
+        "frame as captured (the risk in the data) and on the model's input after "
+        "preprocessing (what the preprocessing leaves of it).",
+        "",
+        "| features from | accuracy | balanced acc. | macro-F1 |",
+        "|---|---|---|---|",
+    ]
+    meta = audit["metadata"]
+    for where in ("frame as captured", "model input"):
+        m = meta[where]
+        lines.append(
+            f"| {where} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | "
+            f"{m['macro_f1']:.4f} |"
+        )
+    lines += ["", f"Majority class alone: accuracy {meta['majority_class_accuracy']:.4f}.", ""]
+    return lines
+
+
+def write_report(
+    results: dict[str, Any], out: Path, manifest: Manifest, baseline_path: Path | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    baseline = json.loads(baseline_path.read_text()) if baseline_path else None
     slim = {
         **results,
         "patterns": {
@@ -89,9 +188,12 @@ def write_report(results: dict[str, Any], out: Path, manifest: Manifest) -> None
     lines = [
         f"# {results['model']} — {results['split']} split",
         "",
-        f"Measured with `endofuse evaluate models/{results['model']} --split {results['split']}` "
+        f"Measured with `endofuse evaluate models/{results['model']} --split {results['split']}"
+        f"{' --baseline ' + str(baseline_path) if baseline_path else ''}` "
         "on the exported ONNX graph (ONNX Runtime, CPU), images decoded by the serving "
         "preprocessing path.",
+        "",
+        f"Preprocessing version {results.get('preprocessing', {}).get('version', 1)}.",
         "",
         "| pattern | n | accuracy | macro-F1 | balanced acc. | AUROC "
         "| ECE (after T) | ECE (before T) |",
@@ -120,4 +222,28 @@ def write_report(results: dict[str, Any], out: Path, manifest: Manifest) -> None
         "![reliability diagrams](reliability.png)",
         "",
     ]
+    if "audit" in results:
+        audits = {results["model"]: results["audit"]["counterfactual"]}
+        if baseline and "audit" in baseline:
+            audits[baseline["model"]] = baseline["audit"]["counterfactual"]
+        plot_flips(audits, out / "flips.png")
+        lines += audit_lines(results, baseline)
+    if baseline:
+        lines += baseline_lines(results, baseline)
     (out / "report.md").write_text("\n".join(lines))
+
+
+def baseline_lines(results: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## {results['model']} next to {baseline['model']} ({results['split']} split)",
+        "",
+        "| pattern | metric | " + f"{results['model']} | {baseline['model']} |",
+        "|---|---|---|---|",
+    ]
+    for pattern, r in results["patterns"].items():
+        b = baseline["patterns"].get(pattern)
+        if b is None:
+            continue
+        for key in ("accuracy", "macro_f1", "balanced_accuracy", "auroc_macro_ovr", "ece_15"):
+            lines.append(f"| {pattern} | {key} | {r[key]:.4f} | {b[key]:.4f} |")
+    return [*lines, ""]

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from service.preprocess import ImageSpec
 from service.tabular import TabularSchema
+from training.augment import CaptureAugment
 from training.backbone import load_pretrained
 from training.calibrate import fit_per_pattern
 from training.config import Config, load_config
 from training.curriculum import curriculum_order, difficulty, progress, sample_order
 from training.data import Table, fit_schema, load_split, read_rows
 from training.features import FeatureSet, cached_features
+from training.images import AugmentedImages, pixel_set
 from training.model import BackboneTail, FusionModel
 from training.objectives import Auxiliary, build_auxiliary, make_batch, train_step
 from training.patterns import PATTERN_NAMES
@@ -67,14 +68,22 @@ class Data:
 
     schema: TabularSchema | None
     tables: dict[str, Table]
-    feats: dict[str, FeatureSet]
+    feats: dict[str, FeatureSet | AugmentedImages]
 
 
 def load_data(cfg: Config) -> Data:
     rows = read_rows(cfg.dataset)
     schema = fit_schema(cfg.dataset, rows) if cfg.use_tabular else None
     tables = {s: load_split(cfg.dataset, s, schema, rows) for s in ("train", "val", "test")}
-    spec = ImageSpec(cfg.image.height, cfg.image.width, cfg.image.mask_regions)
+    spec = cfg.image.spec()
+    if cfg.model.finetune_from_block == 0:
+        # Full fine-tune: pixels, not cached features; training frames augmented every step.
+        augment = CaptureAugment() if cfg.image.augment else None
+        feats = {
+            "train": AugmentedImages.load(tables["train"].paths, spec, augment),
+            **{s: pixel_set(tables[s].paths, spec, f"decode {s}") for s in ("val", "test")},
+        }
+        return Data(schema, tables, feats)
     backbone = load_pretrained()
     feats = {
         s: cached_features(
@@ -163,12 +172,14 @@ def fit(cfg: Config, data: Data, run_dir: Path) -> dict[str, Any]:
         rng = np.random.default_rng([tc.seed, start_epoch])
         print(f"resuming {run_dir} at epoch {start_epoch + 1}/{tc.epochs}")
     elif cfg.methods.pretrain.enabled:
+        if isinstance(feats["train"], AugmentedImages):
+            raise SystemExit("methods.pretrain needs cached features (finetune_from_block > 0)")
         # --- label-free stage over every training image, labelled or not
         losses = pretrain(model, cfg, feats["train"], train, rng)
         (run_dir / "pretrain.json").write_text(json.dumps(losses, indent=2))
 
     # --- training loop
-    n_views = feats["train"].pooled.shape[0]
+    n_views = feats["train"].n_views
     metric = tc.select_metric
     for epoch in range(start_epoch, tc.epochs):
         order = epoch_order(cfg, model, data, labelled, epoch, rng)
