@@ -107,12 +107,16 @@ def _training() -> None:
 def train(
     config: Path = typer.Option(..., "--config", exists=True, help="Training YAML"),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Default: runs/<name>"),
+    stop_after: int | None = typer.Option(
+        None, "--stop-after", help="Stop after this many epochs in all; rerun to resume"
+    ),
 ) -> None:
-    """Train a model (resumes an interrupted run in the same run directory)."""
+    """Train a model (resumes an interrupted run in the same run directory; a resumed run
+    ends exactly where an uninterrupted one would)."""
     _training()
     from training.train import main
 
-    main(config, run_dir)
+    main(config, run_dir, stop_after=stop_after)
 
 
 @app.command()

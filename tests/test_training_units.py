@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="training tests need the 'train' ext
 from training.backbone import EfficientNetLite0, checkpoint_path, load_pretrained  # noqa: E402
 from training.calibrate import fit_per_pattern, fit_temperature, softmax  # noqa: E402
 from training.data import ColumnSpec, DatasetError, DatasetSpec, fit_schema, load_split, read_rows  # noqa: E402
-from training.metrics import ece, summarize  # noqa: E402
+from training.metrics import classwise_ece, ece, summarize  # noqa: E402
 from training.patterns import (  # noqa: E402
     ALL,
     IMAGE_ONLY,
@@ -167,3 +167,89 @@ def test_summary_metrics_on_known_confusion() -> None:
     assert s["accuracy"] == pytest.approx(4 / 6)
     assert s["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
     assert s["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def _shifted_prior_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a model trained with a rare class over-sampled: its logit is inflated."""
+    rng = np.random.default_rng(seed)
+    prior = np.log(np.array([0.6, 0.3, 0.1]))
+    true_logits = rng.normal(size=(n, 3)) * 1.5 + prior
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = (p.cumsum(1) < rng.random((n, 1))).sum(1)
+    return 1.5 * (true_logits + np.array([0.0, 0.7, 2.0])), labels
+
+
+def test_bias_corrected_calibration_undoes_a_shifted_prior() -> None:
+    from training.calibrate import calibrated, fit_bcts, fit_calibration
+
+    logits, labels = _shifted_prior_case(6000, 0)
+    test_logits, test_labels = _shifted_prior_case(6000, 1)
+    t = fit_temperature(logits, labels)
+    t_b, bias = fit_bcts(logits, labels)
+    ts_probs = calibrated(test_logits, t, None)
+    bcts_probs = calibrated(test_logits, t_b, bias)
+    # The rare class is over-predicted after temperature scaling alone, not after BCTS.
+    assert ts_probs[:, 2].mean() > 1.5 * (test_labels == 2).mean()
+    assert abs(bcts_probs[:, 2].mean() - (test_labels == 2).mean()) < 0.02
+    assert classwise_ece(bcts_probs, test_labels) < 0.7 * classwise_ece(ts_probs, test_labels)
+    nll = lambda p: -np.log(p[np.arange(len(test_labels)), test_labels]).mean()  # noqa: E731
+    assert nll(bcts_probs) < nll(ts_probs)
+    assert bias[2] - bias[0] < -1.0  # the inflated logit is pulled back down
+    params = fit_calibration(logits, labels, np.zeros(len(labels), np.int64))
+    assert params["all"]["method"] == "BCTS"
+    # Without a prior shift the extra parameters do not pay for themselves out of sample.
+    rng = np.random.default_rng(2)
+    fair = rng.integers(0, 3, 3000)
+    plain = rng.normal(size=(3000, 3))
+    plain[np.arange(3000), fair] += 1.0
+    assert fit_calibration(plain, fair, np.zeros(3000, np.int64))["all"]["method"] == "TS"
+
+
+def test_calibration_parameters_round_trip_through_manifest_and_onnx(tmp_path: Path) -> None:
+    """Per-pattern temperatures and class biases reach the ONNX graph: its probabilities are
+    softmax(logits / T_pattern + b_pattern) for the pattern the masks imply."""
+    import json
+
+    import onnxruntime as ort
+
+    from service.manifest import parse_manifest
+    from service.tabular import FieldSpec, TabularSchema
+    from training.calibrate import calibrated
+    from training.config import ModelConfig
+    from training.export import ServingGraph, export_onnx
+    from training.model import FusionModel
+    from training.patterns import PATTERN_NAMES
+
+    schema = TabularSchema(
+        (FieldSpec("age", "numeric", mean=50.0, std=10.0), FieldSpec("sex", "categorical",
+         categories=("female", "male"))),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = FusionModel(3, schema, ModelConfig(fusion="mlp", finetune_from_block=None)).eval()
+    rng = np.random.default_rng(0)
+    temps = {name: float(t) for name, t in zip(PATTERN_NAMES, (0.7, 1.3, 2.1, 0.9), strict=True)}
+    biases = {name: rng.normal(size=3).round(3).tolist() for name in PATTERN_NAMES}
+    graph = ServingGraph(load_pretrained(), model, temps, None, biases).eval()
+    n = 8
+    image = torch.from_numpy(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8))
+    values = torch.tensor([[60.0, 1.0]] * n)
+    # Rows 0-1 all fields, 2-3 none, 4-5 one field (partial), 6-7 no image (tabular only).
+    mask = torch.tensor([[1, 1], [1, 1], [0, 0], [0, 0], [1, 0], [0, 1], [1, 1], [1, 0]]).float()
+    image_mask = torch.tensor([[1.0]] * 6 + [[0.0]] * 2)
+    path = tmp_path / "model.onnx"
+    export_onnx(graph, (image, values, mask, image_mask), path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"image": image.numpy(), "tabular": values.numpy(), "tabular_mask": mask.numpy(),
+             "image_mask": image_mask.numpy()}  # fmt: skip
+    probs, logits = session.run(["probabilities", "logits"], feeds)
+    expected_pattern = ["all", "all", "image_only", "image_only", "partial", "partial",
+                        "tabular_only", "tabular_only"]  # fmt: skip
+    for i, name in enumerate(expected_pattern):
+        want = calibrated(logits[i : i + 1], temps[name], np.array(biases[name]))[0]
+        np.testing.assert_allclose(probs[i], want, atol=1e-5)
+    # The manifest carries the same numbers and the service reads them back.
+    calibration = {"temperatures": temps, "biases": biases}
+    raw = {"name": "m", "version": "1", "labels": ["a", "b", "c"],
+           "image": {"height": 32, "width": 32}, "calibration": calibration}  # fmt: skip
+    back = parse_manifest(json.loads(json.dumps(raw))).raw["calibration"]
+    assert back["biases"] == biases and back["temperatures"] == temps

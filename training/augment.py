@@ -148,3 +148,71 @@ def augment(image: Image.Image, a: CaptureAugment, rng: np.random.Generator) -> 
     if rng.random() < a.p_jpeg:
         out = capture.jpeg(out, int(rng.integers(a.jpeg_quality[0], a.jpeg_quality[1] + 1)))
     return out
+
+
+@dataclass(frozen=True)
+class DermoscopyAugment:
+    """Dermoscopy capture changes: orientation is arbitrary (flips, any rotation), light and
+    camera colour vary (white balance, colour jitter), hair, rulers and vignetting are
+    artefacts of the device or the skin, not of the lesion."""
+
+    p_crop: float = 0.5
+    crop_scale: tuple[float, float] = (0.75, 1.0)
+    p_rotate: float = 0.7
+    p_colour: float = 0.8
+    white_balance: float = 0.1
+    brightness: tuple[float, float] = (0.8, 1.2)
+    contrast: tuple[float, float] = (0.8, 1.2)
+    saturation: tuple[float, float] = (0.8, 1.2)
+    hue: float = 0.02
+    p_hair: float = 0.3
+    p_ruler: float = 0.15
+    p_vignette: float = 0.3
+    p_blur: float = 0.15
+    p_jpeg: float = 0.4
+    jpeg_quality: tuple[int, int] = (40, 95)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        a, out = self, image
+        size = out.size
+        if rng.random() < a.p_crop:
+            s = _u(rng, *a.crop_scale)
+            out = capture.crop(out, s, s, _u(rng, 0.4, 0.6), _u(rng, 0.4, 0.6)).resize(size)
+        if rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        if rng.random() < a.p_rotate:
+            out = capture.rotate_fill(out, _u(rng, 0, 360))
+        if rng.random() < a.p_colour:
+            wb = a.white_balance
+            out = capture.white_balance(out, tuple(_u(rng, 1 - wb, 1 + wb) for _ in range(3)))
+            out = capture.adjust(
+                out, _u(rng, *a.brightness), _u(rng, *a.contrast), _u(rng, *a.saturation),
+                _u(rng, -a.hue, a.hue),
+            )  # fmt: skip
+        if rng.random() < a.p_hair:
+            curves = []
+            for _ in range(int(rng.integers(1, 8))):
+                x, y, angle = _u(rng, 0, 1), _u(rng, 0, 1), _u(rng, 0, np.pi)
+                bend, length = _u(rng, -0.3, 0.3), _u(rng, 0.2, 0.6)
+                ts = np.linspace(-0.5, 0.5, 8) * length
+                curves.append(
+                    [
+                        (x + t * np.cos(angle + bend * t), y + t * np.sin(angle + bend * t))
+                        for t in ts
+                    ]
+                )
+            out = capture.hairs(out, curves, _u(rng, 0.003, 0.01))
+        if rng.random() < a.p_ruler:
+            out = capture.ruler(out, float(rng.choice([0.05, 0.95])), int(rng.integers(10, 30)))
+        if rng.random() < a.p_vignette:
+            out = capture.vignette(out, _u(rng, 0.2, 0.9))
+        if rng.random() < a.p_blur:
+            out = capture.blur(out, _u(rng, 0.3, 1.2))
+        if rng.random() < a.p_jpeg:
+            out = capture.jpeg(out, int(rng.integers(a.jpeg_quality[0], a.jpeg_quality[1] + 1)))
+        return out
+
+
+RECIPES = {"endoscopy": CaptureAugment, "dermoscopy": DermoscopyAugment}

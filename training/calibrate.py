@@ -58,3 +58,94 @@ def fit_per_pattern(
 def temperatures_for(patterns: np.ndarray, temperatures: dict[str, float]) -> np.ndarray:
     table = np.array([temperatures[name] for name in PATTERN_NAMES])
     return table[patterns]
+
+
+# --- bias-corrected temperature scaling ---------------------------------------------------
+# p = softmax(z / T + b): the per-class biases undo a class prior that training shifted
+# (class-balanced sampling), which one temperature cannot (Alexandari et al., ICML 2020).
+
+
+def calibrated(logits: np.ndarray, temperature: float, bias: np.ndarray | None) -> np.ndarray:
+    z = logits / temperature + (0 if bias is None else bias)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_bcts(
+    logits: np.ndarray, labels: np.ndarray, ridge: float = 1e-3, steps: int = 50
+) -> tuple[float, np.ndarray]:
+    """(T, b) minimising NLL. In (1/T, b) the NLL is convex; damped Newton steps, a small
+    ridge on b fixes its shift invariance and keeps rare classes' biases finite."""
+    n, k = logits.shape
+    theta = np.concatenate([[1.0 / fit_temperature(logits, labels)], np.zeros(k)])
+    onehot = np.eye(k)[labels]
+
+    def loss(t: np.ndarray) -> float:
+        p = calibrated(logits, 1.0 / t[0], t[1:])
+        return float(-np.log(np.clip(p[np.arange(n), labels], 1e-12, 1)).mean()) + ridge * (
+            t[1:] @ t[1:]
+        )
+
+    for _ in range(steps):
+        p = calibrated(logits, 1.0 / theta[0], theta[1:])
+        r = p - onehot
+        grad = (
+            np.concatenate([[np.sum(r * logits) / n], r.mean(0)]) + np.r_[0, 2 * ridge * theta[1:]]
+        )
+        # Hessian of the mean NLL: sum_i J_i^T (diag p_i - p_i p_i^T) J_i / n, J_i = [z_i | I].
+        pz = (p * logits).sum(1)
+        h_aa = np.mean((p * logits**2).sum(1) - pz**2)
+        h_ab = np.mean(p * logits - p * pz[:, None], axis=0)
+        h_bb = (np.diag(p.sum(0)) - p.T @ p) / n + 2 * ridge * np.eye(k)
+        hess = np.block([[np.array([[h_aa]]), h_ab[None]], [h_ab[:, None], h_bb]])
+        step = np.linalg.solve(hess + 1e-9 * np.eye(k + 1), grad)
+        current, scale = loss(theta), 1.0
+        while scale > 1e-4 and (
+            theta[0] - scale * step[0] <= 0 or loss(theta - scale * step) > current
+        ):
+            scale /= 2
+        if scale <= 1e-4:
+            break
+        theta = theta - scale * step
+        if np.abs(scale * step).max() < 1e-7:
+            break
+    return float(1.0 / theta[0]), theta[1:]
+
+
+def _cv_nll(logits: np.ndarray, labels: np.ndarray, with_bias: bool, seed: int = 0) -> float:
+    """2-fold cross-validated NLL: a fair comparison between methods of different size."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    folds = (order[: len(order) // 2], order[len(order) // 2 :])
+    total = 0.0
+    for fit_rows, test_rows in (folds, folds[::-1]):
+        if with_bias:
+            t, b = fit_bcts(logits[fit_rows], labels[fit_rows])
+        else:
+            t, b = fit_temperature(logits[fit_rows], labels[fit_rows]), None
+        p = calibrated(logits[test_rows], t, b)[np.arange(len(test_rows)), labels[test_rows]]
+        total += float(-np.log(np.clip(p, 1e-12, 1)).sum())
+    return total / len(labels)
+
+
+def fit_calibration(
+    logits: np.ndarray, labels: np.ndarray, patterns: np.ndarray, min_samples: int = 30
+) -> dict[str, dict]:
+    """Per pattern: temperature alone or temperature + class biases, whichever has the lower
+    cross-validated val NLL; a pattern too rare to fit uses the pooled temperature."""
+    k = logits.shape[1]
+    pooled = {"temperature": fit_temperature(logits, labels), "bias": [0.0] * k, "method": "TS"}
+    out = {}
+    for pid, name in enumerate(PATTERN_NAMES):
+        rows = patterns == pid
+        lg, y = logits[rows], labels[rows]
+        if rows.sum() < min_samples:
+            out[name] = dict(pooled)
+            continue
+        use_bias = len(np.unique(y)) == k and _cv_nll(lg, y, True) < _cv_nll(lg, y, False)
+        if use_bias:
+            t, b = fit_bcts(lg, y)
+            out[name] = {"temperature": t, "bias": b.tolist(), "method": "BCTS"}
+        else:
+            out[name] = {"temperature": fit_temperature(lg, y), "bias": [0.0] * k, "method": "TS"}
+    return out

@@ -173,3 +173,55 @@ def marker(
         (cx - r, cy - r, cx + r, cy + r), outline=colour, width=max(1, r // 3)
     )
     return out
+
+
+def rotate_fill(image: Image.Image, degrees: float) -> Image.Image:
+    """Rotated about the centre and zoomed just enough that no corner shows background: for
+    images whose content fills the frame (dermoscopy), any angle is a capture choice."""
+    cos, sin = abs(np.cos(np.deg2rad(degrees))), abs(np.sin(np.deg2rad(degrees)))
+    w, h = image.size
+    # The largest centred w:h rectangle inside the rotated frame, less the blended edge.
+    zoom = 1.02 * max((w * cos + h * sin) / w, (w * sin + h * cos) / h)  # + edge blend
+    rotated = image.rotate(degrees, Image.Resampling.BILINEAR)
+    return crop(rotated, 1 / zoom, 1 / zoom, 0.5, 0.5).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def hairs(
+    image: Image.Image,
+    curves: list[list[tuple[float, float]]],
+    width: float = 0.006,
+    colour: tuple = (40, 30, 25),
+) -> Image.Image:
+    """Dark hair-like strokes along relative polylines."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    px = max(1, round(width * out.width))
+    for curve in curves:
+        draw.line([(x * out.width, y * out.height) for x, y in curve], fill=colour, width=px)
+    return out
+
+
+def ruler(
+    image: Image.Image, y: float, ticks: int = 20, colour: tuple = (20, 20, 20)
+) -> Image.Image:
+    """A measuring scale along relative height ``y``: a line with tick marks."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    yy = round(y * out.height)
+    draw.line((0, yy, out.width, yy), fill=colour, width=1)
+    step = out.width / ticks
+    for i in range(ticks + 1):
+        length = 6 if i % 5 == 0 else 3
+        draw.line((i * step, yy - length, i * step, yy), fill=colour, width=1)
+    return out
+
+
+def vignette(image: Image.Image, strength: float) -> Image.Image:
+    """Darker towards the corners, as dermatoscope optics give: 0 none, 1 black corners."""
+    w, h = image.size
+    ys = (np.arange(h) + 0.5) / h * 2 - 1
+    xs = (np.arange(w) + 0.5) / w * 2 - 1
+    r2 = (ys[:, None] ** 2 + xs[None, :] ** 2) / 2
+    gain = np.clip(1 - strength * r2**1.5, 0, 1)[..., None]
+    array = np.asarray(image, np.float32) * gain
+    return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "RGB")

@@ -28,6 +28,7 @@ class ImageConfig:
     # Capture augmentation (training/augment.py) on every training step; needs the full
     # fine-tune (model.finetune_from_block = 0), since augmented pixels cannot be cached.
     augment: bool = False
+    augment_recipe: str = "endoscopy"  # a key of training.augment.RECIPES
 
     def __post_init__(self) -> None:
         ImageSpec(self.height, self.width, self.mask_regions, self.preprocessing)
@@ -71,6 +72,10 @@ class TrainConfig:
     # Share of the training split whose labels are used (stratified, drawn with ``seed``);
     # the rest stays available, label-free, to the self-supervised stage.
     label_fraction: float = 1.0
+    # "temperature": one temperature per missingness pattern. "auto": per pattern, a
+    # temperature alone or with per-class biases (undoing a prior shifted by class-balanced
+    # sampling), whichever has the lower cross-validated val NLL.
+    calibration: str = "temperature"
 
 
 @dataclass(frozen=True)

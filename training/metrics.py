@@ -26,6 +26,22 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     return float(total)
 
 
+def classwise_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Mean over classes of each class's one-vs-rest calibration error: unlike the top-class
+    ECE it sees a class whose probability is too high everywhere (a shifted prior)."""
+    edges = np.linspace(0, 1, bins + 1)
+    per_class = []
+    for k in range(probs.shape[1]):
+        p, hit = probs[:, k], (labels == k).astype(np.float64)
+        total = 0.0
+        for lo, hi in pairwise(edges):
+            in_bin = (p > lo) & (p <= hi) if lo > 0 else (p >= lo) & (p <= hi)
+            if in_bin.any():
+                total += in_bin.mean() * abs(hit[in_bin].mean() - p[in_bin].mean())
+        per_class.append(total)
+    return float(np.mean(per_class))
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, list]:
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)

@@ -7,38 +7,49 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.calibrate import softmax, temperatures_for
+from training.calibrate import calibrated, temperatures_for
 from training.data import Table
 from training.features import FeatureSet
 from training.metrics import summarize
 from training.model import FusionModel
-from training.patterns import apply_eval_pattern, eval_patterns, pattern_ids
+from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns, pattern_ids
+
+
+@torch.no_grad()
+def pooled_features(model: FusionModel, feats: FeatureSet, batch: int = 128) -> torch.Tensor:
+    """Pooled image features of view 0 of every row: the backbone runs once per split, not
+    once per pattern (with a fully fine-tuned backbone, that is most of the cost)."""
+    model.eval()
+    source = feats.mid[0] if model.tail is not None else feats.pooled[0]
+    return torch.cat(
+        [
+            model.image_features(torch.from_numpy(np.asarray(source[s : s + batch], np.float32)))
+            for s in range(0, len(source), batch)
+        ]
+    )
 
 
 @torch.no_grad()
 def predict_logits(
-    model: FusionModel, feats: FeatureSet, table: Table, pattern: str, batch: int = 256
+    model: FusionModel, pooled: torch.Tensor, table: Table, pattern: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits for view 0 of every row under one pattern; also returns the pattern ids."""
+    """Logits of every row under one pattern; also returns the pattern ids."""
     model.eval()
     has_tab = model.tabular is not None
     image_mask, tab_mask = apply_eval_pattern(pattern, table.mask if has_tab else None, len(table))
-    source = feats.mid[0] if model.tail is not None else feats.pooled[0]
-    out = []
-    for s in range(0, len(table), batch):
-        x = torch.from_numpy(np.asarray(source[s : s + batch], np.float32))
-        values = torch.from_numpy(table.tabular[s : s + batch]) if has_tab else None
-        mask = torch.from_numpy(tab_mask[s : s + batch]) if has_tab else None
-        out.append(model(x, values, mask, torch.from_numpy(image_mask[s : s + batch])).numpy())
-    return np.concatenate(out), pattern_ids(image_mask, tab_mask)
+    values = torch.from_numpy(table.tabular) if has_tab else None
+    mask = torch.from_numpy(tab_mask) if has_tab else None
+    fused = model.encode(pooled, values, mask, torch.from_numpy(image_mask))["fused"]
+    return model.head(fused).numpy(), pattern_ids(image_mask, tab_mask)
 
 
 def collect_logits(
     model: FusionModel, feats: FeatureSet, table: Table
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Logits and pattern ids per evaluation pattern: computed once, scored many ways."""
+    pooled = pooled_features(model, feats)
     return {
-        pattern: predict_logits(model, feats, table, pattern)
+        pattern: predict_logits(model, pooled, table, pattern)
         for pattern in eval_patterns(model.tabular is not None)
     }
 
@@ -47,11 +58,13 @@ def score(
     logits: dict[str, tuple[np.ndarray, np.ndarray]],
     table: Table,
     temps: dict[str, float] | None = None,
+    biases: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     results = {}
     for pattern, (lg, pids) in logits.items():
-        t = temperatures_for(pids, temps) if temps else 1.0
-        results[pattern] = summarize(softmax(lg, t), table.labels, table.label_names)
+        t = temperatures_for(pids, temps)[:, None] if temps else 1.0
+        b = np.array([biases[PATTERN_NAMES[p]] for p in pids]) if biases else None
+        results[pattern] = summarize(calibrated(lg, t, b), table.labels, table.label_names)
     return results
 
 

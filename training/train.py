@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from service.tabular import TabularSchema
-from training.augment import CaptureAugment
+from training.augment import RECIPES
 from training.backbone import load_pretrained
-from training.calibrate import fit_per_pattern
+from training.calibrate import fit_calibration, fit_per_pattern
 from training.config import Config, load_config
 from training.curriculum import curriculum_order, difficulty, progress, sample_order
 from training.data import Table, fit_schema, load_split, read_rows
@@ -78,7 +78,7 @@ def load_data(cfg: Config) -> Data:
     spec = cfg.image.spec()
     if cfg.model.finetune_from_block == 0:
         # Full fine-tune: pixels, not cached features; training frames augmented every step.
-        augment = CaptureAugment() if cfg.image.augment else None
+        augment = RECIPES[cfg.image.augment_recipe]() if cfg.image.augment else None
         feats = {
             "train": AugmentedImages.load(tables["train"].paths, spec, augment),
             **{s: pixel_set(tables[s].paths, spec, f"decode {s}") for s in ("val", "test")},
@@ -134,8 +134,11 @@ def epoch_order(
     return labelled[curriculum_order(labels, d, t, cc.start_fraction, rng)]
 
 
-def fit(cfg: Config, data: Data, run_dir: Path) -> dict[str, Any]:
-    """Train (resuming from ``run_dir`` if it holds a checkpoint), calibrate, report."""
+def fit(
+    cfg: Config, data: Data, run_dir: Path, stop_after: int | None = None
+) -> dict[str, Any] | None:
+    """Train (resuming from ``run_dir`` if it holds a checkpoint), calibrate, report.
+    ``stop_after`` ends the session after that many epochs in all (None: train to the end)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     if tc.threads:
@@ -169,7 +172,6 @@ def fit(cfg: Config, data: Data, run_dir: Path) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        rng = np.random.default_rng([tc.seed, start_epoch])
         print(f"resuming {run_dir} at epoch {start_epoch + 1}/{tc.epochs}")
     elif cfg.methods.pretrain.enabled:
         if isinstance(feats["train"], AugmentedImages):
@@ -182,6 +184,12 @@ def fit(cfg: Config, data: Data, run_dir: Path) -> dict[str, Any]:
     n_views = feats["train"].n_views
     metric = tc.select_metric
     for epoch in range(start_epoch, tc.epochs):
+        if stop_after is not None and epoch >= stop_after:
+            return None  # checkpointed; the same call resumes here
+        # Every epoch's randomness comes from (seed, epoch) alone: a resumed run draws exactly
+        # what an uninterrupted one would have.
+        rng = np.random.default_rng([tc.seed, epoch])
+        torch.manual_seed(tc.seed * 100_003 + epoch)
         order = epoch_order(cfg, model, data, labelled, epoch, rng)
         model.train()
         set_tail_mode(model)
@@ -232,19 +240,30 @@ def fit(cfg: Config, data: Data, run_dir: Path) -> dict[str, Any]:
     model.load_state_dict(best_state["model"])
     val_logits = collect_logits(model, feats["val"], tables["val"])
     test_logits = collect_logits(model, feats["test"], tables["test"])
-    temps = fit_per_pattern(
+    fit_args = (
         np.concatenate([lg for lg, _ in val_logits.values()]),
         np.concatenate([tables["val"].labels for _ in val_logits]),
         np.concatenate([pid for _, pid in val_logits.values()]),
     )
+    if tc.calibration == "auto":
+        params = fit_calibration(*fit_args)
+    else:
+        params = {
+            name: {"temperature": t, "bias": [0.0] * n_classes, "method": "TS"}
+            for name, t in fit_per_pattern(*fit_args).items()
+        }
     if schema is None:
-        temps = {name: temps["all"] for name in PATTERN_NAMES}
+        params = {name: params["all"] for name in PATTERN_NAMES}
+    temps = {name: p["temperature"] for name, p in params.items()}
+    biases = {name: p["bias"] for name, p in params.items()}
     report = {
         "temperatures": temps,
+        "biases": biases,
+        "calibration_methods": {name: p["method"] for name, p in params.items()},
         "val_uncalibrated": score(val_logits, tables["val"]),
-        "val": score(val_logits, tables["val"], temps),
+        "val": score(val_logits, tables["val"], temps, biases),
         "test_uncalibrated": score(test_logits, tables["test"]),
-        "test": score(test_logits, tables["test"], temps),
+        "test": score(test_logits, tables["test"], temps, biases),
         "best_epoch": best_state["epoch"],
         "labelled_rows": len(labelled),
         "train_seconds_this_session": round(time.time() - started, 1),
@@ -252,7 +271,7 @@ def fit(cfg: Config, data: Data, run_dir: Path) -> dict[str, Any]:
         f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__,
     }
-    (run_dir / "calibration.json").write_text(json.dumps(temps, indent=2))
+    (run_dir / "calibration.json").write_text(json.dumps(params, indent=2))
     (run_dir / "results.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -265,11 +284,19 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     cfg.save(saved)
 
 
-def main(config_path: Path, run_dir: Path | None = None, overrides: dict | None = None) -> Path:
+def main(
+    config_path: Path,
+    run_dir: Path | None = None,
+    overrides: dict | None = None,
+    stop_after: int | None = None,
+) -> Path:
     cfg = load_config(config_path, overrides)
     run_dir = run_dir or Path("runs") / cfg.name
     prepare_run_dir(cfg, run_dir)
-    report = fit(cfg, load_data(cfg), run_dir)
+    report = fit(cfg, load_data(cfg), run_dir, stop_after)
+    if report is None:
+        print(f"stopped after epoch {stop_after}; the same command resumes {run_dir}")
+        return run_dir
     for pattern, r in report["test"].items():
         print(
             f"test [{pattern}] acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
