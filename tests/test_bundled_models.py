@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.api import create_app
 from tests.conftest import REPO, make_settings, require_data
+from tests.images import png
 
 MODELS = REPO / "models"
 
 
-def bundled(name: str) -> Path:
-    path = MODELS / name / "1"
+def bundled(name: str, version: str = "1") -> Path:
+    path = MODELS / name / version
     if not (path / "model.onnx").is_file():
-        pytest.skip(f"bundled model {name}/1 not present")
+        pytest.skip(f"bundled model {name}/{version} not present")
     return path
 
 
@@ -36,21 +40,71 @@ def test_default_model_is_the_endoscopy_model(client: TestClient) -> None:
     assert client.get("/models").json()["default"] == "hyperkvasir-lgi"
 
 
+def test_newest_endoscopy_version_serves_by_default(client: TestClient) -> None:
+    bundled("hyperkvasir-lgi", "2")
+    frame = png(np.full((64, 64, 3), 120, np.uint8))
+    r = client.post("/predict", files={"image": ("f.png", frame, "image/png")})
+    assert r.status_code == 200 and r.json()["model"] == {"name": "hyperkvasir-lgi", "version": "2"}
+    manifest = client.get("/models/hyperkvasir-lgi/versions/2").json()
+    assert manifest["image"]["preprocessing"]["version"] == 2
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
 def test_endoscopy_model_classifies_untouched_fullres_frames(
-    client: TestClient, fullres_frames: list[Path]
+    client: TestClient, fullres_frames: list[Path], version: str
 ) -> None:
     """40 original-resolution frames, as a client would post them. 30 of them are training
     images seen at 320 px: this checks the full-resolution serving path, not generalisation
-    (the test split does that, in docs/models/)."""
-    bundled("hyperkvasir-lgi")
+    (the test split does that, in docs/models/). Version 1 (no preprocessing version in its
+    manifest) still serves as before."""
+    bundled("hyperkvasir-lgi", version)
     correct = 0
     for frame in fullres_frames:
-        r = client.post("/predict", files={"image": (frame.name, frame.read_bytes(), "image/jpeg")})
+        r = client.post(
+            f"/models/hyperkvasir-lgi/versions/{version}/predict",
+            files={"image": (frame.name, frame.read_bytes(), "image/jpeg")},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
         correct += body["label"] == frame.parent.name
     assert correct / len(fullres_frames) >= 0.85, f"{correct}/{len(fullres_frames)} correct"
+
+
+def test_endoscopy_v2_keeps_its_answer_on_another_capture_card(
+    client: TestClient, fullres_frames: list[Path]
+) -> None:
+    """The same frames as a 16:9 capture card delivers them (black pillarbox, 1920x1080):
+    version 2 reads the tissue, so the class stays."""
+    bundled("hyperkvasir-lgi", "2")
+    same = 0
+    for frame in fullres_frames:
+        original = Image.open(io.BytesIO(frame.read_bytes())).convert("RGB")
+        wide = letterbox(original, 1920, 1080)
+        answers = []
+        for data in (frame.read_bytes(), jpeg_bytes(wide)):
+            r = client.post(
+                "/models/hyperkvasir-lgi/versions/2/predict",
+                files={"image": ("frame.jpg", data, "image/jpeg")},
+            )
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["label"])
+        same += answers[0] == answers[1]
+    assert same >= len(fullres_frames) - 1, f"{same}/{len(fullres_frames)} kept their class"
+
+
+def letterbox(image: Image.Image, width: int, height: int) -> Image.Image:
+    scale = min(width / image.width, height / image.height)
+    size = (round(image.width * scale), round(image.height * scale))
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(image.resize(size), ((width - size[0]) // 2, (height - size[1]) // 2))
+    return canvas
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
 
 
 def test_fusion_model_answers_every_pattern_on_real_rows(client: TestClient) -> None:

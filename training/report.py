@@ -76,7 +76,7 @@ def plot_flips(audits: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     changes = list(next(iter(audits.values()))["changes"])
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(changes) * len(audits) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.22 * len(changes) * len(audits) + 1.5))
     height = 0.8 / len(audits)
     for k, (name, cf) in enumerate(audits.items()):
         rates = [100 * cf["changes"].get(c, {}).get("flip_rate", np.nan) for c in changes]
