@@ -112,7 +112,7 @@ class Registry:
 
     def versions(self, name: str) -> list[ModelVersion]:
         if name not in self._by_name:
-            raise ModelNotFound(f"unknown model '{name[:64]}'; available: {self.names()}")
+            raise ModelNotFound(f"unknown model; available: {self.names()}")
         return sorted(self._by_name[name].values(), key=lambda m: _version_order(m.version))
 
     def all(self) -> list[ModelVersion]:
@@ -129,8 +129,7 @@ class Registry:
             if mv.version == version:
                 return mv
         raise ModelNotFound(
-            f"model '{name}' has no version '{version[:32]}'; "
-            f"available: {[m.version for m in versions]}"
+            f"model '{name}' has no such version; available: {[m.version for m in versions]}"
         )
 
 

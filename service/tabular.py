@@ -15,8 +15,6 @@ import numpy as np
 
 from service.errors import InvalidTabular
 
-_MAX_NAME_ECHO = 64
-
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -99,9 +97,8 @@ def parse_tabular(raw: Any, schema: TabularSchema) -> TabularInput:
     known = {f.name for f in schema.fields}
     for key in raw:
         if key not in known:
-            shown = str(key)[:_MAX_NAME_ECHO]
             raise InvalidTabular(
-                f"unknown tabular field '{shown}'; accepted fields: {', '.join(schema.names)}"
+                f"unknown tabular field; accepted fields: {', '.join(schema.names)}"
             )
     values = np.zeros(len(schema.fields), dtype=np.float32)
     mask = np.zeros(len(schema.fields), dtype=np.float32)
@@ -123,7 +120,10 @@ def _encode(spec: FieldSpec, value: Any) -> float:
     if spec.kind == "numeric":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidTabular(f"field '{spec.name}' must be a number")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise InvalidTabular(f"field '{spec.name}' must be a finite number") from None
         if not math.isfinite(number):
             raise InvalidTabular(f"field '{spec.name}' must be a finite number")
         too_low = spec.minimum is not None and number < spec.minimum

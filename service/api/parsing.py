@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import uuid
 from typing import Any
@@ -17,6 +18,8 @@ from service.pipeline import RawRequest
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _FORM_FIELDS = {"image", "tabular"}
+_BOUNDARY = re.compile(r"boundary=(\"[^\"]+\"|[^;\s]+)", re.IGNORECASE)
+_INVALID = object()
 
 
 def request_id_from(request: Request) -> str:
@@ -39,14 +42,21 @@ async def decode_request(request: Request) -> RawRequest:
 
 
 async def _from_multipart(request: Request) -> RawRequest:
+    # The body is already capped by the size limit; reading it first lets a truncated body
+    # (no closing delimiter) be refused instead of parsed as if parts were simply absent.
+    body = await request.body()
+    boundary = _boundary(request.headers.get("content-type", ""))
+    if boundary is None or b"--" + boundary + b"--" not in body:
+        raise BadRequest("malformed multipart body: missing boundary or closing delimiter")
     try:
-        form = await request.form(max_files=1, max_fields=4)
+        # Two files at most: the image and, optionally, the tabular JSON sent as a file part.
+        form = await request.form(max_files=2, max_fields=4)
     except Exception as exc:  # malformed boundaries, too many parts
         raise BadRequest("malformed multipart body") from exc
     try:
         for key in form:
             if key not in _FORM_FIELDS:
-                raise BadRequest(f"unexpected form field '{key[:64]}'; accepted: image, tabular")
+                raise BadRequest("unexpected form field; accepted: image, tabular")
         image = form.get("image")
         image_bytes: bytes | None
         if image is None:
@@ -64,18 +74,34 @@ async def _from_multipart(request: Request) -> RawRequest:
     return RawRequest(image=image_bytes, tabular=tabular)
 
 
-def _from_json(body: bytes) -> RawRequest:
+def _boundary(content_type: str) -> bytes | None:
+    match = _BOUNDARY.search(content_type)
+    return match.group(1).strip('"').encode("latin-1") if match else None
+
+
+def load_json(text: bytes | str) -> Any:
+    """``json.loads`` whose every failure is the client's: invalid JSON, nesting deeper than
+    the parser's recursion limit, integers longer than Python converts."""
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("body is not valid JSON") from None
+        return json.loads(text, parse_int=_bounded_int)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+        return _INVALID
+
+
+def _bounded_int(digits: str) -> float | int:
+    # No clinical field needs more than a few digits; a longer integer becomes infinity,
+    # which field validation refuses by name (422), instead of costing a bignum conversion.
+    return int(digits) if len(digits) <= 32 else math.inf
+
+
+def _from_json(body: bytes) -> RawRequest:
+    payload = load_json(body)
+    if payload is _INVALID:
+        raise BadRequest("body is not valid JSON (or is nested or sized beyond the limits)")
     if not isinstance(payload, dict):
         raise BadRequest("JSON body must be an object with 'image' and/or 'tabular'")
-    unknown = set(payload) - _FORM_FIELDS
-    if unknown:
-        raise BadRequest(
-            f"unexpected JSON key '{sorted(unknown)[0][:64]}'; accepted: image, tabular"
-        )
+    if set(payload) - _FORM_FIELDS:
+        raise BadRequest("unexpected JSON key; accepted: image, tabular")
     image_b64 = payload.get("image")
     image: bytes | None = None
     if image_b64 is not None:
@@ -89,7 +115,7 @@ def _from_json(body: bytes) -> RawRequest:
 
 
 def _parse_tabular_json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise InvalidTabular("form field 'tabular' must be a JSON object") from None
+    value = load_json(text)
+    if value is _INVALID:
+        raise InvalidTabular("form field 'tabular' must be a JSON object")
+    return value
