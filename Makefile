@@ -37,6 +37,7 @@ lint: install
 
 bench: install
 	$(PY) bench/serving.py --out docs/performance.md
+	$(PY) bench/preprocess.py --out docs/performance.md
 	$(PY) bench/redis_hop.py --out docs/performance.md
 
 clean:

@@ -106,7 +106,9 @@ def test_metadata_classifier_learns_what_separates() -> None:
 def test_capture_features_fixed_length_and_finite() -> None:
     big = capture_features(scope_frame((640, 540), (40, 10, 620, 530)))
     tiny = capture_features(Image.new("RGB", (3, 2)))
-    assert big.shape == tiny.shape and np.isfinite(big).all() and np.isfinite(tiny).all()
+    grey = capture_features(scope_frame((640, 540), (40, 10, 620, 530)).convert("L"))
+    assert big.shape == tiny.shape == grey.shape
+    assert np.isfinite(big).all() and np.isfinite(tiny).all() and np.isfinite(grey).all()
 
 
 def test_metadata_risk_on_real_frames(fullres_frames: list[Path]) -> None:

@@ -127,7 +127,8 @@ def counterfactual(
 
 def capture_features(image: Image.Image) -> np.ndarray:
     """What a capture set-up leaves in a frame, with no look at the tissue."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    image = image.convert("RGB")  # find_fov, like the service, works on RGB
+    rgb = np.asarray(image, dtype=np.uint8)
     h, w = rgb.shape[:2]
     hi = rgb.max(axis=2)
     black = hi < 24
