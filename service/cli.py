@@ -179,5 +179,22 @@ def evaluate(
     main(model_dir, split, out, audit, service, baseline)
 
 
+@app.command()
+def decision(
+    model_dir: Path = typer.Argument(..., exists=True),
+    out: Path | None = typer.Option(None, "--out", help="Report directory"),
+) -> None:
+    """Fit conformal prediction sets on val into the model's manifest; measure them on test."""
+    from training.conformal import main
+
+    report = main(model_dir, out)
+    for pattern, levels in report["test"].items():
+        for level, r in levels.items():
+            print(
+                f"{report['model']} [{pattern}] coverage {level}: got {r['coverage']:.3f}, "
+                f"mean set size {r['mean_set_size']:.2f}, referred {r['referral_rate']:.3f}"
+            )
+
+
 if __name__ == "__main__":
     app()

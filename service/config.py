@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     worker_block_ms: int = Field(200, ge=1)
     worker_port: int = 8001
 
+    # Decision support (models whose manifest has a ``decision`` block): the prediction set's
+    # coverage when a request names none, and a top probability below which to refer.
+    default_coverage: float = Field(0.9, gt=0, lt=1)
+    confidence_floor: float = Field(0.0, ge=0, le=1)
+
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     decode_threads: int = Field(2, ge=1)

@@ -41,6 +41,10 @@ class InvalidTabular(ServiceError):
     status, code = 422, "invalid_tabular"
 
 
+class InvalidRequest(ServiceError):
+    status, code = 422, "invalid_request"
+
+
 class MissingInput(ServiceError):
     status, code = 422, "missing_input"
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.decision import DecisionParams
 from service.errors import ManifestError
 from service.preprocess import ImageSpec
 from service.tabular import TabularSchema
@@ -30,6 +31,7 @@ class Manifest:
     tabular: TabularSchema | None
     image_optional: bool
     raw: dict[str, Any]
+    decision: DecisionParams | None = None
 
     @property
     def has_tabular(self) -> bool:
@@ -64,7 +66,12 @@ def parse_manifest(raw: dict[str, Any], where: str = "manifest") -> Manifest:
         tabular = TabularSchema.from_manifest(raw.get("tabular"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: field 'tabular' is invalid ({exc})") from None
+    try:
+        decision = DecisionParams.from_manifest(raw.get("decision"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"{where}: field 'decision' is invalid ({exc})") from None
     return Manifest(
+        decision=decision,
         name=str(raw["name"]),
         version=str(raw["version"]),
         labels=tuple(labels),

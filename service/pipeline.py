@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
+from service.decision import decide, pattern_of
 from service.errors import MissingInput
 from service.manifest import Manifest
 from service.metrics import Metrics
@@ -31,6 +32,7 @@ class RawRequest:
     image: bytes | None
     tabular: Any = None
     request_id: str = ""
+    coverage: float | None = None  # of the prediction set; None: the settings' default
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Prepared:
     item: WorkItem
     modalities: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    coverage: float = 0.9
+    confidence_floor: float = 0.0
 
 
 @dataclass
@@ -53,6 +57,9 @@ class ServiceContext:
 def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepared:
     """Decode the image and validate tabular fields against the model's manifest."""
     manifest = model.manifest
+    coverage = settings.default_coverage if raw.coverage is None else raw.coverage
+    if manifest.decision is not None:
+        manifest.decision.level_key(coverage)  # refuse an unfitted level before any work
     warnings: list[str] = []
     tabular_report: dict[str, list[str]] | None = None
     tab_values = tab_mask = None
@@ -79,7 +86,7 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
         request_id=raw.request_id,
     )
     modalities = {"image": image_present, "tabular": tabular_report}
-    return Prepared(item=item, modalities=modalities, warnings=warnings)
+    return Prepared(item, modalities, warnings, coverage, settings.confidence_floor)
 
 
 def _require_image_or_tabular(manifest: Manifest, report: dict[str, list[str]] | None) -> None:
@@ -95,13 +102,27 @@ def encode_response(
     result: ItemResult,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    labels = model.manifest.labels
+    manifest = model.manifest
+    labels = manifest.labels
     probs = result.probabilities
+    tabular = prepared.modalities["tabular"]
+    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
+    pattern = pattern_of(
+        prepared.modalities["image"], len(tabular["used"]) if tabular else 0, n_fields
+    )
     return {
         "request_id": prepared.item.request_id,
         "model": {"name": model.name, "version": model.version},
         "label": labels[int(np.argmax(probs))],
         "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
+        **decide(
+            manifest.decision,
+            labels,
+            np.asarray(probs, np.float64),
+            pattern,
+            prepared.coverage,
+            prepared.confidence_floor,
+        ),
         "modalities": prepared.modalities,
         "warnings": prepared.warnings,
         "batch_size": result.batch_size,

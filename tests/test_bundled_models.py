@@ -137,3 +137,33 @@ def test_fusion_model_answers_every_pattern_on_real_rows(client: TestClient) -> 
             assert list(probs) == manifest["labels"]
             assert abs(sum(probs.values()) - 1) < 1e-4
             assert r.json()["modalities"]["image"] is with_image
+
+
+def test_prediction_sets_and_referral_through_the_api(
+    client: TestClient, fullres_frames: list[Path]
+) -> None:
+    """The bundled models carry fitted conformal thresholds: every answer has a set holding
+    its label, sets grow with the coverage asked, and an unfitted level is a clear 422."""
+    bundled("hyperkvasir-lgi", "2")
+    data = fullres_frames[0].read_bytes()
+    sets = {}
+    for coverage in ("0.8", "0.9", "0.95"):
+        r = client.post(
+            f"/predict?coverage={coverage}", files={"image": ("f.jpg", data, "image/jpeg")}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["coverage"] == float(coverage)
+        assert body["label"] == body["prediction_set"][0]
+        assert body["refer"]["refer"] == (len(body["prediction_set"]) > 1)
+        sets[coverage] = set(body["prediction_set"])
+    assert sets["0.8"] <= sets["0.9"] <= sets["0.95"]
+    default = client.post("/predict", files={"image": ("f.jpg", data, "image/jpeg")}).json()
+    assert default["coverage"] == 0.9
+    r = client.post("/predict?coverage=0.5", files={"image": ("f.jpg", data, "image/jpeg")})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    # The fusion model answers with sets in every pattern, tabular only included.
+    bundled("ham10000")
+    r = client.post("/models/ham10000/predict", json={"tabular": {"age": 70, "sex": "male"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] in r.json()["prediction_set"]

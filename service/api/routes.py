@@ -47,7 +47,9 @@ def _ctx(request: Request) -> ServiceContext:
     return request.app.state.ctx
 
 
-async def _predict(request: Request, name: str | None, version: str | None) -> JSONResponse:
+async def _predict(
+    request: Request, name: str | None, version: str | None, coverage: float | None = None
+) -> JSONResponse:
     ctx = _ctx(request)
     start = time.perf_counter()
     request_id = request.state.request_id = request_id_from(request)
@@ -59,6 +61,7 @@ async def _predict(request: Request, name: str | None, version: str | None) -> J
         model_label = model.name
         raw = await decode_request(request)
         raw.request_id = request_id
+        raw.coverage = coverage
         body = await predict(ctx, raw, model)
     except ServiceError as exc:
         ctx.metrics.requests.labels(model_label, exc.code).inc()
@@ -87,26 +90,33 @@ def _log_request(request_id: str, model: str, status: int, code: str, start: flo
 
 
 @router.post("/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
-async def predict_default(request: Request, model: str | None = None) -> JSONResponse:
-    """Predict with the default model, or the newest version of ``model``."""
-    return await _predict(request, model, None)
+async def predict_default(
+    request: Request, model: str | None = None, coverage: float | None = None
+) -> JSONResponse:
+    """Predict with the default model, or the newest version of ``model``. ``coverage``
+    picks the prediction set's level (one the manifest fitted, e.g. 0.8, 0.9, 0.95)."""
+    return await _predict(request, model, None, coverage)
 
 
 @router.post("/v1/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
-async def predict_v1(request: Request, model: str | None = None) -> JSONResponse:
-    return await _predict(request, model, None)
+async def predict_v1(
+    request: Request, model: str | None = None, coverage: float | None = None
+) -> JSONResponse:
+    return await _predict(request, model, None, coverage)
 
 
 @router.post("/models/{name}/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
-async def predict_model(request: Request, name: str) -> JSONResponse:
-    return await _predict(request, name, None)
+async def predict_model(request: Request, name: str, coverage: float | None = None) -> JSONResponse:
+    return await _predict(request, name, None, coverage)
 
 
 @router.post(
     "/models/{name}/versions/{version}/predict", openapi_extra=_PREDICT_DOC, tags=["predict"]
 )
-async def predict_version(request: Request, name: str, version: str) -> JSONResponse:
-    return await _predict(request, name, version)
+async def predict_version(
+    request: Request, name: str, version: str, coverage: float | None = None
+) -> JSONResponse:
+    return await _predict(request, name, version, coverage)
 
 
 @router.get("/models", tags=["models"])

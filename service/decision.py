@@ -1,0 +1,110 @@
+"""Decision support from calibrated probabilities: a conformal prediction set at a stated
+coverage, and whether to refer the case to a clinician. Torch-free; the parameters are fitted
+on the validation split (``training/conformal.py``) and travel in the manifest's
+``decision`` block.
+
+Split conformal prediction, per missingness pattern: a class is in the set when its
+nonconformity score is at most that class's threshold. With class-conditional (Mondrian)
+thresholds every class, rare ones included, gets the stated coverage on its own cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidRequest
+
+PATTERNS = ("all", "image_only", "tabular_only", "partial")
+
+
+def nonconformity(probs: np.ndarray, kind: str) -> np.ndarray:
+    """Score of every class for each row [N, K]: low when the class is plausible.
+
+    ``lac``: 1 - p_k. ``aps``: the probability mass of the classes at least as likely as k
+    (k included), so a set grows from the most likely class down.
+    """
+    if kind == "lac":
+        return 1.0 - probs
+    if kind == "aps":
+        order = np.argsort(-probs, axis=1, kind="stable")
+        ranked = np.take_along_axis(probs, order, axis=1).cumsum(axis=1)
+        scores = np.empty_like(probs)
+        np.put_along_axis(scores, order, ranked, axis=1)
+        return scores
+    raise ValueError(f"unknown nonconformity score {kind!r}")
+
+
+def pattern_of(image: bool, used: int, n_fields: int) -> str:
+    """The missingness pattern of one request, by the rule the graph and training use."""
+    if not image:
+        return "tabular_only"
+    if n_fields == 0 or used == n_fields:
+        return "all"
+    return "image_only" if used == 0 else "partial"
+
+
+@dataclass(frozen=True)
+class DecisionParams:
+    score: str  # "lac" | "aps"
+    # pattern -> coverage level (as text, e.g. "0.9") -> per-class thresholds
+    thresholds: dict[str, dict[str, list[float]]]
+    levels: tuple[float, ...]
+
+    @classmethod
+    def from_manifest(cls, raw: dict[str, Any] | None) -> DecisionParams | None:
+        if not raw:
+            return None
+        return cls(
+            score=str(raw["score"]),
+            thresholds={p: dict(v) for p, v in raw["thresholds"].items()},
+            levels=tuple(float(level) for level in raw["levels"]),
+        )
+
+    def level_key(self, coverage: float) -> str:
+        for level in self.levels:
+            if abs(level - coverage) < 1e-9:
+                return _key(level)
+        raise InvalidRequest(
+            f"coverage must be one of {', '.join(_key(v) for v in self.levels)} for this model"
+        )
+
+    def prediction_set(self, probs: np.ndarray, pattern: str, coverage: float) -> np.ndarray:
+        """Boolean [K]: the classes that stay plausible at ``coverage``, always including the
+        most probable one. Split conformal alone may exclude it (class-conditional thresholds
+        are tight for common classes; a model more accurate than the coverage asked may get
+        an empty set); adding it only raises coverage and keeps sets nested across levels."""
+        q = np.asarray(self.thresholds[pattern][self.level_key(coverage)])
+        members = nonconformity(probs[None], self.score)[0] <= q
+        members[int(np.argmax(probs))] = True
+        return members
+
+
+def _key(level: float) -> str:
+    return f"{level:g}"
+
+
+def decide(
+    params: DecisionParams | None,
+    labels: tuple[str, ...],
+    probs: np.ndarray,
+    pattern: str,
+    coverage: float,
+    confidence_floor: float,
+) -> dict[str, Any]:
+    """Response fields: prediction set, its coverage, and the referral with its reasons."""
+    reasons = []
+    out: dict[str, Any] = {}
+    if params is not None:
+        members = params.prediction_set(probs, pattern, coverage)
+        chosen = [labels[k] for k in np.flatnonzero(members)]
+        out["prediction_set"] = sorted(chosen, key=lambda name: -probs[labels.index(name)])
+        out["coverage"] = coverage
+        if len(chosen) > 1:
+            reasons.append(f"{len(chosen)} diagnoses remain plausible at this coverage")
+    if float(probs.max()) < confidence_floor:
+        reasons.append("top probability is below the confidence floor")
+    out["refer"] = {"refer": bool(reasons), "reasons": reasons}
+    return out

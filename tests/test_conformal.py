@@ -1,0 +1,100 @@
+"""Conformal prediction sets: thresholds agree with a kept library's, coverage holds for
+every class, and the service turns a manifest's thresholds into sets and referrals."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from service.decision import DecisionParams, decide, nonconformity, pattern_of
+from training.conformal import LEVELS, choose_score, class_thresholds, fit
+
+
+def probabilities(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)) * 2 + np.linspace(1.0, -1.0, k)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = (p.cumsum(1) < rng.random((n, 1))).sum(1)
+    return p, labels
+
+
+@pytest.mark.parametrize("kind", ["lac", "aps"])
+def test_thresholds_match_crepes_mondrian_p_values(kind: str) -> None:
+    crepes = pytest.importorskip("crepes", reason="crepes is the reference implementation")
+    p, y = probabilities(900, 4, 0)
+    cal, test = slice(0, 500), slice(500, 900)
+    scores = nonconformity(p, kind)
+    reference = crepes.ConformalClassifier()
+    reference.fit(scores[cal][np.arange(500), y[cal]], bins=y[cal])
+    p_values = np.column_stack(
+        [
+            reference.predict_p(scores[test][:, [c]], bins=np.full(400, c), smoothing=False)[:, 0]
+            for c in range(4)
+        ]
+    )
+    for level in LEVELS:
+        q = np.asarray(class_thresholds(scores[cal], y[cal], 4, level))
+        ours = scores[test] <= q
+        # A label is in a conformal set when its p-value exceeds 1 - level (exactly).
+        theirs = p_values > (1 - level) + 1e-9
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_every_class_gets_its_coverage() -> None:
+    p, y = probabilities(20_000, 5, 1)
+    thresholds = fit(p[:6000], y[:6000], "lac")
+    params = DecisionParams("lac", {"all": thresholds}, LEVELS)
+    scores = nonconformity(p[6000:], "lac")
+    for level in LEVELS:
+        sets = scores <= np.asarray(params.thresholds["all"][f"{level:g}"])
+        covered = sets[np.arange(len(sets)), y[6000:]]
+        for k in range(5):
+            assert covered[y[6000:] == k].mean() >= level - 0.02, (level, k)
+
+
+def test_too_few_cases_of_a_class_keep_it_in_every_set() -> None:
+    scores = np.random.default_rng(0).random((12, 2))
+    labels = np.array([0] * 10 + [1] * 2)
+    q = class_thresholds(scores, labels, 2, 0.9)
+    assert q[1] > 1.0  # 2 cases cannot certify 90 %: class 1 is never excluded
+    assert q[0] <= 1.0
+
+
+def test_score_choice_prefers_smaller_sets() -> None:
+    p, y = probabilities(3000, 6, 2)
+    assert choose_score(p, y) in ("lac", "aps")
+
+
+def test_decide_reports_set_referral_and_pattern() -> None:
+    labels = ("a", "b", "c")
+    params = DecisionParams(
+        "lac", {"all": {"0.9": [0.6, 0.6, 0.6], "0.8": [0.2, 0.2, 0.2]}}, (0.8, 0.9)
+    )
+    sure = decide(params, labels, np.array([0.9, 0.06, 0.04]), "all", 0.9, 0.0)
+    assert sure == {
+        "prediction_set": ["a"],
+        "coverage": 0.9,
+        "refer": {"refer": False, "reasons": []},
+    }
+    unsure = decide(params, labels, np.array([0.45, 0.5, 0.05]), "all", 0.9, 0.0)
+    assert unsure["prediction_set"] == ["b", "a"] and unsure["refer"]["refer"]
+    # Nothing reaches the 0.8 thresholds: the most probable class stands alone.
+    top = decide(params, labels, np.array([0.45, 0.5, 0.05]), "all", 0.8, 0.0)
+    assert top["prediction_set"] == ["b"] and not top["refer"]["refer"]
+    floor = decide(None, labels, np.array([0.4, 0.35, 0.25]), "all", 0.9, 0.5)
+    assert "prediction_set" not in floor and floor["refer"]["refer"]
+    assert pattern_of(True, 3, 3) == "all" and pattern_of(True, 0, 3) == "image_only"
+    assert pattern_of(True, 1, 3) == "partial" and pattern_of(False, 2, 3) == "tabular_only"
+    assert pattern_of(True, 0, 0) == "all"
+
+
+def test_sets_hold_the_top_class_and_nest_across_levels() -> None:
+    p, y = probabilities(4000, 5, 3)
+    params = DecisionParams("lac", {"all": fit(p[:2000], y[:2000], "lac")}, LEVELS)
+    for probs in p[2000:2300]:
+        sets = [params.prediction_set(probs, "all", level) for level in LEVELS]
+        assert all(s[np.argmax(probs)] for s in sets)
+        for small, large in itertools.pairwise(sets):
+            assert not (small & ~large).any()

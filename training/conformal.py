@@ -1,0 +1,176 @@
+"""Fit conformal prediction sets for an exported model and measure them. Torch-free.
+
+    endofuse decision models/<name>/<version>
+
+Split conformal on the val split, per missingness pattern, class-conditional (Mondrian), so
+rare classes get their coverage too: for class k and level 1 - a, the threshold is the
+ceil((n_k + 1)(1 - a))-th smallest score among val rows of class k (every class is in the set
+when n_k is too small for that rank). LAC (1 - p_k) and APS (cumulative mass) are both
+fitted; the one with the smaller sets in 2-fold cross-validation on val is kept. The
+thresholds go into the manifest's ``decision`` block; the test split measures coverage, set
+size, referral rate and accuracy on the cases not referred.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.decision import DecisionParams, nonconformity
+from service.manifest import load_manifest
+from training.config import from_dict
+from training.data import load_split, read_rows
+from training.evaluate import decode_all, run_session
+from training.patterns import apply_eval_pattern, eval_patterns
+
+LEVELS = (0.8, 0.9, 0.95)
+SCORES = ("lac", "aps")
+_ALWAYS = 2.0  # above every score: the class is always in the set
+
+
+def class_thresholds(
+    scores: np.ndarray, labels: np.ndarray, n_classes: int, level: float
+) -> list[float]:
+    """Per class k, the conformal quantile of the true-class scores of class-k rows."""
+    out = []
+    for k in range(n_classes):
+        s = np.sort(scores[labels == k, k])
+        # (n + 1) * level can land a hair above an integer in floating point (70 * 0.9).
+        rank = math.ceil((len(s) + 1) * level - 1e-9)
+        out.append(float(s[rank - 1]) if 0 < rank <= len(s) else _ALWAYS)
+    return out
+
+
+def fit(probs: np.ndarray, labels: np.ndarray, kind: str) -> dict[str, list[float]]:
+    scores = nonconformity(probs, kind)
+    return {f"{lv:g}": class_thresholds(scores, labels, probs.shape[1], lv) for lv in LEVELS}
+
+
+def mean_set_size(probs: np.ndarray, kind: str, thresholds: dict[str, list[float]]) -> float:
+    scores = nonconformity(probs, kind)
+    return float(np.mean([(scores <= np.asarray(q)).sum(1).mean() for q in thresholds.values()]))
+
+
+def choose_score(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> str:
+    """The score with the smaller sets on held-out halves of val (coverage holds for both)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = (order[: len(order) // 2], order[len(order) // 2 :])
+    sizes = {}
+    for kind in SCORES:
+        sizes[kind] = np.mean(
+            [
+                mean_set_size(probs[b], kind, fit(probs[a], labels[a], kind))
+                for a, b in (halves, halves[::-1])
+            ]
+        )
+    return min(sizes, key=sizes.get)
+
+
+def measure(
+    params: DecisionParams, probs: np.ndarray, labels: np.ndarray, pattern: str
+) -> dict[str, Any]:
+    """Per level: coverage (overall and per class), set sizes, referral and selective accuracy."""
+    out = {}
+    n_classes = probs.shape[1]
+    for level in params.levels:
+        sets = np.stack([params.prediction_set(p, pattern, level) for p in probs])
+        covered = sets[np.arange(len(labels)), labels]
+        size = sets.sum(1)
+        accepted = size == 1
+        correct = sets.argmax(1) == labels
+        out[f"{level:g}"] = {
+            "coverage": float(covered.mean()),
+            "class_coverage": [
+                float(covered[labels == k].mean()) if (labels == k).any() else None
+                for k in range(n_classes)
+            ],
+            "mean_set_size": float(size.mean()),
+            "referral_rate": float(1 - accepted.mean()),
+            "accuracy_not_referred": float(correct[accepted].mean()) if accepted.any() else None,
+            "accuracy_all": float((probs.argmax(1) == labels).mean()),
+        }
+    return out
+
+
+def pattern_probs(model_dir: Path, split: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """Calibrated probabilities of the exported graph on ``split``, per evaluation pattern."""
+    import onnxruntime as ort
+
+    manifest = load_manifest(model_dir / "manifest.json")
+    cfg = from_dict(manifest.raw["training"]["config"])
+    table = load_split(cfg.dataset, split, manifest.tabular, read_rows(cfg.dataset))
+    images = decode_all(table, manifest)
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    out = {}
+    for pattern in eval_patterns(manifest.tabular is not None):
+        image_mask, tab_mask = apply_eval_pattern(
+            pattern, table.mask if manifest.tabular else None, len(table)
+        )
+        out[pattern] = run_session(session, images, table.tabular, tab_mask, image_mask)[0]
+    return manifest, out, table.labels
+
+
+def main(model_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    manifest, val, val_labels = pattern_probs(model_dir, "val")
+    _, test, test_labels = pattern_probs(model_dir, "test")
+    pooled = np.concatenate(list(val.values()))
+    kind = choose_score(pooled, np.concatenate([val_labels] * len(val)))
+    block = {
+        "method": "split conformal, class-conditional (Mondrian), per missingness pattern",
+        "score": kind,
+        "levels": list(LEVELS),
+        "fitted_on": {"split": "val", "n": len(val_labels)},
+        "thresholds": {p: fit(val[p], val_labels, kind) for p in val},
+    }
+    if manifest.tabular is None:  # image-only: one pattern; the others never occur
+        block["thresholds"] = {
+            p: block["thresholds"]["all"] for p in ("all", "image_only", "tabular_only", "partial")
+        }
+    params = DecisionParams.from_manifest(block)
+    report = {
+        "model": f"{manifest.name}/{manifest.version}",
+        "score": kind,
+        "test": {p: measure(params, test[p], test_labels, p) for p in test},
+        "labels": list(manifest.labels),
+    }
+    raw = dict(manifest.raw, decision=block)
+    (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
+    out = out or Path("docs/models") / manifest.name / manifest.version
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decision.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"# {report['model']} — prediction sets and referral (test split)",
+        "",
+        f"Measured with `endofuse decision models/{report['model']}`: thresholds fitted on val "
+        f"(score `{report['score']}`, class-conditional), applied to the test split by the "
+        "service's own code (`service/decision.py`). The most probable class is always in "
+        "the set. A case is referred when its set holds more "
+        "than one class; *accuracy not referred* is the top-1 accuracy on the rest.",
+        "",
+        "| pattern | coverage asked | coverage got | worst class | mean set size | "
+        "referred | accuracy not referred | accuracy, all cases |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for pattern, levels in report["test"].items():
+        for level, r in levels.items():
+            per_class = [c for c in r["class_coverage"] if c is not None]
+            worst = min(per_class) if per_class else float("nan")
+            name = report["labels"][r["class_coverage"].index(worst)] if per_class else "—"
+            acc = r["accuracy_not_referred"]
+            lines.append(
+                f"| {pattern} | {level} | {r['coverage']:.3f} | {worst:.3f} ({name}) | "
+                f"{r['mean_set_size']:.2f} | {100 * r['referral_rate']:.1f} % | "
+                f"{'—' if acc is None else f'{acc:.3f}'} | {r['accuracy_all']:.3f} |"
+            )
+    (out / "decision.md").write_text("\n".join(lines) + "\n")
