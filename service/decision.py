@@ -94,8 +94,8 @@ def decide(
     coverage: float,
     confidence_floor: float,
 ) -> dict[str, Any]:
-    """Response fields: prediction set, its coverage, and the referral with its reasons."""
-    reasons = []
+    """Response fields: prediction set, its coverage, and the referral with its reason."""
+    reasons: list[str] = []
     out: dict[str, Any] = {}
     if params is not None:
         members = params.prediction_set(probs, pattern, coverage)
@@ -106,5 +106,6 @@ def decide(
             reasons.append(f"{len(chosen)} diagnoses remain plausible at this coverage")
     if float(probs.max()) < confidence_floor:
         reasons.append("top probability is below the confidence floor")
-    out["refer"] = {"refer": bool(reasons), "reasons": reasons}
+    out["refer"] = bool(reasons)
+    out["reason"] = "; ".join(reasons) if reasons else None
     return out

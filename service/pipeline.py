@@ -110,6 +110,9 @@ def encode_response(
     pattern = pattern_of(
         prepared.modalities["image"], len(tabular["used"]) if tabular else 0, n_fields
     )
+    warnings = prepared.warnings
+    if manifest.decision is None:
+        warnings = [*warnings, "this model version has no fitted prediction sets"]
     return {
         "request_id": prepared.item.request_id,
         "model": {"name": model.name, "version": model.version},
@@ -124,7 +127,7 @@ def encode_response(
             prepared.confidence_floor,
         ),
         "modalities": prepared.modalities,
-        "warnings": prepared.warnings,
+        "warnings": warnings,
         "batch_size": result.batch_size,
         "timing_ms": {k: round(v, 3) for k, v in timings.items()},
     }

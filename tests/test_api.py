@@ -280,3 +280,13 @@ def test_health_ready_and_metrics(client: TestClient, fullres_frames: list[Path]
     assert "endofuse_batch_size_bucket" in text
     assert 'endofuse_queue_depth{model="endo",version="2"}' in text
     assert 'endofuse_model_info{default="true",model="endo"' in text
+
+
+def test_model_without_fitted_sets_says_so(client: TestClient) -> None:
+    """An old manifest without a decision block still serves; the answer has no set, and its
+    warnings say why."""
+    r = post_image(client, images.jpeg(np.full((32, 32, 3), 90, np.uint8)))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "prediction_set" not in body and body["refer"] is False and body["reason"] is None
+    assert "this model version has no fitted prediction sets" in body["warnings"]

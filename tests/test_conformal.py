@@ -76,15 +76,18 @@ def test_decide_reports_set_referral_and_pattern() -> None:
     assert sure == {
         "prediction_set": ["a"],
         "coverage": 0.9,
-        "refer": {"refer": False, "reasons": []},
+        "refer": False,
+        "reason": None,
     }
     unsure = decide(params, labels, np.array([0.45, 0.5, 0.05]), "all", 0.9, 0.0)
-    assert unsure["prediction_set"] == ["b", "a"] and unsure["refer"]["refer"]
+    assert unsure["prediction_set"] == ["b", "a"] and unsure["refer"]
+    assert unsure["reason"] == "2 diagnoses remain plausible at this coverage"
     # Nothing reaches the 0.8 thresholds: the most probable class stands alone.
     top = decide(params, labels, np.array([0.45, 0.5, 0.05]), "all", 0.8, 0.0)
-    assert top["prediction_set"] == ["b"] and not top["refer"]["refer"]
+    assert top["prediction_set"] == ["b"] and not top["refer"]
     floor = decide(None, labels, np.array([0.4, 0.35, 0.25]), "all", 0.9, 0.5)
-    assert "prediction_set" not in floor and floor["refer"]["refer"]
+    assert "prediction_set" not in floor and floor["refer"]
+    assert floor["reason"] == "top probability is below the confidence floor"
     assert pattern_of(True, 3, 3) == "all" and pattern_of(True, 0, 3) == "image_only"
     assert pattern_of(True, 1, 3) == "partial" and pattern_of(False, 2, 3) == "tabular_only"
     assert pattern_of(True, 0, 0) == "all"
