@@ -153,6 +153,9 @@ def test_manifest_contract(exported: tuple[Path, object]) -> None:
         "partial",
     }
     assert manifest["versions"]["torch"] and manifest["data"]["licence"]
+    decision = manifest["decision"]  # fitted at export, for every missingness pattern
+    assert set(decision["thresholds"]) == {"all", "image_only", "tabular_only", "partial"}
+    assert all(len(q) == len(manifest["labels"]) for q in decision["thresholds"]["all"].values())
     import onnx
 
     model = onnx.load(str(model_dir / "model.onnx"))

@@ -305,4 +305,10 @@ def main(run_dir: Path, models_dir: Path, version: str) -> Path:
     manifest = build_manifest(cfg, schema, results, version, onnx_path, error, sizes)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and manifest.json")
+    # Prediction-set thresholds are fitted on what was just exported; the report stays in the
+    # run directory (`endofuse decision` writes the published one to docs/models/).
+    from training.conformal import main as fit_decision
+
+    fit_decision(out, run_dir / "decision")
+    print("fitted prediction-set thresholds into manifest.json")
     return out
