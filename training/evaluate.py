@@ -169,6 +169,12 @@ def main(
     from training.report import write_report
 
     results = evaluate_model_dir(model_dir, split, audit, service_url)
+    results["command"] = " ".join(
+        [f"endofuse evaluate {model_dir} --split {split}"]
+        + ([f"--service {service_url}"] if service_url else [])
+        + ([] if audit else ["--no-audit"])
+        + ([f"--baseline {baseline}"] if baseline else [])
+    )
     out = out or Path("docs/models") / model_dir.parent.name / model_dir.name
     write_report(results, out, load_manifest(model_dir / "manifest.json"), baseline)
     for pattern, r in results["patterns"].items():

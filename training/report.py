@@ -188,8 +188,9 @@ def write_report(
     lines = [
         f"# {results['model']} — {results['split']} split",
         "",
-        f"Measured with `endofuse evaluate models/{results['model']} --split {results['split']}"
-        f"{' --baseline ' + str(baseline_path) if baseline_path else ''}` "
+        "Measured with `"
+        + results.get("command", f"endofuse evaluate models/{results['model']}")
+        + "` "
         "on the exported ONNX graph (ONNX Runtime, CPU), images decoded by the serving "
         "preprocessing path.",
         "",
