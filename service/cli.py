@@ -171,12 +171,15 @@ def evaluate(
     baseline: Path | None = typer.Option(
         None, "--baseline", exists=True, help="results.json of another version, side by side"
     ),
+    audit_frames: int | None = typer.Option(
+        None, "--audit-frames", help="Audit a stratified subset of this many frames (default all)"
+    ),
 ) -> None:
     """Evaluate an exported model (ONNX Runtime) on a data split, per missingness pattern,
     with its capture-shift audit."""
     from training.evaluate import main
 
-    main(model_dir, split, out, audit, service, baseline)
+    main(model_dir, split, out, audit, service, baseline, audit_frames)
 
 
 @app.command()

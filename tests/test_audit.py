@@ -126,3 +126,21 @@ def test_metadata_risk_on_real_frames(fullres_frames: list[Path]) -> None:
     )
     assert set(risk) == {"majority_class_accuracy", "frame as captured", "model input"}
     assert risk["frame as captured"]["accuracy"] > risk["majority_class_accuracy"]
+
+
+def test_stratified_subset_keeps_class_shares_and_is_repeatable() -> None:
+    from training.data import Table
+    from training.evaluate import stratified
+
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    table = Table(
+        paths=[Path(f"{i}.jpg") for i in range(1000)],
+        labels=labels,
+        tabular=np.zeros((1000, 0), np.float32),
+        mask=np.zeros((1000, 0), np.float32),
+    )
+    sub = stratified(table, 200)
+    counts = np.bincount(sub.labels, minlength=3)
+    assert counts[0] == 180 and counts[1] == 18 and counts[2] == 5  # the rare class keeps 5
+    assert [p.name for p in stratified(table, 200).paths] == [p.name for p in sub.paths]
+    assert stratified(table, None) is table

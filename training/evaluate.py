@@ -101,13 +101,37 @@ def http_predictor(url: str, manifest: Any, table: Table, concurrency: int = 8) 
     return predict
 
 
+def stratified(table: Table, limit: int | None, seed: int = 0) -> Table:
+    """At most ``limit`` rows, each class keeping its share (at least 5 rows where it has
+    them); the same rows every time."""
+    if limit is None or len(table) <= limit:
+        return table
+    rng = np.random.default_rng(seed)
+    keep = []
+    for k in np.unique(table.labels):
+        rows = np.flatnonzero(table.labels == k)
+        n = min(len(rows), max(5, round(limit * len(rows) / len(table))))
+        keep.append(np.sort(rng.choice(rows, n, replace=False)))
+    idx = np.sort(np.concatenate(keep))
+    return Table(
+        paths=[table.paths[i] for i in idx],
+        labels=table.labels[idx],
+        tabular=table.tabular[idx],
+        mask=table.mask[idx],
+        label_names=table.label_names,
+    )
+
+
 def capture_audit(
     manifest: Any, cfg: Any, table: Table, predict: Predict, rows: list[dict[str, str]]
 ) -> dict[str, Any]:
     frames = [p.read_bytes() for p in table.paths]
     with tqdm(total=len(CHANGES), desc="capture audit", unit="change", leave=False) as bar:
         cf = counterfactual(frames, table.labels, manifest.labels, predict, lambda _: bar.update())
-    train = load_split(cfg.dataset, "train", manifest.tabular, rows)
+    # The metadata classifier needs no more training rows than a few times the audited ones.
+    train = stratified(
+        load_split(cfg.dataset, "train", manifest.tabular, rows), max(1000, 3 * len(table))
+    )
     risk = metadata_risk(
         (train.paths, train.labels), (table.paths, table.labels), manifest.labels, manifest.image
     )
@@ -115,7 +139,11 @@ def capture_audit(
 
 
 def evaluate_model_dir(
-    model_dir: Path, split: str = "test", audit: bool = True, service_url: str | None = None
+    model_dir: Path,
+    split: str = "test",
+    audit: bool = True,
+    service_url: str | None = None,
+    audit_frames: int | None = None,
 ) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -145,12 +173,13 @@ def evaluate_model_dir(
         calibrated["reliability_before_temperature"] = reliability(softmax(logits), table.labels)
         results["patterns"][pattern] = calibrated
     if audit:
+        audited = stratified(table, audit_frames)
         predict = (
-            http_predictor(service_url, manifest, table)
+            http_predictor(service_url, manifest, audited)
             if service_url
-            else onnx_predictor(session, manifest, table)
+            else onnx_predictor(session, manifest, audited)
         )
-        results["audit"] = capture_audit(manifest, cfg, table, predict, rows)
+        results["audit"] = capture_audit(manifest, cfg, audited, predict, rows)
         results["audit"]["scored_by"] = (
             "HTTP requests to a running endofuse service" if service_url else "ONNX Runtime"
         )
@@ -165,14 +194,16 @@ def main(
     audit: bool = True,
     service_url: str | None = None,
     baseline: Path | None = None,
+    audit_frames: int | None = None,
 ) -> dict[str, Any]:
     from training.report import write_report
 
-    results = evaluate_model_dir(model_dir, split, audit, service_url)
+    results = evaluate_model_dir(model_dir, split, audit, service_url, audit_frames)
     results["command"] = " ".join(
         [f"endofuse evaluate {model_dir} --split {split}"]
         + ([f"--service {service_url}"] if service_url else [])
         + ([] if audit else ["--no-audit"])
+        + ([f"--audit-frames {audit_frames}"] if audit_frames else [])
         + ([f"--baseline {baseline}"] if baseline else [])
     )
     out = out or Path("docs/models") / model_dir.parent.name / model_dir.name

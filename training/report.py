@@ -100,7 +100,13 @@ def audit_lines(results: dict[str, Any], baseline: dict[str, Any] | None) -> lis
     lines = [
         "## Capture-shift audit",
         "",
-        f"Scored by {audit['scored_by']}. Each of the {cf['n']} {results['split']} frames is "
+        f"Scored by {audit['scored_by']}. Each of "
+        + (
+            f"the {cf['n']} {results['split']} frames"
+            if cf["n"] >= results["patterns"]["all"]["n"]
+            else f"{cf['n']} {results['split']} frames (a stratified subset, same every run)"
+        )
+        + " is "
         "re-captured under a change that carries no diagnosis (`training/audit.py`); a flip is a "
         "predicted class that differs from the one given for the frame as stored.",
         "",
