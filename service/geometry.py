@@ -78,8 +78,11 @@ def black_level(hi: np.ndarray) -> float:
 
 def content_mask(thumb: np.ndarray) -> np.ndarray:
     """Pixels that may be tissue: neither border black nor flat white padding."""
-    hi = thumb.max(axis=2)
-    lo = thumb.min(axis=2)
+    r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]
+    # Element-wise over the channel planes: several times faster than a reduction over a
+    # 3-wide last axis, and this runs on every request.
+    hi = np.maximum(np.maximum(r, g), b)
+    lo = np.minimum(np.minimum(r, g), b)
     return (hi > black_level(hi) + _BLACK_MARGIN) & (lo < _WHITE)
 
 
