@@ -211,11 +211,15 @@ def test_redis_restart_fails_fast_and_recovers(deploy, redis_server, slow_regist
         r = f.result(timeout=10)
         assert r.status_code in (200, 503, 504), r.text
         assert time.monotonic() - start <= 3.0 + 1.0
+    # While Redis is away the replica is not ready: a gateway stops routing to it.
+    wait_for(lambda: client.get("/readyz").status_code == 503, 5, "readyz 503 without Redis")
+    assert client.get("/readyz").json()["reason"] == "queue unreachable"
     redis_server.start()  # same port, empty (no persistence)
     restarted = time.monotonic()
     while post(client, 2).status_code != 200:
         assert time.monotonic() - restarted < 5.0, "did not recover within 5 s"
         time.sleep(0.1)
+    wait_for(lambda: client.get("/readyz").status_code == 200, 5, "readyz 200 once Redis is back")
 
 
 def test_backlog_past_its_deadline_is_never_run(deploy, redis_server) -> None:

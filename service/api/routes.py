@@ -163,6 +163,9 @@ async def readyz(request: Request) -> JSONResponse:
     ctx = _ctx(request)
     if not ctx.ready:
         return JSONResponse({"status": "not ready"}, status_code=503)
+    if not ctx.queue.reachable():
+        # A gateway should stop sending here: every predict would be a 503 until it is back.
+        return JSONResponse({"status": "not ready", "reason": "queue unreachable"}, 503)
     return JSONResponse({"status": "ready", "models": [mv.key for mv in ctx.registry.all()]})
 
 

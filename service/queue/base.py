@@ -55,6 +55,10 @@ class InferenceQueue(abc.ABC):
     @abc.abstractmethod
     def depth(self, model_key: str) -> int: ...
 
+    def reachable(self) -> bool:
+        """Whether the backend can take work now (readiness); in-process: always."""
+        return True
+
 
 def create_queue(
     settings: Settings, registry: Registry, metrics: Metrics | None = None

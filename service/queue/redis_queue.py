@@ -79,6 +79,7 @@ class RedisQueue(InferenceQueue):
         self._capacity: dict[str, float] = {}  # model key -> items/s over live workers
         self._depth: dict[str, int] = {}
         self._monitored = False
+        self._reachable = True  # until a Redis call fails
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -112,6 +113,9 @@ class RedisQueue(InferenceQueue):
 
     def depth(self, model_key: str) -> int:
         return self._depth.get(model_key, 0)
+
+    def reachable(self) -> bool:
+        return self._reachable
 
     def _retry_after(self, model_key: str) -> float:
         rate = self._capacity.get(model_key) or 0.0
@@ -152,6 +156,10 @@ class RedisQueue(InferenceQueue):
             self._waiting.pop(corr, None)
             if not future.done():
                 future.cancel()
+            elif not future.cancelled():
+                # An outage can fail this future while XADD is still in flight; the caller
+                # got its own 503, so mark the future's copy seen (no "never retrieved" noise).
+                future.exception()
 
     def _remember(self, corr: str, outcome: str) -> None:
         self._recent[corr] = outcome
@@ -187,10 +195,12 @@ class RedisQueue(InferenceQueue):
                     refreshed = time.monotonic()
                 got = await self._redis.xread({self.reply_stream: last}, 256, READ_BLOCK_MS)
                 self._metrics.queue_up.set(1)
+                self._reachable = True
             except asyncio.CancelledError:
                 raise
             except RedisError:
                 self._metrics.queue_up.set(0)
+                self._reachable = False
                 # Redis keeps no copy on disk: whatever was queued is gone, so fail fast (503)
                 # rather than let every waiting client run into its deadline.
                 self._fail_waiting(QueueUnavailable("lost the request queue", retry_after=1.0))
@@ -228,6 +238,7 @@ class RedisQueue(InferenceQueue):
                 raise
             except RedisError:
                 self._metrics.queue_up.set(0)
+                self._reachable = False
             await asyncio.sleep(self._heartbeat_s)
 
     async def _refresh(self) -> None:
