@@ -76,9 +76,16 @@ class Engine:
         outputs = {o.name: (o.type, list(o.shape)) for o in self.session.get_outputs()}
         check_against_graph(manifest, inputs, outputs, where=str(model_path))
         self._input_names = set(inputs)
+        self._outputs = ["probabilities", "logits"] if "logits" in outputs else ["probabilities"]
 
     def run(self, batch: Batch) -> np.ndarray:
         """Return probabilities float32 [N,K]; raises InferenceFailed on any runtime error."""
+        return self.run_with_logits(batch)[0]
+
+    def run_with_logits(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and raw logits, float32 [N,K] each (the logits feed the
+        out-of-distribution score; None for a graph without them); raises InferenceFailed
+        on any runtime error."""
         feeds: dict[str, np.ndarray] = {"image": np.ascontiguousarray(batch.images, np.uint8)}
         if "tabular" in self._input_names:
             n_fields = len(self.manifest.tabular.fields) if self.manifest.tabular else 0
@@ -95,13 +102,13 @@ class Engine:
                 image_mask = np.ones((len(batch), 1), np.float32)
             feeds["image_mask"] = np.ascontiguousarray(image_mask, np.float32)
         try:
-            (probs,) = self.session.run(["probabilities"], feeds)
+            probs, *rest = self.session.run(self._outputs, feeds)
         except Exception as exc:
             raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
         probs = np.asarray(probs, dtype=np.float32)
         if probs.shape != (len(batch), len(self.manifest.labels)):
             raise InferenceFailed(f"model returned shape {probs.shape}")
-        return probs
+        return probs, (np.asarray(rest[0], dtype=np.float32) if rest else None)
 
     def warm_up(self, runs: int) -> None:
         """Run dummy batches so the first real request pays no lazy-initialisation cost."""

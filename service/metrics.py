@@ -64,6 +64,13 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.decisions = Counter(
+            "endofuse_decisions",
+            "Answered predictions that were referred to a clinician, and that were flagged "
+            "out of distribution (a referral may have both reasons).",
+            ["model", "kind"],
+            registry=r,
+        )
         self.latency = Histogram(
             "endofuse_request_seconds",
             "End-to-end prediction latency inside the service.",

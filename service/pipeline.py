@@ -125,6 +125,7 @@ def encode_response(
             pattern,
             prepared.coverage,
             prepared.confidence_floor,
+            result.logits,
         ),
         "modalities": prepared.modalities,
         "warnings": warnings,
@@ -150,7 +151,12 @@ async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> 
     if result.reply_ms is not None:
         timings["reply"] = result.reply_ms
     observe_success(ctx.metrics, model.name, timings)
-    return encode_response(model, prepared, result, timings)
+    body = encode_response(model, prepared, result, timings)
+    if body["refer"]:
+        ctx.metrics.decisions.labels(model.name, "referred").inc()
+    if body.get("ood", {}).get("flagged"):
+        ctx.metrics.decisions.labels(model.name, "ood_flagged").inc()
+    return body
 
 
 def observe_success(metrics: Metrics, model: str, timings: dict[str, float]) -> None:

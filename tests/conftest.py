@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,11 +40,27 @@ def fullres_frames() -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    write_model_dir(root, "endo", "1", poison_black=True, seed=1)
+    endo1 = write_model_dir(root, "endo", "1", poison_black=True, seed=1)
+    add_decision(endo1)
     write_model_dir(root, "endo", "2", poison_black=True, seed=2)
     write_model_dir(root, "derm", "1", fields=FIELDS, image_mask=True, seed=3)
     (root / "DEFAULT").write_text("endo\n")
     return root
+
+
+def add_decision(vdir: Path) -> None:
+    """Prediction sets (a class is in when p >= 0.5) and an out-of-distribution threshold so
+    high that nothing is flagged: enough to see the fields served and the logits travel."""
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    k = len(manifest["labels"])
+    patterns = ("all", "image_only", "tabular_only", "partial")
+    manifest["decision"] = {
+        "score": "lac",
+        "levels": [0.9],
+        "thresholds": {p: {"0.9": [0.5] * k} for p in patterns},
+        "ood": {"score": "energy", "thresholds": {p: 1e9 for p in patterns}},
+    }
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="session")

@@ -168,3 +168,28 @@ def test_prediction_sets_and_referral_through_the_api(
     r = client.post("/models/ham10000/predict", json={"tabular": {"age": 70, "sex": "male"}})
     assert r.status_code == 200, r.text
     assert r.json()["label"] in r.json()["prediction_set"]
+
+
+def test_out_of_distribution_flag_on_the_endoscopy_model(
+    client: TestClient, fullres_frames: list[Path]
+) -> None:
+    """A solid colour, noise and a dermoscopy image are flagged and referred; real
+    endoscopy frames pass (the threshold lets 95 % of val through)."""
+    bundled("hyperkvasir-lgi", "2")
+    rng = np.random.default_rng(0)
+    odd = [np.full((240, 320, 3), (40, 160, 40), np.uint8), rng.integers(0, 256, (240, 320, 3))]
+    bodies = [png(a.astype(np.uint8)) for a in odd]
+    ham = require_data("ham10000")
+    bodies.append(next(iter(sorted((ham / "images" / "nv").glob("*.jpg")))).read_bytes())
+    for body in bodies:
+        r = client.post("/predict", files={"image": ("x", body, "application/octet-stream")})
+        assert r.status_code == 200, r.text
+        assert r.json()["ood"]["flagged"] is True and r.json()["refer"] is True
+        assert "does not look like" in r.json()["reason"]
+    metrics = client.get("/metrics").text
+    assert 'endofuse_decisions_total{kind="ood_flagged",model="hyperkvasir-lgi"}' in metrics
+    passed = 0
+    for frame in fullres_frames:
+        r = client.post("/predict", files={"image": (frame.name, frame.read_bytes(), "image/jpeg")})
+        passed += not r.json()["ood"]["flagged"]
+    assert passed >= 0.9 * len(fullres_frames), f"{passed}/{len(fullres_frames)} passed"

@@ -101,3 +101,17 @@ def test_sets_hold_the_top_class_and_nest_across_levels() -> None:
         assert all(s[np.argmax(probs)] for s in sets)
         for small, large in itertools.pairwise(sets):
             assert not (small & ~large).any()
+
+
+def test_energy_and_auroc() -> None:
+    from service.decision import energy
+    from training.ood import auroc
+
+    logits = np.array([[10.0, 0.0, 0.0], [0.1, 0.0, -0.1]])
+    np.testing.assert_allclose(energy(logits), -np.log(np.exp(logits).sum(1)))
+    assert energy(logits)[0] < energy(logits)[1]  # a confident input is more familiar
+    rng = np.random.default_rng(0)
+    inside, outside = rng.normal(0, 1, 200), rng.normal(1, 1, 150)
+    brute = np.mean([[(o > i) + 0.5 * (o == i) for i in inside] for o in outside])
+    assert auroc(inside, outside) == pytest.approx(brute)
+    assert auroc(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)

@@ -100,6 +100,19 @@ def test_version_routing(backend: TestClient, tiny_registry: Registry) -> None:
     np.testing.assert_allclose(list(r.json()["probabilities"].values()), want, atol=1e-6)
 
 
+def test_logits_travel_for_the_out_of_distribution_score(
+    backend: TestClient, tiny_registry: Registry
+) -> None:
+    """The served OOD score is the energy of this request's own logits, whichever backend
+    (and, for redis://, whichever wire) carried them."""
+    r = post(backend, image(4), "/models/endo/versions/1/predict")
+    assert r.status_code == 200, r.text
+    _, logits = tiny_registry.get("endo", "1").engine.run_with_logits(Batch(images=image(4)[None]))
+    want = -float(np.log(np.exp(logits[0].astype(np.float64)).sum()))
+    assert r.json()["ood"] == {"score": pytest.approx(want, abs=1e-3), "flagged": False}
+    assert r.json()["label"] in r.json()["prediction_set"]
+
+
 def test_queue_url_credentials_are_redacted_for_logs() -> None:
     from service.queue.base import redacted
 

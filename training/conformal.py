@@ -22,7 +22,8 @@ import numpy as np
 
 from service.decision import DecisionParams, nonconformity
 from service.manifest import load_manifest
-from training.config import from_dict
+from training import ood
+from training.config import from_dict, load_config
 from training.data import load_split, read_rows
 from training.evaluate import decode_all, run_session
 from training.patterns import apply_eval_pattern, eval_patterns
@@ -96,8 +97,11 @@ def measure(
     return out
 
 
-def pattern_probs(model_dir: Path, split: str) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
-    """Calibrated probabilities of the exported graph on ``split``, per evaluation pattern."""
+def pattern_probs(
+    model_dir: Path, split: str
+) -> tuple[Any, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, Any, Any]:
+    """Calibrated probabilities and logits of the exported graph on ``split``, per evaluation
+    pattern; also the manifest, the labels, the session and the split's table."""
     import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
@@ -112,13 +116,15 @@ def pattern_probs(model_dir: Path, split: str) -> tuple[Any, dict[str, np.ndarra
         image_mask, tab_mask = apply_eval_pattern(
             pattern, table.mask if manifest.tabular else None, len(table)
         )
-        out[pattern] = run_session(session, images, table.tabular, tab_mask, image_mask)[0]
-    return manifest, out, table.labels
+        out[pattern] = run_session(session, images, table.tabular, tab_mask, image_mask)
+    return manifest, out, table.labels, session, table
 
 
-def main(model_dir: Path, out: Path | None = None) -> dict[str, Any]:
-    manifest, val, val_labels = pattern_probs(model_dir, "val")
-    _, test, test_labels = pattern_probs(model_dir, "test")
+def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> dict[str, Any]:
+    manifest, val_out, val_labels, session, _ = pattern_probs(model_dir, "val")
+    _, test_out, test_labels, _, test_table = pattern_probs(model_dir, "test")
+    val = {p: probs for p, (probs, _) in val_out.items()}
+    test = {p: probs for p, (probs, _) in test_out.items()}
     pooled = np.concatenate(list(val.values()))
     kind = choose_score(pooled, np.concatenate([val_labels] * len(val)))
     block = {
@@ -127,11 +133,12 @@ def main(model_dir: Path, out: Path | None = None) -> dict[str, Any]:
         "levels": list(LEVELS),
         "fitted_on": {"split": "val", "n": len(val_labels)},
         "thresholds": {p: fit(val[p], val_labels, kind) for p in val},
+        "ood": ood.fit_thresholds({p: logits for p, (_, logits) in val_out.items()}),
     }
     if manifest.tabular is None:  # image-only: one pattern; the others never occur
-        block["thresholds"] = {
-            p: block["thresholds"]["all"] for p in ("all", "image_only", "tabular_only", "partial")
-        }
+        every = ("all", "image_only", "tabular_only", "partial")
+        block["thresholds"] = {p: block["thresholds"]["all"] for p in every}
+        block["ood"]["thresholds"] = {p: block["ood"]["thresholds"]["all"] for p in every}
     params = DecisionParams.from_manifest(block)
     report = {
         "model": f"{manifest.name}/{manifest.version}",
@@ -139,11 +146,37 @@ def main(model_dir: Path, out: Path | None = None) -> dict[str, Any]:
         "test": {p: measure(params, test[p], test_labels, p) for p in test},
         "labels": list(manifest.labels),
     }
+    if ood_study:
+        # Out-of-distribution inputs arrive as pictures alone: compare with the test split
+        # posted the same way.
+        pattern = "image_only" if manifest.tabular is not None else "all"
+        report["ood"] = ood.study(
+            session, manifest, test_out[pattern][1], ood_inputs(manifest, test_table),
+            block["ood"]["thresholds"][pattern],
+        )  # fmt: skip
     raw = dict(manifest.raw, decision=block)
     (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
     out = out or Path("docs/models") / manifest.name / manifest.version
     write_report(report, out)
     return report
+
+
+def ood_inputs(manifest: Any, test_table: Any) -> dict[str, list[bytes]]:
+    from training import audit
+
+    other = "ham10000" if manifest.name.startswith("hyperkvasir") else "hyperkvasir-lgi"
+    spec = load_config(Path(__file__).parent / "configs" / f"{other}.yaml").dataset
+    frames = [p.read_bytes() for p in test_table.paths[:100]]
+    heavy = [
+        audit.recapture(audit.recapture(f, "letterbox 1920x1080 (16:9)", i), "JPEG quality 40", i)
+        for i, f in enumerate(frames)
+    ]
+    return {
+        f"{other} images (the other bundled dataset)": ood.other_dataset_images(spec),
+        "natural photographs": ood.natural_photographs(),
+        **ood.synthetic_inputs(),
+        "own test frames, 16:9 letterbox + JPEG 40 (should pass)": heavy,
+    }
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -173,4 +206,20 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 f"{r['mean_set_size']:.2f} | {100 * r['referral_rate']:.1f} % | "
                 f"{'—' if acc is None else f'{acc:.3f}'} | {r['accuracy_all']:.3f} |"
             )
+    if "ood" in report:
+        o = report["ood"]
+        lines += [
+            "",
+            "## Out-of-distribution flag",
+            "",
+            "Energy score of the logits, threshold set on val so that 95 % of its inputs pass. "
+            "AUROC: in-distribution test inputs against each set (1.0 = always told apart). "
+            f"In-distribution test inputs flagged: {100 * o['in_distribution_flagged']:.1f} % "
+            f"(n = {o['n_in']}).",
+            "",
+            "| inputs | n | AUROC | flagged |",
+            "|---|---|---|---|",
+        ]
+        for name, r in o["sets"].items():
+            lines.append(f"| {name} | {r['n']} | {r['auroc']:.3f} | {100 * r['flagged']:.1f} % |")
     (out / "decision.md").write_text("\n".join(lines) + "\n")

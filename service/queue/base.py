@@ -32,6 +32,7 @@ class ItemResult:
     inference_ms: float
     batch_size: int
     reply_ms: float | None = None  # worker -> API hop, redis:// only
+    logits: np.ndarray | None = None  # float32 [K], for the out-of-distribution score
 
 
 class InferenceQueue(abc.ABC):

@@ -195,26 +195,32 @@ class DynamicBatcher:
             else:
                 p.future.set_result(
                     ItemResult(
-                        probabilities=outcome,
+                        probabilities=outcome[0],
                         queue_ms=(p.started - p.enqueued) * 1e3,
                         inference_ms=elapsed * 1e3,
                         batch_size=len(batch),
+                        logits=outcome[1],
                     )
                 )
 
-    def _infer(self, items: list[WorkItem]) -> list[np.ndarray | ServiceError]:
+    def _infer(self, items: list[WorkItem]) -> list[Outcome]:
         return infer_isolated(self.engine, items)
 
 
-def infer_isolated(engine: Engine, items: list[WorkItem]) -> list[np.ndarray | ServiceError]:
+# Per item: (probabilities [K], logits [K] or None), or the error that item alone met.
+Outcome = tuple[np.ndarray, np.ndarray | None] | ServiceError
+
+
+def infer_isolated(engine: Engine, items: list[WorkItem]) -> list[Outcome]:
     """Run a batch; if it fails, rerun items one by one so only the culprit fails."""
     try:
-        probs = engine.run(stack(items))
+        probs, logits = engine.run_with_logits(stack(items))
     except Exception as exc:  # isolate: any failure must not take the neighbours down
         if len(items) == 1:
             return [_as_service_error(exc)]
         return [infer_isolated(engine, [item])[0] for item in items]
-    return [_checked_row(row) for row in probs]
+    rows = logits if logits is not None else [None] * len(probs)
+    return [_checked_row(p, lg) for p, lg in zip(probs, rows, strict=True)]
 
 
 def stack(items: list[WorkItem]) -> Batch:
@@ -231,10 +237,10 @@ def stack(items: list[WorkItem]) -> Batch:
     return Batch(images=images, tabular=tabular, tabular_mask=mask, image_mask=image_mask)
 
 
-def _checked_row(row: np.ndarray) -> np.ndarray | ServiceError:
+def _checked_row(row: np.ndarray, logits: np.ndarray | None) -> Outcome:
     if not np.all(np.isfinite(row)) or abs(float(row.sum()) - 1.0) > 1e-3:
         return InferenceFailed("model produced invalid probabilities for this input")
-    return row
+    return row, logits
 
 
 def _as_service_error(exc: BaseException) -> ServiceError:

@@ -93,7 +93,10 @@ def decode_request(fields: dict[bytes, bytes]) -> tuple[WorkItem, str, float]:
 
 
 def encode_result(request_id: str, result: ItemResult, worker: str) -> dict[str, bytes | str]:
-    return {
+    fields: dict[str, bytes | str] = {}
+    if result.logits is not None:
+        fields["logits"] = np.asarray(result.logits, np.float32).tobytes()
+    return fields | {
         "id": request_id,
         "status": "ok",
         "probabilities": np.asarray(result.probabilities, np.float32).tobytes(),
@@ -128,5 +131,8 @@ def decode_reply(fields: dict[bytes, bytes]) -> Reply:
         inference_ms=float(timing["inference_ms"]),
         batch_size=int(_text(fields, "batch_size")),
         reply_ms=max(0.0, (time.time() - float(timing["sent"])) * 1e3),
+        logits=(
+            np.frombuffer(fields[b"logits"], np.float32).copy() if b"logits" in fields else None
+        ),
     )
     return Reply(request_id, result)

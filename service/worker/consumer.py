@@ -181,7 +181,8 @@ class Worker:
                 fields = encode_error(item.request_id, outcome.code, outcome.message, self.consumer)
             else:
                 self.metrics.items.labels(mv.name, "ok").inc()
-                result = ItemResult(outcome, queue_ms, elapsed * 1e3, len(items))
+                probs, logits = outcome
+                result = ItemResult(probs, queue_ms, elapsed * 1e3, len(items), logits=logits)
                 fields = encode_result(item.request_id, result, self.consumer)
             replies.append((reply, fields))
         return replies
