@@ -9,6 +9,7 @@ Inference runs on one dedicated thread per engine, so batches form while it work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -81,7 +82,8 @@ class DynamicBatcher:
             self._items.clear()
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(self._task, return_exceptions=True), 5)
         self._executor.shutdown(wait=True)
 
     def expected_wait_s(self) -> float:

@@ -105,11 +105,14 @@ class RedisQueue(InferenceQueue):
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Each step bounded: a Redis that stopped answering must not hold the process open.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5)
         if self._redis is not None:
-            with contextlib.suppress(RedisError):
-                await self._redis.delete(self.reply_stream)
-            await self._redis.aclose()
+            with contextlib.suppress(RedisError, TimeoutError):
+                await asyncio.wait_for(self._redis.delete(self.reply_stream), 5)
+            with contextlib.suppress(RedisError, TimeoutError):
+                await asyncio.wait_for(self._redis.aclose(), 5)
 
     def depth(self, model_key: str) -> int:
         return self._depth.get(model_key, 0)
