@@ -82,6 +82,19 @@ def _random_text(rng: np.random.Generator) -> list[str]:
     return lines
 
 
+def colour_jitter(
+    image: Image.Image, a: CaptureAugment | DermoscopyAugment, rng: np.random.Generator
+) -> Image.Image:
+    """Another light or camera: white-balance gains, then brightness, contrast, saturation
+    and hue, within the recipe's ranges."""
+    wb = a.white_balance
+    out = capture.white_balance(image, tuple(_u(rng, 1 - wb, 1 + wb) for _ in range(3)))
+    return capture.adjust(
+        out, _u(rng, *a.brightness), _u(rng, *a.contrast), _u(rng, *a.saturation),
+        _u(rng, -a.hue, a.hue),
+    )  # fmt: skip
+
+
 def overlays(image: Image.Image, a: CaptureAugment, rng: np.random.Generator) -> Image.Image:
     out = image
     if rng.random() < a.p_corner_box:
@@ -126,12 +139,7 @@ def augment(image: Image.Image, a: CaptureAugment, rng: np.random.Generator) -> 
     if rng.random() < a.p_rotate:
         out = capture.rotate(out, _u(rng, -a.max_degrees, a.max_degrees))
     if rng.random() < a.p_colour:
-        wb = a.white_balance
-        out = capture.white_balance(out, tuple(_u(rng, 1 - wb, 1 + wb) for _ in range(3)))
-        out = capture.adjust(
-            out, _u(rng, *a.brightness), _u(rng, *a.contrast), _u(rng, *a.saturation),
-            _u(rng, -a.hue, a.hue),
-        )  # fmt: skip
+        out = colour_jitter(out, a, rng)
     out = overlays(out, a, rng)
     if rng.random() < a.p_letterbox:
         aspect = ASPECTS[rng.integers(len(ASPECTS))] * _u(rng, 0.95, 1.05)
@@ -185,12 +193,7 @@ class DermoscopyAugment:
         if rng.random() < a.p_rotate:
             out = capture.rotate_fill(out, _u(rng, 0, 360))
         if rng.random() < a.p_colour:
-            wb = a.white_balance
-            out = capture.white_balance(out, tuple(_u(rng, 1 - wb, 1 + wb) for _ in range(3)))
-            out = capture.adjust(
-                out, _u(rng, *a.brightness), _u(rng, *a.contrast), _u(rng, *a.saturation),
-                _u(rng, -a.hue, a.hue),
-            )  # fmt: skip
+            out = colour_jitter(out, a, rng)
         if rng.random() < a.p_hair:
             curves = []
             for _ in range(int(rng.integers(1, 8))):
