@@ -105,7 +105,7 @@ def test_sets_hold_the_top_class_and_nest_across_levels() -> None:
 
 def test_energy_and_auroc() -> None:
     from service.decision import energy
-    from training.ood import auroc
+    from training.ood import separation
 
     logits = np.array([[10.0, 0.0, 0.0], [0.1, 0.0, -0.1]])
     np.testing.assert_allclose(energy(logits), -np.log(np.exp(logits).sum(1)))
@@ -113,5 +113,5 @@ def test_energy_and_auroc() -> None:
     rng = np.random.default_rng(0)
     inside, outside = rng.normal(0, 1, 200), rng.normal(1, 1, 150)
     brute = np.mean([[(o > i) + 0.5 * (o == i) for i in inside] for o in outside])
-    assert auroc(inside, outside) == pytest.approx(brute)
-    assert auroc(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
+    assert separation(inside, outside) == pytest.approx(brute)
+    assert separation(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)

@@ -55,16 +55,20 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[s
     return rows
 
 
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (rank statistic)."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    ranks = _average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def auroc_ovr(probs: np.ndarray, labels: np.ndarray) -> float:
     """Macro one-vs-rest AUROC (rank statistic, ties averaged)."""
-    scores = []
-    for k in range(probs.shape[1]):
-        pos = labels == k
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        if n_pos == 0 or n_neg == 0:
-            continue
-        ranks = _average_ranks(probs[:, k])
-        scores.append((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    scores = [
+        auroc(probs[:, k], labels == k)
+        for k in range(probs.shape[1])
+        if 0 < (labels == k).sum() < len(labels)
+    ]
     return float(np.mean(scores)) if scores else float("nan")
 
 

@@ -21,6 +21,7 @@ from service.decision import energy
 from service.preprocess import decode_image
 from training.data import DatasetSpec, load_split, read_rows
 from training.evaluate import run_session
+from training.metrics import auroc
 
 PASS_RATE = 0.95
 
@@ -35,17 +36,10 @@ def fit_thresholds(val_logits: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
-def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
-    """P(score of an outside input > score of an inside one), ties counted half."""
-    scores = np.concatenate([inside, outside])
-    order = scores.argsort(kind="stable")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores):  # average ranks of ties
-        tied = scores == value
-        ranks[tied] = ranks[tied].mean()
-    n_in, n_out = len(inside), len(outside)
-    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+def separation(inside: np.ndarray, outside: np.ndarray) -> float:
+    """AUROC: P(score of an outside input > score of an inside one), ties counted half."""
+    positive = np.r_[np.zeros(len(inside), bool), np.ones(len(outside), bool)]
+    return auroc(np.concatenate([inside, outside]), positive)
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -121,7 +115,7 @@ def study(
         scores = energy(logits_of(session, manifest, frames))
         out["sets"][name] = {
             "n": len(frames),
-            "auroc": auroc(inside, scores),
+            "auroc": separation(inside, scores),
             "flagged": float((scores > threshold).mean()),
         }
     return out
