@@ -21,8 +21,6 @@ import numpy as np
 
 from service.errors import InvalidRequest
 
-PATTERNS = ("all", "image_only", "tabular_only", "partial")
-
 
 def nonconformity(probs: np.ndarray, kind: str) -> np.ndarray:
     """Score of every class for each row [N, K]: low when the class is plausible.

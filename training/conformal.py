@@ -26,7 +26,7 @@ from training import ood
 from training.config import from_dict, load_config
 from training.data import load_split, read_rows
 from training.evaluate import decode_all, run_session
-from training.patterns import apply_eval_pattern, eval_patterns
+from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns
 
 LEVELS = (0.8, 0.9, 0.95)
 SCORES = ("lac", "aps")
@@ -136,9 +136,8 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
         "ood": ood.fit_thresholds({p: logits for p, (_, logits) in val_out.items()}),
     }
     if manifest.tabular is None:  # image-only: one pattern; the others never occur
-        every = ("all", "image_only", "tabular_only", "partial")
-        block["thresholds"] = {p: block["thresholds"]["all"] for p in every}
-        block["ood"]["thresholds"] = {p: block["ood"]["thresholds"]["all"] for p in every}
+        block["thresholds"] = {p: block["thresholds"]["all"] for p in PATTERN_NAMES}
+        block["ood"]["thresholds"] = {p: block["ood"]["thresholds"]["all"] for p in PATTERN_NAMES}
     params = DecisionParams.from_manifest(block)
     report = {
         "model": f"{manifest.name}/{manifest.version}",
