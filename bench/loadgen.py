@@ -37,27 +37,34 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Latencies of 200 answers only, and 503 answers that lacked Retry-After.
+    ok_latencies: list[float] = field(default_factory=list)
+    shed_without_retry_after: int = 0
 
     @property
     def throughput(self) -> float:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
+    def percentile(self, q: float, ok_only: bool = False) -> float:
+        ordered = sorted(self.ok_latencies if ok_only else self.latencies)
         if not ordered:
             return float("nan")
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Status, and whether a Retry-After header came with it."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = 0
+    retry_after = False
     for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
+        lower = line.lower()
+        if lower.startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
+        retry_after = retry_after or lower.startswith(b"retry-after:")
     await reader.readexactly(length)
-    return status
+    return status, retry_after
 
 
 async def run_load(
@@ -83,11 +90,15 @@ async def run_load(
                     return
                 writer.write(requests[i % len(requests)])
                 i += concurrency
-                status = await _read_response(reader)
+                status, retry_after = await _read_response(reader)
                 done = time.perf_counter()
                 if sent >= measure_from:
                     result.latencies.append(done - sent)
                     result.statuses[status] = result.statuses.get(status, 0) + 1
+                    if status == 200:
+                        result.ok_latencies.append(done - sent)
+                    elif status == 503 and not retry_after:
+                        result.shed_without_retry_after += 1
         finally:
             writer.close()
 

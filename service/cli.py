@@ -22,6 +22,7 @@ def serve(
     """Serve every model in the model repository over HTTP."""
     import uvicorn
 
+    from service.api.edge import uvicorn_options
     from service.config import Settings
     from service.logs import configure_logging
 
@@ -54,18 +55,13 @@ def serve(
             host=settings.host,
             port=settings.port,
             workers=workers,
-            log_config=None,
-            access_log=False,
+            **uvicorn_options(settings),
         )
         return
     from service.api import create_app
 
     uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
+        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
     )
 
 

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # Only applied once the engine is already busy: an idle engine runs a lone request at once.
     max_batch_wait_ms: float = Field(2.0, ge=0)
     max_queue_size: int = Field(256, ge=1)
+    # Requests beyond what the measured service rate answers within this many seconds are
+    # refused at once with 503 + Retry-After (service/admission.py); 0 turns it off.
+    latency_budget_s: float = Field(1.0, ge=0)
     request_timeout_s: float = Field(10.0, gt=0)
 
     # redis:// deployments (API replicas + workers); see docs/deployment.md.
@@ -52,7 +55,16 @@ class Settings(BaseSettings):
     default_coverage: float = Field(0.9, gt=0, lt=1)
     confidence_floor: float = Field(0.0, ge=0, le=1)
 
+    # Edge limits (service/api/edge.py, service/api/limits.py): what one connection may take.
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    max_header_count: int = Field(100, ge=8)
+    header_timeout_s: float = Field(10.0, gt=0)
+    # The whole body must arrive within this: a client promising bytes it never sends
+    # would otherwise hold its connection and a decode slot.
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    keep_alive_s: float = Field(5.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
     decode_threads: int = Field(2, ge=1)
 

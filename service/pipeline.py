@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from service.admission import AdmissionControl
 from service.config import Settings
 from service.decision import decide, pattern_of
 from service.errors import MissingInput
@@ -52,6 +54,11 @@ class ServiceContext:
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
     ready: bool = False
+    admission: AdmissionControl | None = None
+
+    def admit(self) -> AbstractContextManager[None]:
+        """A place for one request within the latency budget (raises Overloaded if none)."""
+        return self.admission.admit() if self.admission is not None else nullcontext()
 
 
 def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepared:

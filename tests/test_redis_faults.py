@@ -60,8 +60,14 @@ def deploy(redis_server: RedisServer, slow_models: Path) -> Iterator[Callable]:
             workers.append(WorkerProcess(redis_server.url, slow_models, **env))
         for w in workers:
             w.wait_ready()
+        # Admission control off: these tests hold every accepted request to an answer
+        # through faults, so nothing may be shed up front (tests/test_admission.py covers it).
         api = make_settings(
-            slow_models, queue_url=redis_server.url, request_timeout_s=timeout_s, **settings
+            slow_models,
+            queue_url=redis_server.url,
+            request_timeout_s=timeout_s,
+            latency_budget_s=0,
+            **settings,
         )
         client = TestClient(create_app(api), raise_server_exceptions=False)
         client.__enter__()

@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from service.api import create_app
 from service.registry import Registry
 from tests.conftest import make_settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.http_server import running
 
 
 @pytest.fixture()
 def server(tiny_models_dir: Path, tiny_registry: Registry) -> Iterator[str]:
-    port = free_port()
-    app = create_app(make_settings(tiny_models_dir, max_body_bytes=1_000_000), tiny_registry)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    settings = make_settings(tiny_models_dir, max_body_bytes=1_000_000)
+    with running(create_app(settings, tiny_registry), settings) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def test_chunked_body_over_limit_is_413_while_streaming(server: str) -> None:

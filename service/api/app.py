@@ -11,8 +11,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
+from service.admission import AdmissionControl
 from service.api.errors import install_error_handlers
-from service.api.limits import BodyLimitMiddleware
+from service.api.limits import RequestLimitsMiddleware
+from service.api.openapi import install_openapi
 from service.api.routes import router
 from service.config import Settings
 from service.metrics import Metrics, multiprocess
@@ -42,6 +44,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         await queue.start()
         pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         ctx = ServiceContext(settings, reg, queue, metrics, pool)
+        if settings.latency_budget_s > 0:
+            ctx.admission = AdmissionControl(settings.latency_budget_s)
         for mv in reg.all():
             is_default = mv.name == reg.default_model and mv is reg.get(mv.name)
             metrics.model_info.labels(
@@ -78,5 +82,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_openapi(app)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        max_header_count=settings.max_header_count,
+    )
     return app

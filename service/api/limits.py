@@ -1,47 +1,57 @@
-"""Request body cap enforced while the body streams in, not only from Content-Length."""
+"""Request limits the ASGI layer enforces once a request's head has arrived: header count,
+body size (while the body streams in, not only from Content-Length) and body time."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyLimitMiddleware:
-    """Buffer request bodies up to ``max_bytes``; past it, answer 413 without calling the app.
+class RequestLimitsMiddleware:
+    """Buffer request bodies up to ``max_bytes`` within ``body_timeout_s``; past either, answer
+    413 / 408 (and close the connection) without calling the app.
 
     Buffering is fine here: every prediction needs its whole image before decoding anyway,
     and the cap bounds the memory a request can take.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, body_timeout_s: float, max_header_count: int
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_header_count = max_header_count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if len(scope.get("headers", ())) > self.max_header_count:
+            many = f"more than {self.max_header_count} header fields"
+            await _reject(send, 431, "too_many_headers", many)
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _reject(send, self.max_bytes)
+            await _too_large(send, self.max_bytes)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                await _reject(send, self.max_bytes)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        try:
+            whole = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            late = f"request body not received within {self.body_timeout_s:g} s"
+            await _reject(send, 408, "request_timeout", late)
+            return
+        if whole is None:
+            return  # the client went away
+        if len(whole) > self.max_bytes:
+            await _too_large(send, self.max_bytes)
+            return
         replayed = False
-        whole = b"".join(chunks)
 
         async def replay() -> Message:
             nonlocal replayed
@@ -51,6 +61,20 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body; stops reading one chunk past the cap (the caller answers 413)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body = message.get("body", b"")
+            size += len(body)
+            chunks.append(body)
+            if size > self.max_bytes or not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -63,14 +87,17 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {"error": {"code": "payload_too_large", "message": f"request body exceeds {limit} bytes"}}
-    ).encode()
+async def _too_large(send: Send, limit: int) -> None:
+    await _reject(send, 413, "payload_too_large", f"request body exceeds {limit} bytes")
+
+
+async def _reject(send: Send, status: int, code: str, message: str) -> None:
+    # Connection: close, since the rest of the body (if any) is never read.
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
