@@ -70,7 +70,7 @@ class DecisionParams:
 
     def level_key(self, coverage: float) -> str:
         for level in self.levels:
-            if abs(level - coverage) < 1e-9:
+            if level == coverage:  # exact: the levels are published as an enum
                 return _key(level)
         raise InvalidRequest(
             f"coverage must be one of {', '.join(_key(v) for v in self.levels)} for this model"

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.errors import BadRequest, InvalidTabular, UnsupportedMediaType
+from service.errors import BadRequest, InvalidTabular, MissingInput, UnsupportedMediaType
 from service.pipeline import RawRequest
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -60,15 +60,17 @@ async def _from_multipart(request: Request) -> RawRequest:
         image = form.get("image")
         image_bytes: bytes | None
         if image is None:
-            image_bytes = None
-        elif isinstance(image, UploadFile):
+            # One documented shape per media type: tabular-only requests are JSON.
+            raise MissingInput("multipart requests carry an 'image' file part; "
+                               "send tabular fields alone as a JSON body")  # fmt: skip
+        if isinstance(image, UploadFile):
             image_bytes = await image.read()
         else:
             raise BadRequest("form field 'image' must be a file upload")
         tabular_text = form.get("tabular")
         if isinstance(tabular_text, UploadFile):
             tabular_text = (await tabular_text.read()).decode("utf-8", errors="replace")
-        tabular = _parse_tabular_json(tabular_text) if tabular_text else None
+        tabular = None if tabular_text is None else _parse_tabular_json(tabular_text)
     finally:
         await form.close()
     return RawRequest(image=image_bytes, tabular=tabular)
@@ -115,7 +117,8 @@ def _from_json(body: bytes) -> RawRequest:
 
 
 def _parse_tabular_json(text: str) -> Any:
+    # A part that is sent must hold an object: empty or ``null`` is refused, not read as absent.
     value = load_json(text)
-    if value is _INVALID:
+    if value is _INVALID or not isinstance(value, dict):
         raise InvalidTabular("form field 'tabular' must be a JSON object")
     return value

@@ -10,37 +10,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.api.parsing import decode_request, request_id_from
-from service.errors import NotReady, ServiceError
+from service.errors import InvalidRequest, NotReady, ServiceError
 from service.pipeline import ServiceContext, predict
 
 log = logging.getLogger("service.api")
 router = APIRouter()
-
-_PREDICT_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "tabular": {"type": "string", "description": "JSON object"},
-                    },
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {"type": "string", "format": "base64"},
-                        "tabular": {"type": "object"},
-                    },
-                }
-            },
-        },
-    }
-}
 
 
 def _ctx(request: Request) -> ServiceContext:
@@ -57,12 +31,16 @@ async def _predict(
     try:
         if not ctx.ready:
             raise NotReady("models are not loaded yet")
+        _refuse_unknown_query(
+            request, {"coverage"} if "name" in request.path_params else _DEFAULT_QUERY
+        )
         model = ctx.registry.get(name, version)
         model_label = model.name
-        raw = await decode_request(request)
-        raw.request_id = request_id
-        raw.coverage = coverage
-        body = await predict(ctx, raw, model)
+        with ctx.admit():
+            raw = await decode_request(request)
+            raw.request_id = request_id
+            raw.coverage = coverage
+            body = await predict(ctx, raw, model)
     except ServiceError as exc:
         ctx.metrics.requests.labels(model_label, exc.code).inc()
         _log_request(request_id, model_label, exc.status, exc.code, start)
@@ -74,6 +52,17 @@ async def _predict(
         raise
     _log_request(request_id, model_label, 200, "ok", start)
     return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
+
+
+_DEFAULT_QUERY = {"model", "coverage"}
+
+
+def _refuse_unknown_query(request: Request, accepted: set[str]) -> None:
+    # A misspelt parameter (``?coverge=0.8``) must not be silently ignored.
+    if set(request.query_params) - accepted:
+        raise InvalidRequest(
+            f"unknown query parameter; accepted: {', '.join(sorted(accepted)) or 'none'}"
+        )
 
 
 def _log_request(request_id: str, model: str, status: int, code: str, start: float) -> None:
@@ -89,7 +78,7 @@ def _log_request(request_id: str, model: str, status: int, code: str, start: flo
     )
 
 
-@router.post("/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
+@router.post("/predict", tags=["predict"])
 async def predict_default(
     request: Request, model: str | None = None, coverage: float | None = None
 ) -> JSONResponse:
@@ -98,21 +87,19 @@ async def predict_default(
     return await _predict(request, model, None, coverage)
 
 
-@router.post("/v1/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
+@router.post("/v1/predict", tags=["predict"])
 async def predict_v1(
     request: Request, model: str | None = None, coverage: float | None = None
 ) -> JSONResponse:
     return await _predict(request, model, None, coverage)
 
 
-@router.post("/models/{name}/predict", openapi_extra=_PREDICT_DOC, tags=["predict"])
+@router.post("/models/{name}/predict", tags=["predict"])
 async def predict_model(request: Request, name: str, coverage: float | None = None) -> JSONResponse:
     return await _predict(request, name, None, coverage)
 
 
-@router.post(
-    "/models/{name}/versions/{version}/predict", openapi_extra=_PREDICT_DOC, tags=["predict"]
-)
+@router.post("/models/{name}/versions/{version}/predict", tags=["predict"])
 async def predict_version(
     request: Request, name: str, version: str, coverage: float | None = None
 ) -> JSONResponse:

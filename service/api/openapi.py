@@ -1,0 +1,258 @@
+"""The OpenAPI document, built from the loaded models so that it says exactly what each
+predict operation accepts: its tabular fields and their ranges, whether the image may be left
+out, which coverage levels exist, and every status the service can answer with.
+
+The predict routes are templated in the router (``/models/{name}/predict``) but their inputs
+differ per model, so the document lists one concrete path per loaded model and version.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.registry import ModelVersion, Registry
+from service.tabular import FieldSpec
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+
+PREDICTION = {
+    "type": "object",
+    "required": ["request_id", "model", "label", "probabilities", "modalities", "warnings"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "model": {
+            "type": "object",
+            "required": ["name", "version"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+        },
+        "label": {"type": "string"},
+        "probabilities": {
+            "type": "object",
+            "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+        "prediction_set": {"type": "array", "items": {"type": "string"}},
+        "coverage": {"type": "number"},
+        "refer": {"type": "boolean"},
+        "reason": {"type": ["string", "null"]},
+        "ood": {
+            "type": "object",
+            "properties": {"score": {"type": "number"}, "flagged": {"type": "boolean"}},
+        },
+        "modalities": {"type": "object"},
+        "warnings": {"type": "array", "items": {"type": "string"}},
+        "batch_size": {"type": "integer"},
+        "timing_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+    },
+}
+
+_REASONS = {
+    400: "Malformed request or an image that could not be decoded",
+    404: "No such model or version",
+    405: "Method not allowed (the Allow header names the allowed ones)",
+    408: "Request head or body not received in time",
+    413: "Request body or image too large",
+    415: "Unsupported content type or image format",
+    422: "Invalid input: tabular values, parameters, or a missing modality",
+    431: "Request head too large or too many header fields",
+    500: "Internal error",
+    503: "Overloaded, not ready, or the queue is unreachable (see Retry-After)",
+    504: "Not answered within the request deadline",
+}
+_EVERY_REQUEST = (408, 431)
+_PREDICT_ERRORS = (400, 404, 405, 413, 415, 422, 500, 503, 504, *_EVERY_REQUEST)
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve the model-aware document (built once, after the models have loaded)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, app.state.ctx.registry)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def build_openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
+    spec = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    spec["components"] = {"schemas": {"Error": ERROR, "Prediction": PREDICTION}}
+    paths: dict[str, Any] = {}
+    for path, operations in spec["paths"].items():
+        if path.endswith("/predict"):
+            continue
+        paths[path] = {m: _plain_operation(path, op) for m, op in operations.items()}
+    default = registry.get(registry.default_model) if registry.default_model else None
+    if default is not None:
+        for path in ("/predict", "/v1/predict"):
+            paths[path] = {"post": predict_operation(default, path)}
+    for name in registry.names():
+        paths[f"/models/{name}/predict"] = {
+            "post": predict_operation(registry.get(name), f"/models/{name}/predict")
+        }
+        for mv in registry.versions(name):
+            path = f"/models/{name}/versions/{mv.version}/predict"
+            paths[path] = {"post": predict_operation(mv, path)}
+    spec["paths"] = paths
+    return spec
+
+
+def _plain_operation(path: str, op: dict[str, Any]) -> dict[str, Any]:
+    op = copy.deepcopy(op)
+    ok = op["responses"].get("200", {"description": "OK"})
+    statuses: tuple[int, ...] = _EVERY_REQUEST
+    if "{" in path:
+        statuses += (404,)
+    if path == "/readyz":
+        statuses += (503,)
+    if path == "/metrics":
+        ok = {
+            "description": "Prometheus text exposition",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    for param in op.get("parameters", []):
+        param.get("schema", {}).pop("title", None)
+    op["responses"] = {"200": ok, **_errors(statuses)}
+    return op
+
+
+def _errors(statuses: tuple[int, ...]) -> dict[str, Any]:
+    out = {}
+    for status in sorted(set(statuses)):
+        response: dict[str, Any] = {
+            "description": _REASONS[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        if status == 503:
+            response["headers"] = _RETRY_AFTER
+        out[str(status)] = response
+    return out
+
+
+def predict_operation(mv: ModelVersion, path: str) -> dict[str, Any]:
+    manifest = mv.manifest
+    body = input_schema(mv)
+    multipart = input_schema(mv, multipart=True)
+    parameters = []
+    if path in ("/predict", "/v1/predict"):
+        summary = f"Predict with the default model ({manifest.name})"
+    else:
+        summary = f"Predict with {manifest.name}" + (
+            f" version {mv.version}" if "/versions/" in path else ""
+        )
+    coverage: dict[str, Any] = {"type": "number"}
+    if manifest.decision is not None:
+        coverage = {"type": "number", "enum": sorted(manifest.decision.levels)}
+    parameters.append(
+        {
+            "name": "coverage",
+            "in": "query",
+            "required": False,
+            "description": "Coverage of the prediction set (a level the model was fitted for)",
+            "schema": coverage,
+        }
+    )
+    return {
+        "tags": ["predict"],
+        "summary": summary,
+        "operationId": "predict_" + path.strip("/").replace("/", "_").replace("-", "_"),
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": multipart,
+                    "encoding": {
+                        "image": {"contentType": "image/jpeg, image/png"},
+                        "tabular": {"contentType": "application/json"},
+                    },
+                },
+                "application/json": {"schema": body},
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "Calibrated probabilities and decision support",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Prediction"}}
+                },
+            },
+            **_errors(_PREDICT_ERRORS),
+        },
+    }
+
+
+def input_schema(mv: ModelVersion, multipart: bool = False) -> dict[str, Any]:
+    """What one model accepts. JSON: a base64 image and/or tabular fields (a null image or
+    tabular means "not sent"). Multipart: the image file, always, and optionally the tabular
+    fields as a JSON part; requests without an image are sent as JSON."""
+    manifest = mv.manifest
+    if multipart:
+        image: dict[str, Any] = {"type": "string", "format": "binary"}
+    else:
+        image = {"type": "string", "format": "byte", "description": "base64 JPEG or PNG"}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["image"],
+        "properties": {"image": image},
+    }
+    if manifest.tabular is None:
+        # Accepted and ignored (the response warns); a multipart part must still be JSON.
+        schema["properties"]["tabular"] = {
+            "description": "ignored: this model takes no tabular input",
+            **({"type": "object"} if multipart else {}),
+        }
+        return schema
+    fields = manifest.tabular.fields
+    tokens = sorted(manifest.tabular.missing_values)
+    schema["properties"]["tabular"] = {
+        "type": "object" if multipart else ["object", "null"],
+        "additionalProperties": False,
+        "properties": {f.name: _field(f, tokens) for f in fields},
+    }
+    if multipart or not manifest.image_optional:
+        return schema
+    # JSON without an image: the tabular fields must hold at least one value.
+    del schema["required"]
+    image["type"] = ["string", "null"]
+    with_value = [{"required": [f.name], "properties": {f.name: _field(f, [])}} for f in fields]
+    schema["if"] = {"not": {"required": ["image"], "properties": {"image": {"type": "string"}}}}
+    schema["then"] = {
+        "required": ["tabular"],
+        "properties": {"tabular": {"type": "object", "anyOf": with_value}},
+    }
+    return schema
+
+
+def _field(spec: FieldSpec, missing_tokens: list[str]) -> dict[str, Any]:
+    if spec.kind == "numeric":
+        value: dict[str, Any] = {"type": "number"}
+        if spec.minimum is not None:
+            value["minimum"] = spec.minimum
+        if spec.maximum is not None:
+            value["maximum"] = spec.maximum
+        if spec.unit:
+            value["description"] = spec.unit
+    else:
+        value = {"type": "string", "enum": list(spec.categories)}
+    if not missing_tokens:
+        return value
+    # null or a "not recorded" token means the field is missing.
+    return {"anyOf": [value, {"type": "null"}, {"type": "string", "enum": missing_tokens}]}
