@@ -113,6 +113,7 @@ def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> 
     if width * height > max_pixels:
         raise PayloadTooLarge(f"image has {width * height} pixels; the limit is {max_pixels}")
     if fmt == "png":
+        _check_png_budget(width, height, len(data))
         check_png(data)  # Pillow would fill damaged image data with black and carry on
     orientation = _orientation(image)
     if fmt == "jpeg":
@@ -127,6 +128,22 @@ def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> 
     for op in _ORIENTATION_OPS.get(orientation, ()):
         image = image.transpose(op)
     return prepare(to_rgb(image), spec)
+
+
+# A PNG has no reduced-size decode: its whole pixel grid is inflated. Past a few megapixels,
+# a file that expands to hundreds of times its size (a flat 6000x6000 canvas in 100 KB) costs
+# the server a second of CPU and 100 MB for a cheap upload, and is no camera frame.
+PNG_FREE_PIXELS = 4_000_000
+PNG_MAX_EXPANSION = 200
+
+
+def _check_png_budget(width: int, height: int, n_bytes: int) -> None:
+    pixels = width * height
+    if pixels > PNG_FREE_PIXELS and pixels * 3 > PNG_MAX_EXPANSION * n_bytes:
+        raise PayloadTooLarge(
+            f"PNG of {pixels} pixels expands more than {PNG_MAX_EXPANSION}x its size; "
+            "send it as JPEG or at a lower resolution"
+        )
 
 
 def prepare(rgb: Image.Image, spec: ImageSpec) -> np.ndarray:

@@ -1,0 +1,529 @@
+"""The bad-input corpus: requests a careless or hostile client sends, each with the status and
+error code the service must answer, run against both bundled models.
+
+``python -m tests.bad_inputs`` prints the table kept in ``docs/bad-inputs.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tests import images
+
+MODELS = ("hyperkvasir-lgi", "ham10000")
+FRAME_ARRAY = np.random.default_rng(7).integers(40, 200, (120, 160, 3), dtype=np.uint8)
+JPEG = images.jpeg(FRAME_ARRAY)
+PNG = images.png(FRAME_ARRAY)
+
+
+@dataclass(frozen=True)
+class Case:
+    group: str
+    name: str
+    # (method, path suffix or absolute path, keyword arguments for the HTTP client)
+    request: Callable[[str], tuple[str, str, dict[str, Any]]]
+    status: int
+    code: str | None  # None for 200
+    models: tuple[str, ...] = MODELS  # which models the case runs against
+    undecodable: bool = False  # the data could not be decoded: a 200 would be a wrong answer
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        out.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def _png_from(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(k, d) for k, d in chunks)
+
+
+def _png_with_idat(transform: Callable[[bytes], bytes]) -> bytes:
+    return _png_from([(k, transform(d) if k == b"IDAT" else d) for k, d in _png_chunks(PNG)])
+
+
+def _png_bad_crc() -> bytes:
+    out = bytearray(PNG)
+    out[PNG.index(b"IDAT") + 20] ^= 0xFF  # a data byte; the stored CRC no longer matches
+    return bytes(out)
+
+
+def _png_dims(width: int, height: int) -> bytes:
+    chunks = _png_chunks(PNG)
+    ihdr = struct.pack(">II", width, height) + chunks[0][1][8:]
+    return _png_from([(b"IHDR", ihdr), *chunks[1:]])
+
+
+def _jpeg_dims(width: int, height: int) -> bytes:
+    out = bytearray(JPEG)
+    sof = JPEG.index(b"\xff\xc0")
+    out[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(out)
+
+
+def _encode(mode_array: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    mode_array.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+RGB = Image.fromarray(FRAME_ARRAY)
+IMAGES_BAD: list[tuple[str, bytes, int, str]] = [
+    ("empty file", b"", 400, "undecodable_image"),
+    ("random bytes", np.random.default_rng(1).bytes(2048), 415, "unsupported_media_type"),
+    ("HTML page", images.HTML, 415, "unsupported_media_type"),
+    ("JSON text as image", b'{"image": 1}', 415, "unsupported_media_type"),
+    ("GIF", _encode(RGB, "GIF"), 415, "unsupported_media_type"),
+    ("BMP", _encode(RGB, "BMP"), 415, "unsupported_media_type"),
+    ("TIFF", _encode(RGB, "TIFF"), 415, "unsupported_media_type"),
+    ("WebP", _encode(RGB, "WEBP"), 415, "unsupported_media_type"),
+    ("PDF header", b"%PDF-1.4\n%" + bytes(200), 415, "unsupported_media_type"),
+    ("JPEG magic only", JPEG[:3], 400, "undecodable_image"),
+    ("JPEG header only", JPEG[:200], 400, "undecodable_image"),
+    ("JPEG cut in half", JPEG[: len(JPEG) // 2], 400, "undecodable_image"),
+    ("JPEG cut before the end marker", JPEG[:-40], 400, "undecodable_image"),
+    ("JPEG scan replaced by zeros", JPEG[:600] + bytes(len(JPEG) - 600), 400, "undecodable_image"),
+    ("PNG signature only", PNG[:8], 400, "undecodable_image"),
+    ("PNG cut in half", PNG[: len(PNG) // 2], 400, "undecodable_image"),
+    ("PNG without IEND", PNG[:-12], 400, "undecodable_image"),
+    ("PNG with a bad CRC", _png_bad_crc(), 400, "undecodable_image"),
+    (
+        "PNG whose IDAT is not zlib",
+        _png_with_idat(lambda d: b"\x00" * len(d)),
+        400,
+        "undecodable_image",
+    ),
+    (
+        "PNG whose zlib stream is cut",
+        _png_with_idat(lambda d: d[: len(d) // 2]),
+        400,
+        "undecodable_image",
+    ),
+    ("PNG claiming 60000x60000 pixels", _png_dims(60000, 60000), 413, "payload_too_large"),
+    ("JPEG claiming 60000x60000 pixels", _jpeg_dims(60000, 60000), 413, "payload_too_large"),
+    ("PNG pixel bomb 20000x20000", images.png_bomb(20000), 413, "payload_too_large"),
+    (
+        "flat 6000x6000 PNG (decode budget)",
+        _encode(Image.new("RGB", (6000, 6000)), "PNG"),
+        413,
+        "payload_too_large",
+    ),
+]
+IMAGES_ODD_BUT_VALID: list[tuple[str, bytes]] = [
+    ("1x1 JPEG", images.jpeg(np.full((1, 1, 3), 128, np.uint8))),
+    ("greyscale JPEG", _encode(RGB.convert("L"), "JPEG")),
+    ("CMYK JPEG", _encode(RGB.convert("CMYK"), "JPEG")),
+    ("progressive JPEG", _encode(RGB, "JPEG", progressive=True)),
+    ("JPEG rotated by EXIF", images.with_orientation(FRAME_ARRAY, 6, "JPEG")),
+    ("RGBA PNG", _encode(RGB.convert("RGBA"), "PNG")),
+    ("palette PNG", _encode(RGB.convert("P"), "PNG")),
+    (
+        "16-bit greyscale PNG",
+        _encode(Image.fromarray(FRAME_ARRAY[..., 0].astype(np.uint16) * 257), "PNG"),
+    ),
+    ("1-bit PNG", _encode(RGB.convert("1"), "PNG")),
+    ("interlaced PNG", images.png(FRAME_ARRAY, optimize=False)),
+    ("JPEG with trailing bytes", JPEG + b"trailing"),
+    ("very wide 4000x8 JPEG", images.jpeg(np.full((8, 4000, 3), 90, np.uint8))),
+]
+
+
+def _multipart(image: bytes, ctype: str = "image/jpeg") -> Callable[[str], tuple]:
+    return lambda path: ("POST", path, {"files": {"image": ("f", image, ctype)}})
+
+
+def _json_image(image: bytes) -> Callable[[str], tuple]:
+    return lambda path: ("POST", path, {"json": {"image": base64.b64encode(image).decode()}})
+
+
+def _raw(body: bytes, ctype: str | None, method: str = "POST") -> Callable[[str], tuple]:
+    headers = {"content-type": ctype} if ctype else {}
+    return lambda path: (method, path, {"content": body, "headers": headers})
+
+
+def _with_tabular(tabular: Any, as_json_body: bool = False) -> Callable[[str], tuple]:
+    if as_json_body:
+        # Serialised here: NaN and Infinity are sent as the literals a lax client writes.
+        body = json.dumps({"image": base64.b64encode(JPEG).decode(), "tabular": tabular})
+        return _raw(body.encode(), "application/json")
+    text = tabular if isinstance(tabular, str) else json.dumps(tabular)
+    files = {"image": ("f.jpg", JPEG, "image/jpeg")}
+    return lambda path: ("POST", path, {"files": files, "data": {"tabular": text}})
+
+
+def _tabular_only(tabular: Any) -> Callable[[str], tuple]:
+    return lambda path: ("POST", path, {"json": {"tabular": tabular}})
+
+
+def _image_cases() -> list[Case]:
+    cases = []
+    for name, data, status, code in IMAGES_BAD:
+        cases.append(
+            Case("image", f"{name} (multipart)", _multipart(data), status, code, undecodable=True)
+        )
+        cases.append(
+            Case(
+                "image", f"{name} (JSON base64)", _json_image(data), status, code, undecodable=True
+            )
+        )
+    for name, data in IMAGES_ODD_BUT_VALID:
+        cases.append(Case("image (valid)", name, _multipart(data), 200, None))
+    return cases
+
+
+def _body_cases() -> list[Case]:
+    jpeg_b64 = base64.b64encode(JPEG).decode()
+    b = "zzbound"
+    multipart_ct = f"multipart/form-data; boundary={b}"
+    part = (
+        (
+            f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="f.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + JPEG
+        + b"\r\n"
+    )
+    rows: list[tuple[str, Callable[[str], tuple], int, str]] = [
+        ("no content type", _raw(JPEG, None), 415, "unsupported_media_type"),
+        ("raw JPEG body (image/jpeg)", _raw(JPEG, "image/jpeg"), 415, "unsupported_media_type"),
+        ("text/plain body", _raw(b"hello", "text/plain"), 415, "unsupported_media_type"),
+        ("XML body", _raw(b"<a/>", "application/xml"), 415, "unsupported_media_type"),
+        (
+            "form-urlencoded body",
+            _raw(b"image=abc", "application/x-www-form-urlencoded"),
+            415,
+            "unsupported_media_type",
+        ),
+        ("empty JSON body", _raw(b"", "application/json"), 400, "bad_request"),
+        ("invalid JSON", _raw(b'{"image": ', "application/json"), 400, "bad_request"),
+        ("JSON array", _raw(b"[]", "application/json"), 400, "bad_request"),
+        ("JSON string", _raw(b'"abc"', "application/json"), 400, "bad_request"),
+        ("JSON null", _raw(b"null", "application/json"), 400, "bad_request"),
+        (
+            "JSON nested 100,000 deep",
+            _raw(b"[" * 100_000 + b"]" * 100_000, "application/json"),
+            400,
+            "bad_request",
+        ),
+        (
+            "JSON with an unknown key",
+            lambda p: ("POST", p, {"json": {"image": jpeg_b64, "extra": 1}}),
+            400,
+            "bad_request",
+        ),
+        (
+            "JSON image is a number",
+            lambda p: ("POST", p, {"json": {"image": 5}}),
+            400,
+            "bad_request",
+        ),
+        (
+            "JSON image is a list",
+            lambda p: ("POST", p, {"json": {"image": [1, 2]}}),
+            400,
+            "bad_request",
+        ),
+        (
+            "JSON image not base64",
+            lambda p: ("POST", p, {"json": {"image": "@@@"}}),
+            400,
+            "bad_request",
+        ),
+        (
+            "JSON image as a data URL",
+            lambda p: ("POST", p, {"json": {"image": "data:image/jpeg;base64," + jpeg_b64}}),
+            400,
+            "bad_request",
+        ),
+        (
+            "JSON image base64 with line breaks",
+            lambda p: ("POST", p, {"json": {"image": jpeg_b64[:60] + "\n" + jpeg_b64[60:]}}),
+            400,
+            "bad_request",
+        ),
+        ("multipart without a boundary", _raw(part, "multipart/form-data"), 400, "bad_request"),
+        (
+            "multipart truncated (no closing delimiter)",
+            _raw(part, multipart_ct),
+            400,
+            "bad_request",
+        ),
+        (
+            "multipart, wrong boundary",
+            _raw(part + f"--{b}--\r\n".encode(), "multipart/form-data; boundary=other"),
+            400,
+            "bad_request",
+        ),
+        (
+            "multipart with an unknown field",
+            lambda p: ("POST", p, {"files": {"image": ("f.jpg", JPEG)}, "data": {"notes": "x"}}),
+            400,
+            "bad_request",
+        ),
+        (
+            "multipart image as a text field",
+            lambda p: (
+                "POST",
+                p,
+                {"data": {"image": "abc"}, "files": {"tabular": (None, '{"age": 1}')}},
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "multipart with three files",
+            lambda p: (
+                "POST",
+                p,
+                {
+                    "files": [
+                        ("image", ("a", JPEG)),
+                        ("tabular", ("b", b"{}")),
+                        ("image", ("c", JPEG)),
+                    ]
+                },
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "multipart without an image",
+            lambda p: ("POST", p, {"files": {"tabular": (None, "{}")}}),
+            422,
+            "missing_input",
+        ),
+        (
+            "body declared over the size limit",
+            lambda p: (
+                "POST",
+                p,
+                {
+                    "content": b"{}",
+                    "headers": {"content-type": "application/json", "content-length": str(10**9)},
+                },
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "JSON without an image or tabular",
+            lambda p: ("POST", p, {"json": {}}),
+            422,
+            "missing_input",
+        ),
+    ]
+    cases = [Case("body", name, req, status, code) for name, req, status, code in rows]
+    # JSON in UTF-16 or UTF-32 (with a byte-order mark) is read as JSON parsers may.
+    utf16 = _raw(json.dumps({"image": jpeg_b64}).encode("utf-16"), "application/json")
+    return [*cases, Case("body (valid)", "JSON body in UTF-16", utf16, 200, None)]
+
+
+def _query_cases() -> list[Case]:
+    def post(query: str) -> Callable[[str], tuple]:
+        return lambda p: ("POST", p + query, {"files": {"image": ("f.jpg", JPEG)}})
+
+    rows = [
+        ("coverage not fitted (0.5)", post("?coverage=0.5"), 422, "invalid_request"),
+        ("coverage not a number", post("?coverage=abc"), 422, "invalid_request"),
+        ("coverage NaN", post("?coverage=nan"), 422, "invalid_request"),
+        ("coverage empty", post("?coverage="), 422, "invalid_request"),
+        ("coverage 1.5", post("?coverage=1.5"), 422, "invalid_request"),
+        ("misspelt query parameter", post("?coverge=0.9"), 422, "invalid_request"),
+    ]
+    cases = [Case("query", name, req, status, code) for name, req, status, code in rows]
+    absolute = [
+        (
+            "unknown model in ?model=",
+            lambda p: ("POST", "/predict?model=nope", {"files": {"image": ("f.jpg", JPEG)}}),
+            404,
+            "model_not_found",
+        ),
+        (
+            "script tag as model name",
+            lambda p: (
+                "POST",
+                "/predict?model=<script>x</script>",
+                {"files": {"image": ("f.jpg", JPEG)}},
+            ),
+            404,
+            "model_not_found",
+        ),
+        (
+            "unknown model in the path",
+            lambda p: ("POST", "/models/nope/predict", {}),
+            404,
+            "model_not_found",
+        ),
+        (
+            "path traversal as model name",
+            lambda p: ("POST", "/models/..%2F..%2Fetc/predict", {}),
+            404,
+            None,
+        ),
+        ("unknown route", lambda p: ("GET", "/nope", {}), 404, "not_found"),
+        ("GET /predict", lambda p: ("GET", "/predict", {}), 405, "method_not_allowed"),
+        ("DELETE /models", lambda p: ("DELETE", "/models", {}), 405, "method_not_allowed"),
+        ("POST /healthz", lambda p: ("POST", "/healthz", {}), 405, "method_not_allowed"),
+    ]
+    cases += [Case("route", n, r, s, c, models=(MODELS[0],)) for n, r, s, c in absolute]
+    for model in MODELS:
+        cases.append(
+            Case(
+                "route",
+                "unknown version",
+                lambda p, m=model: ("POST", f"/models/{m}/versions/99/predict", {}),
+                404,
+                "model_not_found",
+                models=(model,),
+            )
+        )
+        cases.append(
+            Case(
+                "route",
+                "PUT on predict",
+                lambda p: ("PUT", p, {}),
+                405,
+                "method_not_allowed",
+                models=(model,),
+            )
+        )
+    return cases
+
+
+def _tabular_cases() -> list[Case]:
+    ham = ("ham10000",)
+    bad = [
+        ("age as text", {"age": "forty"}),
+        ("age as boolean", {"age": True}),
+        ("age negative", {"age": -1}),
+        ("age above 120", {"age": 121}),
+        ("age of 400 digits", '{"age": ' + "9" * 400 + "}"),
+        ("age NaN literal", '{"age": NaN}'),
+        ("age Infinity literal", '{"age": Infinity}'),
+        ("age 1e309", '{"age": 1e309}'),
+        ("age as a list", {"age": [40]}),
+        ("age as an object", {"age": {"v": 40}}),
+        ("sex capitalised", {"sex": "Female"}),
+        ("sex as a number", {"sex": 1}),
+        ("unknown localization", {"localization": "elbow"}),
+        ("unknown field", {"weight": 70}),
+        ("field name in another case", {"Age": 40}),
+        ("tabular as a list", [40, "male"]),
+        ("tabular as a string", '"age=40"'),
+        ("tabular as a number", "5"),
+        ("tabular nested 50,000 deep", "[" * 50_000 + "]" * 50_000),
+        ("tabular not JSON", "age: 40"),
+        ("tabular empty part", ""),
+        ("tabular JSON null part", "null"),
+    ]
+    cases = [
+        Case(
+            "tabular",
+            f"{name} (multipart)",
+            _with_tabular(value),
+            422,
+            "invalid_tabular",
+            models=ham,
+        )
+        for name, value in bad
+    ]
+    for name, value in bad[:14]:  # the same values inside a JSON body
+        parsed = json.loads(value) if isinstance(value, str) and "NaN" not in value else value
+        if isinstance(parsed, str):
+            continue
+        cases.append(
+            Case(
+                "tabular",
+                f"{name} (JSON body)",
+                _with_tabular(parsed, True),
+                422,
+                "invalid_tabular",
+                models=ham,
+            )
+        )
+    no_value = [
+        ("tabular only, all null", {"age": None, "sex": None, "localization": None}),
+        ("tabular only, all 'unknown'", {"age": "unknown", "sex": "unknown"}),
+        ("tabular only, empty object", {}),
+    ]
+    cases += [
+        Case("tabular", n, _tabular_only(v), 422, "missing_input", models=ham) for n, v in no_value
+    ]
+    good = [
+        ("tabular only, one field", _tabular_only({"age": 70})),
+        ("age at the lower bound 0", _with_tabular({"age": 0})),
+        ("age at the upper bound 120", _with_tabular({"age": 120})),
+        ("age as 'unknown' (missing)", _with_tabular({"age": "unknown"})),
+        (
+            "tabular sent as a JSON file part",
+            lambda p: (
+                "POST",
+                p,
+                {
+                    "files": {
+                        "image": ("f.jpg", JPEG),
+                        "tabular": ("t.json", b'{"age": 50}', "application/json"),
+                    }
+                },
+            ),
+        ),
+    ]
+    cases += [Case("tabular (valid)", n, r, 200, None, models=ham) for n, r in good]
+    cases.append(
+        Case(
+            "tabular (valid)",
+            "tabular sent to an image-only model (ignored)",
+            _with_tabular({"age": 40}),
+            200,
+            None,
+            models=("hyperkvasir-lgi",),
+        )
+    )
+    cases.append(
+        Case(
+            "tabular",
+            "tabular without an image on an image-only model",
+            _tabular_only({"age": 40}),
+            422,
+            "missing_input",
+            models=("hyperkvasir-lgi",),
+        )
+    )
+    return cases
+
+
+def corpus() -> list[tuple[str, Case]]:
+    """(model, case) pairs: every case against each model it applies to."""
+    cases = _image_cases() + _body_cases() + _query_cases() + _tabular_cases()
+    return [(model, case) for case in cases for model in case.models]
+
+
+def markdown() -> str:
+    rows = ["| # | group | case | model | status | error code |", "|---|---|---|---|---|---|"]
+    for i, (model, case) in enumerate(corpus(), 1):
+        rows.append(
+            f"| {i} | {case.group} | {case.name} | {model} | {case.status} | {case.code or '-'} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown())
