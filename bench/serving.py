@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import platform
 import socket
@@ -106,7 +107,7 @@ def start_server(
     log = tempfile.NamedTemporaryFile("w+", prefix="endofuse-bench-", suffix=".log", delete=False)  # noqa: SIM115
     env = dict(
         os.environ,
-        ENDOFUSE_MODELS=f'["{model}"]',
+        ENDOFUSE_MODELS=json.dumps(model.split(",")),  # one name or a comma list
         ENDOFUSE_PROVIDERS="cpu",
         ENDOFUSE_LOG_LEVEL="WARNING",
         ENDOFUSE_ORT_SPINNING=str(spinning).lower(),
