@@ -21,7 +21,7 @@ from service.decision import decide, pattern_of
 from service.errors import MissingInput
 from service.manifest import Manifest
 from service.metrics import Metrics
-from service.preprocess import decode_image
+from service.preprocess import decode_image, from_pixels
 from service.queue import InferenceQueue, ItemResult, WorkItem
 from service.registry import ModelVersion, Registry
 from service.tabular import parse_tabular
@@ -35,6 +35,9 @@ class RawRequest:
     tabular: Any = None
     request_id: str = ""
     coverage: float | None = None  # of the prediction set; None: the settings' default
+    # Decoded RGB pixels [H, W, 3] uint8 instead of encoded bytes (tensor protocols).
+    pixels: np.ndarray | None = None
+    timeout_s: float | None = None  # a client's own deadline, within the settings' one
 
 
 @dataclass
@@ -78,8 +81,10 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
         warnings.append(
             f"model '{manifest.name}' takes no tabular input; the tabular fields were ignored"
         )
-    image_present = raw.image is not None
-    if image_present:
+    image_present = raw.image is not None or raw.pixels is not None
+    if raw.pixels is not None:
+        image = from_pixels(raw.pixels, manifest.image, settings.max_image_pixels)
+    elif raw.image is not None:
         image = decode_image(raw.image, manifest.image, settings.max_image_pixels)
     else:
         _require_image_or_tabular(manifest, tabular_report)
@@ -147,7 +152,10 @@ async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> 
     loop = asyncio.get_running_loop()
     prepared = await loop.run_in_executor(ctx.decode_pool, prepare, raw, model, ctx.settings)
     decoded = time.perf_counter()
-    result = await ctx.queue.submit(prepared.item, ctx.settings.request_timeout_s)
+    timeout_s = ctx.settings.request_timeout_s
+    if raw.timeout_s is not None:
+        timeout_s = min(timeout_s, raw.timeout_s)
+    result = await ctx.queue.submit(prepared.item, timeout_s)
     total = time.perf_counter() - start
     timings = {
         "decode": (decoded - start) * 1e3,

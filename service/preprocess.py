@@ -146,6 +146,19 @@ def _check_png_budget(width: int, height: int, n_bytes: int) -> None:
         )
 
 
+def from_pixels(pixels: np.ndarray, spec: ImageSpec, max_pixels: int = 40_000_000) -> np.ndarray:
+    """An already-decoded uint8 RGB frame [H, W, 3] -> the model's input, as ``decode_image``
+    would give for the same frame encoded losslessly."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise UnsupportedMediaType("pixel tensors must be uint8 [height, width, 3] RGB")
+    height, width = pixels.shape[:2]
+    if height == 0 or width == 0:
+        raise UndecodableImage("pixel tensor is empty")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"image has {width * height} pixels; the limit is {max_pixels}")
+    return prepare(Image.fromarray(np.ascontiguousarray(pixels), "RGB"), spec)
+
+
 def prepare(rgb: Image.Image, spec: ImageSpec) -> np.ndarray:
     """A decoded RGB frame -> the model's uint8 input, by the spec's preprocessing version."""
     if spec.version == 2:

@@ -14,6 +14,7 @@ from service import __version__
 from service.admission import AdmissionControl
 from service.api.errors import install_error_handlers
 from service.api.limits import RequestLimitsMiddleware
+from service.api.oip import router as oip_router
 from service.api.openapi import install_openapi
 from service.api.routes import router
 from service.config import Settings
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(oip_router)
     install_openapi(app)
     app.add_middleware(
         RequestLimitsMiddleware,

@@ -8,6 +8,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import error_body
+
 
 class RequestLimitsMiddleware:
     """Buffer request bodies up to ``max_bytes`` within ``body_timeout_s``; past either, answer
@@ -31,25 +33,25 @@ class RequestLimitsMiddleware:
             return
         if len(scope.get("headers", ())) > self.max_header_count:
             many = f"more than {self.max_header_count} header fields"
-            await _reject(send, 431, "too_many_headers", many)
+            await _reject(scope, send, 431, "too_many_headers", many)
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _too_large(send, self.max_bytes)
+            await _too_large(scope, send, self.max_bytes)
             return
         try:
             whole = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
         except asyncio.TimeoutError:
             late = f"request body not received within {self.body_timeout_s:g} s"
-            await _reject(send, 408, "request_timeout", late)
+            await _reject(scope, send, 408, "request_timeout", late)
             return
         if whole is None:
             return  # the client went away
         if len(whole) > self.max_bytes:
-            await _too_large(send, self.max_bytes)
+            await _too_large(scope, send, self.max_bytes)
             return
         replayed = False
 
@@ -87,13 +89,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    await _reject(send, 413, "payload_too_large", f"request body exceeds {limit} bytes")
+async def _too_large(scope: Scope, send: Send, limit: int) -> None:
+    await _reject(scope, send, 413, "payload_too_large", f"request body exceeds {limit} bytes")
 
 
-async def _reject(send: Send, status: int, code: str, message: str) -> None:
+async def _reject(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
     # Connection: close, since the rest of the body (if any) is never read.
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps(error_body(scope.get("path", ""), code, message)).encode()
     await send(
         {
             "type": "http.response.start",
