@@ -91,6 +91,34 @@ def worker(
     asyncio.run(serve_worker(settings))
 
 
+keys = typer.Typer(help="API keys: the keys file stores names, scopes and hashes only")
+app.add_typer(keys, name="keys")
+
+
+@keys.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="A name for the client; it appears in logs"),
+    scopes: str = typer.Option(..., "--scopes", help="Comma list of predict, models:read, metrics"),
+    file: Path = typer.Option(
+        None, "--file", help="Keys file (default ENDOFUSE_API_KEYS_FILE, else keys.json)"
+    ),
+    rate: str | None = typer.Option(None, "--rate", help='e.g. "20/second"; default: settings'),
+) -> None:
+    """Create a key and print it once: only its hash is kept."""
+    import os
+
+    from service.api.auth import create_key
+
+    path = file or Path(os.environ.get("ENDOFUSE_API_KEYS_FILE", "keys.json"))
+    wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+    try:
+        key = create_key(path, name, wanted, rate)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(key)
+    typer.echo(f"stored the hash of key '{name}' in {path}; the key is not shown again", err=True)
+
+
 def _training() -> None:
     """Training commands need the 'train' extra; the service itself never loads torch."""
     import importlib.util

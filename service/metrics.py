@@ -64,6 +64,12 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.key_requests = Counter(
+            "endofuse_key_requests",
+            "Requests admitted with an API key, by key name (never the key).",
+            ["key"],
+            registry=r,
+        )
         self.decisions = Counter(
             "endofuse_decisions",
             "Answered predictions that were referred to a clinician, and that were flagged "

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.admission import AdmissionControl
+from service.api.auth import Access, KeyStore
 from service.api.errors import install_error_handlers
 from service.api.limits import RequestLimitsMiddleware
 from service.api.oip import router as oip_router
@@ -30,6 +31,16 @@ log = logging.getLogger("service")
 def load_registry(settings: Settings) -> Registry:
     # Behind a redis:// queue the API only validates and decodes: workers own the sessions.
     return load_from_settings(settings, load_engines=not uses_remote_workers(settings))
+
+
+def access_from_settings(settings: Settings) -> Access | None:
+    if settings.api_keys_file is None:
+        return None
+    # Budgets live beside the queue: in Redis, every replica spends from the same one.
+    url = settings.queue_url
+    storage = "async+" + url if url.startswith(("redis://", "rediss://")) else "async+memory://"
+    store = KeyStore.load(settings.api_keys_file)
+    return Access(store, settings.rate_limit, storage)
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
@@ -56,6 +67,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 str(is_default).lower(),
             ).set(1)
         app.state.ctx = ctx
+        app.state.access = access_from_settings(settings)
         ctx.ready = True
         metrics.ready.set(1)
         log.info(

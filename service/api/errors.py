@@ -36,10 +36,13 @@ def error_response(
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        retry = exc.retry_after if exc.status == 503 else None
+        retry = exc.retry_after if exc.status in (429, 503) else None
         if exc.status == 503 and retry is None:
             retry = 1.0
         response = error_response(exc.status, exc.code, exc.message, retry, request.url.path)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="endofuse"'
+
         request_id = getattr(request.state, "request_id", None)
         if request_id:
             response.headers["X-Request-ID"] = request_id

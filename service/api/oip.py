@@ -17,10 +17,11 @@ import json
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__
+from service.api.auth import require, require_health
 from service.api.oip_codec import InferRequest, Tensor, encode_response, parse_request
 from service.api.parsing import request_id_from
 from service.errors import BadRequest, InvalidRequest, NotReady, ServiceError
@@ -30,13 +31,15 @@ from service.registry import ModelVersion
 # Not in the OpenAPI document: the protocol is its own specification.
 router = APIRouter(prefix="/v2", include_in_schema=False)
 _HEADER_LENGTH = "inference-header-content-length"
+PREDICT = [Depends(require("predict"))]
+READ = [Depends(require("models:read"))]
 
 
 def _ctx(request: Request) -> ServiceContext:
     return request.app.state.ctx
 
 
-@router.get("")
+@router.get("", dependencies=READ)
 async def server_metadata() -> dict[str, Any]:
     return {
         "name": "endofuse",
@@ -45,20 +48,20 @@ async def server_metadata() -> dict[str, Any]:
     }
 
 
-@router.get("/health/live")
+@router.get("/health/live", dependencies=[Depends(require_health)])
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", dependencies=[Depends(require_health)])
 async def ready(request: Request) -> JSONResponse:
     ctx = _ctx(request)
     ok = ctx.ready and ctx.queue.reachable()
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}", dependencies=READ)
+@router.get("/models/{name}/versions/{version}", dependencies=READ)
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
     registry = _ctx(request).registry
     mv = registry.get(name, version)
@@ -71,8 +74,8 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     }
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/ready", dependencies=READ)
+@router.get("/models/{name}/versions/{version}/ready", dependencies=READ)
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
     ctx = _ctx(request)
     mv = ctx.registry.get(name, version)
@@ -80,8 +83,8 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
     return JSONResponse({"name": mv.name, "ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}/config")
-@router.get("/models/{name}/versions/{version}/config")
+@router.get("/models/{name}/config", dependencies=READ)
+@router.get("/models/{name}/versions/{version}/config", dependencies=READ)
 async def model_config(request: Request, name: str, version: str | None = None) -> dict:
     """Triton's model configuration, which perf_analyzer reads (batch dimension implicit)."""
     ctx = _ctx(request)
@@ -104,8 +107,8 @@ async def model_config(request: Request, name: str, version: str | None = None) 
     }
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/infer", dependencies=PREDICT)
+@router.post("/models/{name}/versions/{version}/infer", dependencies=PREDICT)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     ctx = _ctx(request)
     model_label = name

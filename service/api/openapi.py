@@ -110,7 +110,39 @@ def build_openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
             path = f"/models/{name}/versions/{mv.version}/predict"
             paths[path] = {"post": predict_operation(mv, path)}
     spec["paths"] = paths
+    if getattr(app.state, "access", None) is not None:
+        _document_security(spec, open_paths=set() if settings_health(app) else _PROBES)
     return spec
+
+
+_PROBES = {"/healthz", "/readyz"}
+
+
+def settings_health(app: FastAPI) -> bool:
+    return bool(app.state.ctx.settings.auth_health)
+
+
+def _document_security(spec: dict[str, Any], open_paths: set[str]) -> None:
+    """With API keys on: the two ways to present a key, and 401 / 403 / 429 on every
+    operation that needs one."""
+    spec["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    reasons = {
+        "401": "No API key, or not a valid one",
+        "403": "The API key lacks this operation's scope",
+        "429": "The API key's rate limit is reached (see Retry-After)",
+    }
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, operations in spec["paths"].items():
+        if path in open_paths:
+            continue
+        for op in operations.values():
+            op["security"] = [{"bearer": []}, {"apiKey": []}]
+            for status, text in reasons.items():
+                op["responses"][status] = {"description": text, "content": error}
+            op["responses"]["429"]["headers"] = _RETRY_AFTER
 
 
 def _plain_operation(path: str, op: dict[str, Any]) -> dict[str, Any]:

@@ -6,15 +6,18 @@ import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.api.auth import require, require_health
 from service.api.parsing import decode_request, request_id_from
 from service.errors import InvalidRequest, NotReady, ServiceError
 from service.pipeline import ServiceContext, predict
 
 log = logging.getLogger("service.api")
 router = APIRouter()
+PREDICT = [Depends(require("predict"))]
+READ = [Depends(require("models:read"))]
 
 
 def _ctx(request: Request) -> ServiceContext:
@@ -43,14 +46,14 @@ async def _predict(
             body = await predict(ctx, raw, model)
     except ServiceError as exc:
         ctx.metrics.requests.labels(model_label, exc.code).inc()
-        _log_request(request_id, model_label, exc.status, exc.code, start)
+        _log_request(request, request_id, model_label, exc.status, exc.code, start)
         raise
     except Exception:
         # Answered as a plain 500 by the error handler; still counted and logged here.
         ctx.metrics.requests.labels(model_label, "internal_error").inc()
-        _log_request(request_id, model_label, 500, "internal_error", start)
+        _log_request(request, request_id, model_label, 500, "internal_error", start)
         raise
-    _log_request(request_id, model_label, 200, "ok", start)
+    _log_request(request, request_id, model_label, 200, "ok", start)
     return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
 
 
@@ -65,11 +68,14 @@ def _refuse_unknown_query(request: Request, accepted: set[str]) -> None:
         )
 
 
-def _log_request(request_id: str, model: str, status: int, code: str, start: float) -> None:
+def _log_request(
+    request: Request, request_id: str, model: str, status: int, code: str, start: float
+) -> None:
     log.info(
         "predict",
         extra={
             "request_id": request_id,
+            "key": getattr(request.state, "key_name", None),
             "model": model,
             "status": status,
             "code": code,
@@ -78,7 +84,7 @@ def _log_request(request_id: str, model: str, status: int, code: str, start: flo
     )
 
 
-@router.post("/predict", tags=["predict"])
+@router.post("/predict", tags=["predict"], dependencies=PREDICT)
 async def predict_default(
     request: Request, model: str | None = None, coverage: float | None = None
 ) -> JSONResponse:
@@ -87,26 +93,26 @@ async def predict_default(
     return await _predict(request, model, None, coverage)
 
 
-@router.post("/v1/predict", tags=["predict"])
+@router.post("/v1/predict", tags=["predict"], dependencies=PREDICT)
 async def predict_v1(
     request: Request, model: str | None = None, coverage: float | None = None
 ) -> JSONResponse:
     return await _predict(request, model, None, coverage)
 
 
-@router.post("/models/{name}/predict", tags=["predict"])
+@router.post("/models/{name}/predict", tags=["predict"], dependencies=PREDICT)
 async def predict_model(request: Request, name: str, coverage: float | None = None) -> JSONResponse:
     return await _predict(request, name, None, coverage)
 
 
-@router.post("/models/{name}/versions/{version}/predict", tags=["predict"])
+@router.post("/models/{name}/versions/{version}/predict", tags=["predict"], dependencies=PREDICT)
 async def predict_version(
     request: Request, name: str, version: str, coverage: float | None = None
 ) -> JSONResponse:
     return await _predict(request, name, version, coverage)
 
 
-@router.get("/models", tags=["models"])
+@router.get("/models", tags=["models"], dependencies=READ)
 async def list_models(request: Request) -> dict[str, Any]:
     registry = _ctx(request).registry
     return {
@@ -124,7 +130,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{name}", tags=["models"])
+@router.get("/models/{name}", tags=["models"], dependencies=READ)
 async def describe_model(request: Request, name: str) -> dict[str, Any]:
     registry = _ctx(request).registry
     latest = registry.get(name)
@@ -135,17 +141,17 @@ async def describe_model(request: Request, name: str) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{name}/versions/{version}", tags=["models"])
+@router.get("/models/{name}/versions/{version}", tags=["models"], dependencies=READ)
 async def describe_version(request: Request, name: str, version: str) -> dict[str, Any]:
     return _ctx(request).registry.get(name, version).manifest.public_view()
 
 
-@router.get("/healthz", tags=["ops"])
+@router.get("/healthz", tags=["ops"], dependencies=[Depends(require_health)])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"])
+@router.get("/readyz", tags=["ops"], dependencies=[Depends(require_health)])
 async def readyz(request: Request) -> JSONResponse:
     ctx = _ctx(request)
     if not ctx.ready:
@@ -156,7 +162,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "models": [mv.key for mv in ctx.registry.all()]})
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", tags=["ops"], dependencies=[Depends(require("metrics"))])
 async def metrics(request: Request) -> Response:
     ctx = _ctx(request)
     for mv in ctx.registry.all():
