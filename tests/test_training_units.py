@@ -253,3 +253,17 @@ def test_calibration_parameters_round_trip_through_manifest_and_onnx(tmp_path: P
            "image": {"height": 32, "width": 32}, "calibration": calibration}  # fmt: skip
     back = parse_manifest(json.loads(json.dumps(raw))).raw["calibration"]
     assert back["biases"] == biases and back["temperatures"] == temps
+
+
+def test_augment_params_override_a_recipe_and_unknown_fields_fail_early() -> None:
+    from training.augment import CaptureAugment, make_augment
+    from training.config import load_config
+
+    recipe = make_augment("endoscopy", {"crop_scale": [0.75, 1.0], "p_green": 0.0})
+    assert isinstance(recipe, CaptureAugment)
+    assert recipe.crop_scale == (0.75, 1.0) and recipe.p_green == 0.0
+    assert recipe.p_text == CaptureAugment().p_text  # the rest as the recipe has it
+    config = Path(__file__).parents[1] / "training" / "configs" / "hyperkvasir-lgi-mildcrop.yaml"
+    assert load_config(config).image.augment_params == {"crop_scale": [0.75, 1.0]}
+    with pytest.raises(ValueError, match="unknown fields"):
+        load_config(config, {"image.augment_params": {"crop_sclae": [0.5, 1.0]}})

@@ -12,7 +12,7 @@ most non-polyp frames carry is added to frames of every class for the same reaso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
@@ -219,3 +219,14 @@ class DermoscopyAugment:
 
 
 RECIPES = {"endoscopy": CaptureAugment, "dermoscopy": DermoscopyAugment}
+
+
+def make_augment(recipe: str, params: dict | None = None) -> CaptureAugment | DermoscopyAugment:
+    """The named recipe with some fields overridden (lists from YAML become tuples)."""
+    cls = RECIPES[recipe]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(params or {}) - names)
+    if unknown:
+        raise ValueError(f"augment_params: unknown fields {unknown} for recipe {recipe!r}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (params or {}).items()}
+    return cls(**values)

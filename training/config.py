@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from service.preprocess import ImageSpec
+from training.augment import make_augment
 from training.data import ColumnSpec, DatasetSpec
 
 
@@ -29,9 +30,12 @@ class ImageConfig:
     # fine-tune (model.finetune_from_block = 0), since augmented pixels cannot be cached.
     augment: bool = False
     augment_recipe: str = "endoscopy"  # a key of training.augment.RECIPES
+    # Fields of the recipe's dataclass to override, e.g. {crop_scale: [0.75, 1.0]}.
+    augment_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ImageSpec(self.height, self.width, self.mask_regions, self.preprocessing)
+        make_augment(self.augment_recipe, self.augment_params)  # fails early on a bad field
 
     def spec(self) -> ImageSpec:
         return ImageSpec(self.height, self.width, self.mask_regions, self.preprocessing)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from service.tabular import TabularSchema
-from training.augment import RECIPES
+from training.augment import make_augment
 from training.backbone import load_pretrained
 from training.calibrate import fit_calibration, fit_per_pattern
 from training.config import Config, load_config
@@ -78,7 +78,11 @@ def load_data(cfg: Config) -> Data:
     spec = cfg.image.spec()
     if cfg.model.finetune_from_block == 0:
         # Full fine-tune: pixels, not cached features; training frames augmented every step.
-        augment = RECIPES[cfg.image.augment_recipe]() if cfg.image.augment else None
+        augment = (
+            make_augment(cfg.image.augment_recipe, cfg.image.augment_params)
+            if cfg.image.augment
+            else None
+        )
         feats = {
             "train": AugmentedImages.load(tables["train"].paths, spec, augment),
             **{s: pixel_set(tables[s].paths, spec, f"decode {s}") for s in ("val", "test")},
