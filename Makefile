@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install redis serve test lint bench clean
+.PHONY: install redis browser serve test lint bench bench-soak clean
 
 install: $(STAMP) redis
 
@@ -15,6 +15,13 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends redis-server; }
+
+# The web page test drives a real headless browser: Debian's chromium and its driver.
+browser:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +34,7 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/endofuse serve --host $(HOST) --port $(PORT) --models-dir models
 
-test: install
+test: install browser
 	$(VENV)/bin/ruff check service training tests bench
 	$(PY) -m pytest -q
 
@@ -39,6 +46,12 @@ bench: install
 	$(PY) bench/serving.py --out docs/performance.md
 	$(PY) bench/preprocess.py --out docs/performance.md
 	$(PY) bench/redis_hop.py --out docs/performance.md
+	$(PY) bench/overload.py --out docs/performance.md
+	$(PY) bench/edge.py --out docs/performance.md
+
+# Ten minutes of abuse beside load, with the server's memory sampled throughout.
+bench-soak: install
+	$(PY) bench/soak.py --minutes 10 --out docs/performance.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -7,8 +7,11 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from service import __version__
 from service.admission import AdmissionControl
@@ -31,6 +34,20 @@ log = logging.getLogger("service")
 def load_registry(settings: Settings) -> Registry:
     # Behind a redis:// queue the API only validates and decodes: workers own the sessions.
     return load_from_settings(settings, load_engines=not uses_remote_workers(settings))
+
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+
+
+def install_web(app: FastAPI) -> None:
+    """The clinician page at ``/``: static files, a client of the public API."""
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        # Everything the page loads comes from this service (it runs air-gapped).
+        csp = "default-src 'self'; img-src 'self' blob:; object-src 'none'"
+        return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": csp})
 
 
 def access_from_settings(settings: Settings) -> Access | None:
@@ -97,6 +114,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.include_router(router)
     app.include_router(oip_router)
     install_openapi(app)
+    install_web(app)
     app.add_middleware(
         RequestLimitsMiddleware,
         max_bytes=settings.max_body_bytes,
