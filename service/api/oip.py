@@ -28,8 +28,7 @@ from service.errors import BadRequest, InvalidRequest, NotReady, ServiceError
 from service.pipeline import RawRequest, ServiceContext, predict
 from service.registry import ModelVersion
 
-# Not in the OpenAPI document: the protocol is its own specification.
-router = APIRouter(prefix="/v2", include_in_schema=False)
+router = APIRouter(prefix="/v2")
 _HEADER_LENGTH = "inference-header-content-length"
 PREDICT = [Depends(require("predict"))]
 READ = [Depends(require("models:read"))]

@@ -59,6 +59,52 @@ PREDICTION = {
     },
 }
 
+PROTOCOL_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": ["BYTES", "UINT8", "FP32"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array", "description": "row-major values; BYTES as base64 strings"},
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+        },
+    },
+}
+INFER_REQUEST = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "timeout": {"type": "integer", "description": "microseconds"},
+                        "coverage": {"type": "number"},
+                        "binary_data_output": {"type": "boolean"},
+                    },
+                },
+                "inputs": {"type": "array", "items": _TENSOR},
+                "outputs": {"type": "array", "items": {"type": "object"}},
+            },
+        }
+    },
+    "application/octet-stream": {
+        "schema": {"type": "string", "format": "binary"},
+        "description": "binary tensor data extension: a JSON header of "
+        "Inference-Header-Content-Length bytes, then each input's bytes in order",
+    },
+}
+
 _REASONS = {
     400: "Malformed request or an image that could not be decoded",
     404: "No such model or version",
@@ -92,10 +138,15 @@ def build_openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
     spec = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
-    spec["components"] = {"schemas": {"Error": ERROR, "Prediction": PREDICTION}}
+    spec["components"] = {
+        "schemas": {"Error": ERROR, "Prediction": PREDICTION, "ProtocolError": PROTOCOL_ERROR}
+    }
     paths: dict[str, Any] = {}
     for path, operations in spec["paths"].items():
         if path.endswith("/predict"):
+            continue
+        if path == "/v2" or path.startswith("/v2/"):
+            paths[path] = {m: _protocol_operation(path, m, op) for m, op in operations.items()}
             continue
         paths[path] = {m: _plain_operation(path, op) for m, op in operations.items()}
     default = registry.get(registry.default_model) if registry.default_model else None
@@ -164,12 +215,37 @@ def _plain_operation(path: str, op: dict[str, Any]) -> dict[str, Any]:
     return op
 
 
-def _errors(statuses: tuple[int, ...]) -> dict[str, Any]:
+def _protocol_operation(path: str, method: str, op: dict[str, Any]) -> dict[str, Any]:
+    """Open Inference Protocol v2 routes: errors are ``{"error": "..."}``; inference takes
+    the protocol's JSON form or its binary tensor data extension."""
+    op = copy.deepcopy(op)
+    op["tags"] = ["open inference protocol v2"]
+    statuses: tuple[int, ...] = _EVERY_REQUEST
+    if "{" in path:
+        statuses += (404,)
+    if path.endswith("/ready"):
+        statuses += (503,)
+    ok = op["responses"].get("200", {"description": "OK"})
+    if method == "post":
+        statuses = _PREDICT_ERRORS
+        op["requestBody"] = {"required": True, "content": INFER_REQUEST}
+        ok = {
+            "description": "Output tensors (JSON, or a JSON header then binary tensor data)",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    op["responses"] = {"200": ok, **_errors(statuses, "ProtocolError")}
+    return op
+
+
+def _errors(statuses: tuple[int, ...], schema: str = "Error") -> dict[str, Any]:
     out = {}
     for status in sorted(set(statuses)):
         response: dict[str, Any] = {
             "description": _REASONS[status],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
         }
         if status == 503:
             response["headers"] = _RETRY_AFTER
