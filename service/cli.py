@@ -206,6 +206,22 @@ def evaluate(
     main(model_dir, split, out, audit, service, baseline, audit_frames)
 
 
+@app.command("ood-distance")
+def ood_distance(
+    model_dir: Path = typer.Argument(..., exists=True),
+    feature: str | None = typer.Option(None, help="Feature tensor (default: the pooling)"),
+    fit_frames: int = typer.Option(3000, help="Train frames the class means are fitted on"),
+) -> None:
+    """Add a Mahalanobis-distance output to a model's graph (probabilities unchanged), then
+    refit its decision parameters with it."""
+    _training()
+    from training import conformal, ood_embed
+
+    info = ood_embed.main(model_dir, feature, fit_frames)
+    typer.echo(f"added '{info['output']}' from {info['feature']} ({info['fitted_on']})")
+    conformal.main(model_dir)
+
+
 @app.command()
 def decision(
     model_dir: Path = typer.Argument(..., exists=True),

@@ -9,7 +9,11 @@ thresholds every class, rare ones included, gets the stated coverage on its own 
 
 Out of distribution: the energy score of the graph's logits, -logsumexp(z) (Liu et al.,
 NeurIPS 2020), is high when no class fits; per pattern, the threshold lets 95 % of the val
-split's inputs pass.
+split's inputs pass. A graph may also output ``ood_distance``: the Mahalanobis distance of
+its pooled image features to the nearest class mean (Lee et al., NeurIPS 2018), which sees
+what the logits cannot (another modality that still lands confidently on one class). The
+engine then appends that distance to the logits row. With both, each signal is scaled so that
+its val median is 0 and its own 95 % quantile is 1, and the score is the larger of the two.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ class DecisionParams:
     # pattern -> coverage level (as text, e.g. "0.9") -> per-class thresholds
     thresholds: dict[str, dict[str, list[float]]]
     levels: tuple[float, ...]
-    ood_thresholds: dict[str, float] | None = None  # pattern -> energy threshold
+    ood_thresholds: dict[str, float] | None = None  # pattern -> score threshold
+    # pattern -> signal ("energy", "distance") -> (val median, val 95 % quantile); absent: the
+    # score is the raw energy
+    ood_scale: dict[str, dict[str, tuple[float, float]]] | None = None
 
     @classmethod
     def from_manifest(cls, raw: dict[str, Any] | None) -> DecisionParams | None:
@@ -66,7 +73,12 @@ class DecisionParams:
             thresholds={p: dict(v) for p, v in raw["thresholds"].items()},
             levels=tuple(float(level) for level in raw["levels"]),
             ood_thresholds={p: float(t) for p, t in ood["thresholds"].items()} if ood else None,
-        )
+            ood_scale=(
+                {p: {k: (float(a), float(b)) for k, (a, b) in v.items()}
+                 for p, v in ood["scale"].items()}
+                if ood and ood.get("scale") else None
+            ),
+        )  # fmt: skip
 
     def level_key(self, coverage: float) -> str:
         for level in self.levels:
@@ -97,6 +109,35 @@ def energy(logits: np.ndarray) -> np.ndarray:
     return -(top[..., 0] + np.log(np.exp(logits - top).sum(axis=-1)))
 
 
+UNIFORM_STD = 3.0  # grey levels: below this the model input is one flat colour
+
+
+def is_uniform(image: np.ndarray) -> bool:
+    """A blank or single-colour model input: no tissue to read, whatever the logits say. The
+    model's own signals miss these on HAM10000 (a flat colour lands near the class means)."""
+    pixels = np.asarray(image, np.float32).reshape(-1, 3)
+    return bool(pixels.std(axis=0).max() < UNIFORM_STD)  # spatial spread, per channel
+
+
+def ood_signals(row: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+    """The raw signals in a logits row (or rows): energy, and the graph's distance if any."""
+    row = np.asarray(row, np.float64)
+    out = {"energy": energy(row[..., :n_labels])}
+    if row.shape[-1] > n_labels:
+        out["distance"] = row[..., n_labels]
+    return out
+
+
+def ood_score(
+    signals: dict[str, np.ndarray], scale: dict[str, tuple[float, float]] | None
+) -> np.ndarray:
+    """Energy alone, or the larger of the scaled signals that ``scale`` names."""
+    if not scale:
+        return signals["energy"]
+    scaled = [(signals[k] - med) / max(q - med, 1e-9) for k, (med, q) in scale.items()]
+    return np.max(scaled, axis=0)
+
+
 def decide(
     params: DecisionParams | None,
     labels: tuple[str, ...],
@@ -105,16 +146,20 @@ def decide(
     coverage: float,
     confidence_floor: float,
     logits: np.ndarray | None = None,
+    uniform_image: bool = False,
 ) -> dict[str, Any]:
     """Response fields: prediction set, its coverage, the out-of-distribution score, and the
     referral with its reason."""
     reasons: list[str] = []
     out: dict[str, Any] = {}
     if params is not None and params.ood_thresholds and logits is not None:
-        score = float(energy(np.asarray(logits, np.float64)))
+        scale = params.ood_scale.get(pattern) if params.ood_scale else None
+        score = float(ood_score(ood_signals(logits, len(labels)), scale))
         flagged = score > params.ood_thresholds[pattern]
-        out["ood"] = {"score": round(score, 4), "flagged": bool(flagged)}
-        if flagged:
+        out["ood"] = {"score": round(score, 4), "flagged": bool(flagged or uniform_image)}
+        if uniform_image:
+            reasons.append("the image is blank or a single flat colour")
+        elif flagged:
             reasons.append("the input does not look like the data the model was trained on")
     if params is not None:
         members = params.prediction_set(probs, pattern, coverage)

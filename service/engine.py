@@ -77,15 +77,17 @@ class Engine:
         check_against_graph(manifest, inputs, outputs, where=str(model_path))
         self._input_names = set(inputs)
         self._outputs = ["probabilities", "logits"] if "logits" in outputs else ["probabilities"]
+        if "logits" in outputs and "ood_distance" in outputs:
+            self._outputs.append("ood_distance")
 
     def run(self, batch: Batch) -> np.ndarray:
         """Return probabilities float32 [N,K]; raises InferenceFailed on any runtime error."""
         return self.run_with_logits(batch)[0]
 
     def run_with_logits(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and raw logits, float32 [N,K] each (the logits feed the
-        out-of-distribution score; None for a graph without them); raises InferenceFailed
-        on any runtime error."""
+        """Probabilities float32 [N,K], and the logits row that feeds the out-of-distribution
+        score: float32 [N,K], or [N,K+1] with the graph's ``ood_distance`` appended (None for
+        a graph without logits). Raises InferenceFailed on any runtime error."""
         feeds: dict[str, np.ndarray] = {"image": np.ascontiguousarray(batch.images, np.uint8)}
         if "tabular" in self._input_names:
             n_fields = len(self.manifest.tabular.fields) if self.manifest.tabular else 0
@@ -108,11 +110,23 @@ class Engine:
         probs = np.asarray(probs, dtype=np.float32)
         if probs.shape != (len(batch), len(self.manifest.labels)):
             raise InferenceFailed(f"model returned shape {probs.shape}")
-        return probs, (np.asarray(rest[0], dtype=np.float32) if rest else None)
+        if not rest:
+            return probs, None
+        logits = np.asarray(rest[0], dtype=np.float32)
+        if len(rest) > 1:  # one row travels through every queue backend: append the distance
+            distance = np.asarray(rest[1], dtype=np.float32).reshape(len(batch), 1)
+            logits = np.concatenate([logits, distance], axis=1)
+        return probs, logits
 
-    def warm_up(self, runs: int) -> None:
-        """Run dummy batches so the first real request pays no lazy-initialisation cost."""
+    def warm_up(self, runs: int, max_batch_size: int = 16) -> None:
+        """Run dummy batches so the first real request pays no lazy-initialisation cost.
+
+        The lone-request shape first, then the largest batch: ONNX Runtime's memory arena grows
+        to the biggest batch it has seen and keeps that size, so the memory a replica reports
+        once ready is the memory it keeps under load, not a step up the first time load peaks.
+        """
         spec = self.manifest.image
+        sizes = [1, max_batch_size]
         for i in range(runs):
-            size = 1 if i % 2 == 0 else 4  # both the lone-request and batched shapes
+            size = sizes[i % 2]
             self.run(Batch(images=np.zeros((size, spec.height, spec.width, 3), np.uint8)))

@@ -17,7 +17,7 @@ import numpy as np
 
 from service.admission import AdmissionControl
 from service.config import Settings
-from service.decision import decide, pattern_of
+from service.decision import decide, is_uniform, pattern_of
 from service.errors import MissingInput
 from service.manifest import Manifest
 from service.metrics import Metrics
@@ -47,6 +47,7 @@ class Prepared:
     warnings: list[str] = field(default_factory=list)
     coverage: float = 0.9
     confidence_floor: float = 0.0
+    uniform_image: bool = False  # blank or one flat colour: out of distribution whatever the model
 
 
 @dataclass
@@ -98,7 +99,8 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
         request_id=raw.request_id,
     )
     modalities = {"image": image_present, "tabular": tabular_report}
-    return Prepared(item, modalities, warnings, coverage, settings.confidence_floor)
+    uniform = image_present and is_uniform(image)
+    return Prepared(item, modalities, warnings, coverage, settings.confidence_floor, uniform)
 
 
 def _require_image_or_tabular(manifest: Manifest, report: dict[str, list[str]] | None) -> None:
@@ -138,6 +140,7 @@ def encode_response(
             prepared.coverage,
             prepared.confidence_floor,
             result.logits,
+            prepared.uniform_image,
         ),
         "modalities": prepared.modalities,
         "warnings": warnings,

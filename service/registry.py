@@ -75,6 +75,7 @@ class Registry:
         default_model: str | None = None,
         spinning: bool = True,
         load_engines: bool = True,
+        max_batch_size: int = 16,
     ) -> Registry:
         loaded = []
         for name, version, vdir in discover(models_dir, only):
@@ -90,7 +91,7 @@ class Registry:
                     inter_op_threads,
                     spinning,
                 )
-                engine.warm_up(warmup_runs)
+                engine.warm_up(warmup_runs, max_batch_size)
             loaded.append(ModelVersion(name, version, vdir, manifest, engine))
             log.info(
                 "model loaded",
@@ -151,6 +152,7 @@ def load_from_settings(settings: Settings, *, load_engines: bool = True) -> Regi
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         warmup_runs=settings.warmup_runs,
+        max_batch_size=settings.max_batch_size,
         only=settings.models or None,
         default_model=settings.default_model,
         spinning=settings.ort_spinning,

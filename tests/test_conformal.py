@@ -115,3 +115,73 @@ def test_energy_and_auroc() -> None:
     brute = np.mean([[(o > i) + 0.5 * (o == i) for i in inside] for o in outside])
     assert separation(inside, outside) == pytest.approx(brute)
     assert separation(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    from sklearn.covariance import LedoitWolf
+
+    from training.ood_embed import ledoit_wolf
+
+    x = np.random.default_rng(3).normal(size=(60, 25))
+    x -= x.mean(0)
+    cov, shrink = ledoit_wolf(x)
+    ref = LedoitWolf(assume_centered=True).fit(x)
+    assert shrink == pytest.approx(ref.shrinkage_, rel=1e-6)
+    assert np.allclose(cov, ref.covariance_)
+
+
+def test_distance_output_leaves_probabilities_unchanged_and_matches_numpy(tmp_path) -> None:
+    import onnxruntime as ort
+
+    from service.engine import Batch, Engine
+    from service.manifest import parse_manifest
+    from tests.builders import build_manifest, build_model
+    from training.ood_embed import add_distance, mahalanobis, pooled_feature, with_outputs
+
+    model = build_model()
+    feature = pooled_feature(model)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (6, 32, 32, 3)).astype(np.uint8)
+    probe = ort.InferenceSession(with_outputs(model, [feature]).SerializeToString())
+    before, logits, feats = probe.run(["probabilities", "logits", feature], {"image": images})
+    means = rng.normal(100, 30, (3, 3))
+    precision = np.linalg.inv(np.cov(rng.normal(size=(50, 3)).T) + np.eye(3))
+    edited = add_distance(model, feature, means, precision)
+    session = ort.InferenceSession(edited.SerializeToString())
+    after, dist = session.run(["probabilities", "ood_distance"], {"image": images})
+    assert np.array_equal(before, after)
+    assert np.allclose(dist, mahalanobis(feats, means, precision), rtol=1e-4)
+    # The engine carries the distance after the logits, one row per item.
+    (tmp_path / "model.onnx").write_bytes(edited.SerializeToString())
+    manifest = parse_manifest(build_manifest("endo", "1", 32, 32))
+    engine = Engine(tmp_path / "model.onnx", manifest, ["CPUExecutionProvider"])
+    _, row = engine.run_with_logits(Batch(images=images))
+    assert row.shape == (6, len(manifest.labels) + 1)
+    assert np.allclose(row[:, :-1], logits) and np.allclose(row[:, -1], dist)
+
+
+def test_combined_ood_score_and_flat_images() -> None:
+    from service.decision import decide, is_uniform, ood_score, ood_signals
+
+    rows = np.array([[2.0, 0.0, 0.0, 1.0], [2.0, 0.0, 0.0, 9.0]])  # 3 logits + a distance
+    signals = ood_signals(rows, 3)
+    assert np.allclose(signals["distance"], [1.0, 9.0])
+    scale = {"energy": (-2.5, -2.0), "distance": (1.0, 3.0)}
+    score = ood_score(signals, scale)
+    assert score[1] == pytest.approx(4.0)  # (9 - 1) / (3 - 1): the distance dominates
+    assert np.array_equal(ood_score(signals, None), signals["energy"])
+    flat = np.zeros((32, 32, 3), np.uint8) + np.array([200, 30, 90], np.uint8)
+    assert is_uniform(flat) and not is_uniform(
+        np.random.default_rng(0).integers(0, 255, (32, 32, 3))
+    )
+    params = DecisionParams.from_manifest({
+        "score": "lac", "levels": [0.9], "thresholds": {"all": {"0.9": [0.5, 0.5, 0.5]}},
+        "ood": {"thresholds": {"all": 1.0}, "scale": {"all": {"energy": [-2.5, -2.0],
+                                                               "distance": [1.0, 3.0]}}},
+    })  # fmt: skip
+    probs = np.array([0.8, 0.1, 0.1])
+    calm = decide(params, ("a", "b", "c"), probs, "all", 0.9, 0.0, rows[0])
+    assert not calm["ood"]["flagged"]
+    assert decide(params, ("a", "b", "c"), probs, "all", 0.9, 0.0, rows[1])["ood"]["flagged"]
+    blank = decide(params, ("a", "b", "c"), probs, "all", 0.9, 0.0, rows[0], uniform_image=True)
+    assert blank["ood"]["flagged"] and "flat colour" in blank["reason"]

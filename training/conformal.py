@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.decision import DecisionParams, nonconformity
+from service.decision import DecisionParams, is_uniform, nonconformity
 from service.manifest import load_manifest
 from training import ood
 from training.config import from_dict, load_config
@@ -116,7 +116,9 @@ def pattern_probs(
         image_mask, tab_mask = apply_eval_pattern(
             pattern, table.mask if manifest.tabular else None, len(table)
         )
-        out[pattern] = run_session(session, images, table.tabular, tab_mask, image_mask)
+        out[pattern] = run_session(
+            session, images, table.tabular, tab_mask, image_mask, with_distance=True
+        )
     return manifest, out, table.labels, session, table
 
 
@@ -133,11 +135,15 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
         "levels": list(LEVELS),
         "fitted_on": {"split": "val", "n": len(val_labels)},
         "thresholds": {p: fit(val[p], val_labels, kind) for p in val},
-        "ood": ood.fit_thresholds({p: logits for p, (_, logits) in val_out.items()}),
+        "ood": ood.fit_thresholds(
+            {p: logits for p, (_, logits) in val_out.items()}, len(manifest.labels)
+        ),
     }
     if manifest.tabular is None:  # image-only: one pattern; the others never occur
         block["thresholds"] = {p: block["thresholds"]["all"] for p in PATTERN_NAMES}
         block["ood"]["thresholds"] = {p: block["ood"]["thresholds"]["all"] for p in PATTERN_NAMES}
+        if "scale" in block["ood"]:
+            block["ood"]["scale"] = {p: block["ood"]["scale"]["all"] for p in PATTERN_NAMES}
     params = DecisionParams.from_manifest(block)
     report = {
         "model": f"{manifest.name}/{manifest.version}",
@@ -149,9 +155,12 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
         # Out-of-distribution inputs arrive as pictures alone: compare with the test split
         # posted the same way.
         pattern = "image_only" if manifest.tabular is not None else "all"
-        report["ood"] = ood.study(
-            session, manifest, test_out[pattern][1], ood_inputs(manifest, test_table),
+        report["ood"] = {"score": block["ood"]["score"]}
+        in_uniform = np.array([is_uniform(im) for im in decode_all(test_table, manifest)])
+        report["ood"] |= ood.study(
+            session, manifest, test_out[pattern][1], in_uniform, ood_inputs(manifest, test_table),
             block["ood"]["thresholds"][pattern],
+            params.ood_scale.get(pattern) if params.ood_scale else None,
         )  # fmt: skip
     raw = dict(manifest.raw, decision=block)
     (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
@@ -211,7 +220,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             "",
             "## Out-of-distribution flag",
             "",
-            "Energy score of the logits, threshold set on val so that 95 % of its inputs pass. "
+            f"Score: {o.get('score', 'energy of the logits')}; threshold set on val so that "
+            "95 % of its inputs pass. "
             "AUROC: in-distribution test inputs against each set (1.0 = always told apart). "
             f"In-distribution test inputs flagged: {100 * o['in_distribution_flagged']:.1f} % "
             f"(n = {o['n_in']}).",

@@ -36,8 +36,14 @@ def run_session(
     mask: np.ndarray | None,
     image_mask: np.ndarray | None,
     batch: int = 64,
+    with_distance: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and logits; with ``with_distance``, the graph's ``ood_distance`` (if it
+    has one) appended to each logits row, as the service's engine carries it."""
     names = {i.name for i in session.get_inputs()}
+    outputs = ["probabilities", "logits"]
+    if with_distance and "ood_distance" in {o.name for o in session.get_outputs()}:
+        outputs.append("ood_distance")
     probs, logits = [], []
     for s in tqdm(range(0, len(images), batch), desc="infer", unit="batch", leave=False):
         feeds = {"image": images[s : s + batch]}
@@ -46,9 +52,10 @@ def run_session(
             feeds["tabular_mask"] = mask[s : s + batch]
         if "image_mask" in names:
             feeds["image_mask"] = image_mask[s : s + batch]
-        p, lg = session.run(["probabilities", "logits"], feeds)
+        p, lg, *distance = session.run(outputs, feeds)
         probs.append(p)
-        logits.append(lg)
+        # As the service's engine does: the graph's OOD distance rides after the logits.
+        logits.append(np.concatenate([lg, distance[0].reshape(-1, 1)], 1) if distance else lg)
     return np.concatenate(probs), np.concatenate(logits)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.decision import energy
+from service.decision import is_uniform, ood_score, ood_signals
 from service.preprocess import decode_image
 from training.data import DatasetSpec, load_split, read_rows
 from training.evaluate import run_session
@@ -26,14 +26,25 @@ from training.metrics import auroc
 PASS_RATE = 0.95
 
 
-def fit_thresholds(val_logits: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {
-        "score": "energy",
-        "pass_rate": PASS_RATE,
-        "thresholds": {
-            p: float(np.quantile(energy(lg), PASS_RATE)) for p, lg in val_logits.items()
-        },
-    }
+def fit_thresholds(val_logits: dict[str, np.ndarray], n_labels: int) -> dict[str, Any]:
+    """Per pattern, the score threshold that 95 % of val passes. With the graph's distance
+    (on patterns that carry an image), each signal is first scaled by its val median and
+    95 % quantile (``service.decision.ood_score``)."""
+    block: dict[str, Any] = {"score": "energy", "pass_rate": PASS_RATE, "thresholds": {}}
+    scale: dict[str, dict[str, list[float]]] = {}
+    for pattern, rows in val_logits.items():
+        signals = ood_signals(rows, n_labels)
+        if "distance" in signals and pattern != "tabular_only":
+            scale[pattern] = {
+                k: [float(np.median(v)), float(np.quantile(v, PASS_RATE))]
+                for k, v in signals.items()
+            }
+        score = ood_score(signals, scale.get(pattern))
+        block["thresholds"][pattern] = float(np.quantile(score, PASS_RATE))
+    if scale:
+        block["score"] = "max(energy, Mahalanobis distance of image features), scaled on val"
+        block["scale"] = scale
+    return block
 
 
 def separation(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -92,30 +103,41 @@ def other_dataset_images(spec: DatasetSpec, n: int = 300) -> list[bytes]:
     return [table.paths[i].read_bytes() for i in pick]
 
 
-def logits_of(session: Any, manifest: Any, frames: list[bytes]) -> np.ndarray:
-    """Image-only requests (no tabular fields), as a client posting just a picture sends."""
+def logits_of(session: Any, manifest: Any, frames: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Image-only requests (no tabular fields), as a client posting just a picture sends: the
+    logits rows (with the graph's distance, if any) and which inputs are one flat colour."""
     images = np.stack([decode_image(f, manifest.image, 100_000_000) for f in frames])
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
     zeros = np.zeros((len(frames), n_fields), np.float32)
     ones = np.ones((len(frames), 1), np.float32)
-    return run_session(session, images, zeros, zeros, ones)[1]
+    rows = run_session(session, images, zeros, zeros, ones, with_distance=True)[1]
+    return rows, np.array([is_uniform(im) for im in images])
 
 
 def study(
-    session: Any, manifest: Any, in_logits: np.ndarray, outside: dict[str, list[bytes]],
-    threshold: float,
+    session: Any, manifest: Any, in_logits: np.ndarray, in_uniform: np.ndarray,
+    outside: dict[str, list[bytes]], threshold: float,
+    scale: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    inside = energy(in_logits)
+    """AUROC and share flagged per set, scored as the service scores: a flat-colour image
+    is flagged whatever its score (ranked above every other input)."""
+    n_labels = len(manifest.labels)
+
+    def scores(rows: np.ndarray, uniform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = ood_score(ood_signals(rows, n_labels), scale)
+        return np.where(uniform, np.inf, s), (s > threshold) | uniform
+
+    inside, in_flagged = scores(in_logits, in_uniform)
     out: dict[str, Any] = {
-        "in_distribution_flagged": float((inside > threshold).mean()),
+        "in_distribution_flagged": float(in_flagged.mean()),
         "n_in": len(inside),
         "sets": {},
     }
     for name, frames in outside.items():
-        scores = energy(logits_of(session, manifest, frames))
+        s, flagged = scores(*logits_of(session, manifest, frames))
         out["sets"][name] = {
             "n": len(frames),
-            "auroc": separation(inside, scores),
-            "flagged": float((scores > threshold).mean()),
+            "auroc": separation(inside, s),
+            "flagged": float(flagged.mean()),
         }
     return out
