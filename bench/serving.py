@@ -227,11 +227,13 @@ def main() -> None:
         write_section(args.out, "Embedded serving (issue: foundation)", table)
 
 
-def write_section(path: Path, title: str, body: str, script: str = "bench/serving.py") -> None:
+def write_section(
+    path: Path, title: str, body: str, script: str = "bench/serving.py", target: str = "bench"
+) -> None:
     """Replace (or append) one '## title' section, keeping the rest of the document."""
     text = path.read_text() if path.exists() else "# Performance\n"
     marker = f"## {title}"
-    command = f"Measured with `make bench` (`python {script} --out docs/performance.md`)."
+    command = f"Measured with `make {target}` (`python {script} --out docs/performance.md`)."
     section = f"{marker}\n\n{command}\n\n{body}\n"
     if marker in text:
         head, _, rest = text.partition(marker)

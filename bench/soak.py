@@ -140,7 +140,7 @@ def main() -> None:
     )
     print(table)
     if args.out:
-        write_section(args.out, "Soak: mixed abuse and load", table, "bench/soak.py")
+        write_section(args.out, "Soak: mixed abuse and load", table, "bench/soak.py", "bench-soak")
 
 
 if __name__ == "__main__":
