@@ -68,10 +68,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     decode_threads: int = Field(2, ge=1)
 
-    # Access control (service/api/auth.py): on when a keys file is given. Health and
-    # readiness stay open for probes unless auth_health is set.
+    # Access control (service/api/auth.py): on when a keys file is given. Health, readiness
+    # and metrics stay open for probes and scrapers unless auth_health / auth_metrics is set.
     api_keys_file: Path | None = None
     rate_limit: str | None = None  # per key, e.g. "20/second", unless the key sets its own
     auth_health: bool = False
+    auth_metrics: bool = False
 
     log_level: str = "INFO"

@@ -33,7 +33,8 @@ def keyed(tmp_path: Path, tiny_models_dir: Path, tiny_registry: Registry):
         "monitor": create_key(path, "monitor", ["metrics"]),
         "small": create_key(path, "small", ["models:read"], rate="2/minute"),
     }
-    app = create_app(make_settings(tiny_models_dir, api_keys_file=path), tiny_registry)
+    settings = make_settings(tiny_models_dir, api_keys_file=path, auth_metrics=True)
+    app = create_app(settings, tiny_registry)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, keys, path
 
@@ -139,6 +140,17 @@ def test_budget_is_shared_by_replicas_through_redis(
     finally:
         redis.kill()
     assert codes == [200, 200, 200, 429]
+
+
+def test_metrics_stay_open_for_scrapers_unless_configured(
+    tmp_path: Path, tiny_models_dir: Path, tiny_registry: Registry
+) -> None:
+    path = tmp_path / "keys.json"
+    create_key(path, "clinic", ["predict"])
+    app = create_app(make_settings(tiny_models_dir, api_keys_file=path), tiny_registry)
+    with TestClient(app) as client:
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/models").status_code == 401
 
 
 def test_off_without_a_keys_file(client: TestClient) -> None:

@@ -162,3 +162,10 @@ async def require_health(request: Request) -> None:
     """Probes reach health and readiness without a key, unless ``auth_health`` is set."""
     if request.app.state.ctx.settings.auth_health:
         await require("models:read")(request)
+
+
+async def require_metrics(request: Request) -> None:
+    """Scrapers reach /metrics without a key, unless ``auth_metrics`` is set; then a key
+    with the ``metrics`` scope."""
+    if request.app.state.ctx.settings.auth_metrics:
+        await require("metrics")(request)

@@ -162,15 +162,15 @@ def build_openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
             paths[path] = {"post": predict_operation(mv, path)}
     spec["paths"] = paths
     if getattr(app.state, "access", None) is not None:
-        _document_security(spec, open_paths=set() if settings_health(app) else _PROBES)
+        settings = app.state.ctx.settings
+        open_paths = (set() if settings.auth_health else _PROBES) | (
+            set() if settings.auth_metrics else {"/metrics"}
+        )
+        _document_security(spec, open_paths)
     return spec
 
 
-_PROBES = {"/healthz", "/readyz"}
-
-
-def settings_health(app: FastAPI) -> bool:
-    return bool(app.state.ctx.settings.auth_health)
+_PROBES = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
 
 
 def _document_security(spec: dict[str, Any], open_paths: set[str]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.auth import require, require_health
+from service.api.auth import require, require_health, require_metrics
 from service.api.parsing import decode_request, request_id_from
 from service.errors import InvalidRequest, NotReady, ServiceError
 from service.pipeline import ServiceContext, predict
@@ -162,7 +162,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "models": [mv.key for mv in ctx.registry.all()]})
 
 
-@router.get("/metrics", tags=["ops"], dependencies=[Depends(require("metrics"))])
+@router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics)])
 async def metrics(request: Request) -> Response:
     ctx = _ctx(request)
     for mv in ctx.registry.all():

@@ -1,0 +1,108 @@
+"""What decision support costs in throughput: each model served with its decision parameters
+(prediction sets, referral, OOD, and for ham10000/1 the graph's ``ood_distance``) and as
+shipped before them (no ``decision`` block; for ham10000/1 the graph without the distance),
+in one server, same frames, same load generator, two rounds in opposite orders.
+
+    python bench/decision_overhead.py --out docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.loadgen import multipart_request, run_load  # noqa: E402
+from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+
+
+def without_decision(src: Path, dst: Path) -> None:
+    """A copy of a model version as it was before decision support: no decision block, and
+    no ``ood_distance`` output in the graph."""
+    dst.mkdir(parents=True)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest.pop("decision", None)
+    manifest.pop("ood_embedding", None)
+    manifest.pop("files", None)
+    model = onnx.load(str(src / "model.onnx"))
+    if any(o.name == "ood_distance" for o in model.graph.output):
+        keep = [o for o in model.graph.output if o.name != "ood_distance"]
+        del model.graph.output[:]
+        model.graph.output.extend(keep)
+        model = onnx.utils.Extractor(model).extract_model(
+            [i.name for i in model.graph.input], [o.name for o in keep]
+        )
+        manifest["outputs"] = [o.name for o in keep]
+    onnx.save(model, str(dst / "model.onnx"))
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+    images = frames(data_dir)
+    pairs = {"hyperkvasir-lgi": "2", "ham10000": "1"}
+    root = Path(tempfile.mkdtemp(prefix="endofuse-decision-"))
+    names = []
+    for name, version in pairs.items():
+        shutil.copytree(REPO / "models" / name / version, root / name / version)
+        without_decision(REPO / "models" / name / version, root / f"{name}-plain" / version)
+        names += [name, f"{name}-plain"]
+    port = free_port()
+    proc = start_server(root, ",".join(names), port, spinning=False)
+    rows = []
+    try:
+        for round_ in (1, 2):
+            order = names if round_ == 1 else list(reversed(names))
+            results: dict[tuple[str, int], float] = {}
+            for name in order:
+                bodies = [
+                    multipart_request("127.0.0.1", port, f"/models/{name}/predict", im)
+                    for im in images
+                ]
+                for c in args.concurrency:
+                    r = asyncio.run(run_load("127.0.0.1", port, bodies, c, args.seconds))
+                    assert set(r.statuses) == {200}, r.statuses
+                    results[(name, c)] = r.throughput
+            for name in pairs:
+                for c in args.concurrency:
+                    full, plain = results[(name, c)], results[(f"{name}-plain", c)]
+                    rows.append(f"| {round_} | {name} | {c} | {full:.1f} | {plain:.1f} | "
+                                f"{100 * (full / plain - 1):+.1f} % |")  # fmt: skip
+                    print(rows[-1], flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
+    table = "\n".join(
+        [
+            "One server, both versions of each model loaded, the 40 full-resolution frames as "
+            f"multipart, {args.seconds:g} s per point, two rounds in opposite orders.",
+            "",
+            "| round | model | concurrency | with decision support, req/s | without, req/s | "
+            "change |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    print(table)
+    if args.out:
+        write_section(args.out, "Cost of decision support", table, "bench/decision_overhead.py")
+
+
+if __name__ == "__main__":
+    main()
