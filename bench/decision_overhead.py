@@ -34,6 +34,7 @@ def without_decision(src: Path, dst: Path) -> None:
     manifest.pop("decision", None)
     manifest.pop("ood_embedding", None)
     manifest.pop("files", None)
+    manifest["name"] = dst.parent.name
     model = onnx.load(str(src / "model.onnx"))
     if any(o.name == "ood_distance" for o in model.graph.output):
         keep = [o for o in model.graph.output if o.name != "ood_distance"]
