@@ -185,3 +185,19 @@ def test_combined_ood_score_and_flat_images() -> None:
     assert decide(params, ("a", "b", "c"), probs, "all", 0.9, 0.0, rows[1])["ood"]["flagged"]
     blank = decide(params, ("a", "b", "c"), probs, "all", 0.9, 0.0, rows[0], uniform_image=True)
     assert blank["ood"]["flagged"] and "flat colour" in blank["reason"]
+
+
+def test_referral_curve_and_roc_points() -> None:
+    from training.decision_plots import roc_points, selective_curve
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 400)
+    logits = rng.normal(size=(400, 3))
+    logits[np.arange(400), labels] += rng.uniform(0, 3, 400)  # confident cases more often right
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    curve = selective_curve(probs, labels)
+    assert curve["referral"][0] == 0 and curve["accuracy"][0] == (probs.argmax(1) == labels).mean()
+    assert curve["accuracy"][-1] > curve["accuracy"][0]  # referring the least confident helps
+    roc = roc_points(rng.normal(0, 1, 300), rng.normal(3, 1, 300))
+    assert roc["fpr"][0] == roc["tpr"][0] == 1.0 and roc["fpr"][-1] == roc["tpr"][-1] == 0.0
+    assert np.all(np.diff(roc["tpr"]) <= 0) and np.all(np.diff(roc["fpr"]) <= 0)

@@ -158,3 +158,23 @@ def test_head_split_across_many_writes_is_served(addr: tuple[str, int]) -> None:
             sock.sendall(request[i : i + 97])
         status, _, _ = read_response(sock)
     assert status == 200
+
+
+def test_connections_beyond_the_cap_get_503(
+    tiny_models_dir: Path, tiny_registry: Registry
+) -> None:
+    settings = make_settings(tiny_models_dir, max_connections=3, header_timeout_s=30)
+    with running(create_app(settings, tiny_registry), settings) as addr:
+        held = [connect(addr) for _ in range(3)]  # open, silent
+        try:
+            with connect(addr) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, _, _ = read_response(sock)
+            assert status == 503
+        finally:
+            for sock in held:
+                sock.close()
+        with connect(addr) as sock:  # room again once they are gone
+            time.sleep(0.2)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0] == 200

@@ -22,7 +22,7 @@ import numpy as np
 
 from service.decision import DecisionParams, is_uniform, nonconformity
 from service.manifest import load_manifest
-from training import ood
+from training import decision_plots, ood
 from training.config import from_dict, load_config
 from training.data import load_split, read_rows
 from training.evaluate import decode_all, run_session
@@ -149,6 +149,7 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
         "model": f"{manifest.name}/{manifest.version}",
         "score": kind,
         "test": {p: measure(params, test[p], test_labels, p) for p in test},
+        "curves": {p: decision_plots.selective_curve(test[p], test_labels) for p in test},
         "labels": list(manifest.labels),
     }
     if ood_study:
@@ -190,6 +191,7 @@ def ood_inputs(manifest: Any, test_table: Any) -> dict[str, list[bytes]]:
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "decision.json").write_text(json.dumps(report, indent=2))
+    decision_plots.plot(report, out / "decision.png")
     lines = [
         f"# {report['model']} — prediction sets and referral (test split)",
         "",
@@ -231,4 +233,5 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         ]
         for name, r in o["sets"].items():
             lines.append(f"| {name} | {r['n']} | {r['auroc']:.3f} | {100 * r['flagged']:.1f} % |")
+    lines += ["", "![Referral trade-off and out-of-distribution ROC](decision.png)"]
     (out / "decision.md").write_text("\n".join(lines) + "\n")

@@ -20,6 +20,7 @@ from PIL import Image
 from service.decision import is_uniform, ood_score, ood_signals
 from service.preprocess import decode_image
 from training.data import DatasetSpec, load_split, read_rows
+from training.decision_plots import roc_points
 from training.evaluate import run_session
 from training.metrics import auroc
 
@@ -132,6 +133,7 @@ def study(
         "in_distribution_flagged": float(in_flagged.mean()),
         "n_in": len(inside),
         "sets": {},
+        "roc": {},
     }
     for name, frames in outside.items():
         s, flagged = scores(*logits_of(session, manifest, frames))
@@ -140,4 +142,5 @@ def study(
             "auroc": separation(inside, s),
             "flagged": float(flagged.mean()),
         }
+        out["roc"][name] = roc_points(inside, s)
     return out
