@@ -74,7 +74,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         ctx = ServiceContext(settings, reg, queue, metrics, pool)
         if settings.latency_budget_s > 0:
-            ctx.admission = AdmissionControl(settings.latency_budget_s)
+            # One full batch is always admitted: it is the unit the engine runs in, and a
+            # cold first request measured slow must not shut the door on it.
+            floor = max(4, settings.max_batch_size)
+            ctx.admission = AdmissionControl(settings.latency_budget_s, min_in_flight=floor)
         for mv in reg.all():
             is_default = mv.name == reg.default_model and mv is reg.get(mv.name)
             metrics.model_info.labels(
