@@ -206,6 +206,22 @@ def evaluate(
     main(model_dir, split, out, audit, service, baseline, audit_frames)
 
 
+@app.command()
+def quantize(
+    model_dir: Path = typer.Argument(..., exists=True, help="An fp32 version, e.g. models/m/2"),
+    version: str = typer.Option(..., "--version", help="Version of the int8 variant"),
+    calibration: int = typer.Option(256, help="Training frames the ranges are calibrated on"),
+) -> None:
+    """Write a static int8 variant of a model version (precision: int8 in its manifest), and
+    fit its decision parameters on its own outputs."""
+    _training()
+    from training import conformal, quantize
+
+    dst = quantize.main(model_dir, version, calibration)
+    typer.echo(f"wrote {dst}")
+    conformal.main(dst)
+
+
 @app.command("ood-distance")
 def ood_distance(
     model_dir: Path = typer.Argument(..., exists=True),

@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     # Restrict loading to these model names (empty = every model under models_dir).
     models: list[str] = Field(default_factory=list)
     default_model: str | None = None
+    # Which versions answer requests that name no version: the newest of this precision
+    # (int8: quantised variants, faster on CPUs with VNNI), else the newest of any.
+    precision: Literal["fp32", "int8"] = "fp32"
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -32,6 +32,7 @@ class Manifest:
     image_optional: bool
     raw: dict[str, Any]
     decision: DecisionParams | None = None
+    precision: str = "fp32"  # "fp32" | "int8" (a quantised variant of another version)
 
     @property
     def has_tabular(self) -> bool:
@@ -70,7 +71,11 @@ def parse_manifest(raw: dict[str, Any], where: str = "manifest") -> Manifest:
         decision = DecisionParams.from_manifest(raw.get("decision"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{where}: field 'decision' is invalid ({exc})") from None
+    precision = str(raw.get("precision", "fp32"))
+    if precision not in ("fp32", "int8"):
+        raise ManifestError(f"{where}: field 'precision' must be 'fp32' or 'int8'")
     return Manifest(
+        precision=precision,
         decision=decision,
         name=str(raw["name"]),
         version=str(raw["version"]),

@@ -54,7 +54,10 @@ def discover(models_dir: Path, only: list[str] | None = None) -> list[tuple[str,
 
 
 class Registry:
-    def __init__(self, versions: list[ModelVersion], default_model: str | None) -> None:
+    def __init__(
+        self, versions: list[ModelVersion], default_model: str | None, precision: str = "fp32"
+    ) -> None:
+        self.precision = precision
         self._by_name: dict[str, dict[str, ModelVersion]] = {}
         for mv in versions:
             self._by_name.setdefault(mv.name, {})[mv.version] = mv
@@ -76,6 +79,7 @@ class Registry:
         spinning: bool = True,
         load_engines: bool = True,
         max_batch_size: int = 16,
+        precision: str = "fp32",
     ) -> Registry:
         loaded = []
         for name, version, vdir in discover(models_dir, only):
@@ -106,7 +110,7 @@ class Registry:
             raise ManifestError(f"no models found under {models_dir}")
         if default_model is None and (models_dir / DEFAULT_FILE).is_file():
             default_model = (models_dir / DEFAULT_FILE).read_text().strip() or None
-        return cls(loaded, default_model)
+        return cls(loaded, default_model, precision)
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
@@ -120,12 +124,15 @@ class Registry:
         return [mv for name in self.names() for mv in self.versions(name)]
 
     def get(self, name: str | None = None, version: str | None = None) -> ModelVersion:
+        """One exact version, or without ``version`` the newest of the preferred precision
+        (the newest of any precision when there is none of it)."""
         name = name or self.default_model
         if name is None:
             raise ModelNotFound("no model is loaded")
         versions = self.versions(name)
         if version is None:
-            return versions[-1]
+            preferred = [m for m in versions if m.manifest.precision == self.precision]
+            return (preferred or versions)[-1]
         for mv in versions:
             if mv.version == version:
                 return mv
@@ -153,6 +160,7 @@ def load_from_settings(settings: Settings, *, load_engines: bool = True) -> Regi
         inter_op_threads=settings.inter_op_threads,
         warmup_runs=settings.warmup_runs,
         max_batch_size=settings.max_batch_size,
+        precision=settings.precision,
         only=settings.models or None,
         default_model=settings.default_model,
         spinning=settings.ort_spinning,
