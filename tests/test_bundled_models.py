@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api import create_app
+from service.registry import Registry
 from tests.conftest import REPO, make_settings, require_data
 from tests.images import png
 
@@ -220,3 +221,29 @@ def test_out_of_distribution_flag_on_the_dermoscopy_model(
     flat = png(np.full((150, 200, 3), (190, 120, 110), np.uint8))
     r = client.post("/models/ham10000/predict", files={"image": ("f", flat)}).json()
     assert r["ood"]["flagged"] and "flat colour" in r["reason"]
+
+
+def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
+    client: TestClient, fullres_frames: list[Path]
+) -> None:
+    """hyperkvasir-lgi/3 is the int8 variant of /2: requests that name no version keep
+    getting /2 (ENDOFUSE_PRECISION=fp32, the default); named, /3 answers like /2."""
+    bundled("hyperkvasir-lgi", "3")
+    meta = client.get("/models/hyperkvasir-lgi/versions/3").json()
+    assert meta["precision"] == "int8" and meta["quantization"]["source"] == "hyperkvasir-lgi/2"
+    same = 0
+    for frame in fullres_frames:
+        files = {"image": ("f", frame.read_bytes())}
+        default = client.post("/models/hyperkvasir-lgi/predict", files=files).json()
+        int8 = client.post("/models/hyperkvasir-lgi/versions/3/predict", files=files).json()
+        assert default["model"]["version"] == "2" and int8["model"]["version"] == "3"
+        same += default["label"] == int8["label"]
+    assert same >= len(fullres_frames) - 1, f"{same}/{len(fullres_frames)} labels agree"
+    registry = Registry.load(
+        MODELS,
+        providers=["CPUExecutionProvider"],
+        warmup_runs=0,
+        only=["hyperkvasir-lgi"],
+        precision="int8",
+    )
+    assert registry.get("hyperkvasir-lgi").version == "3"

@@ -1,0 +1,104 @@
+"""fp32 against its int8 variant, one model: in-process ONNX Runtime cost per image at batch
+sizes 1, 8 and 16, and end to end through one server holding both versions (the same frames,
+load generator and server, two rounds in opposite orders).
+
+    python bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 3 --out docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.loadgen import multipart_request, run_load  # noqa: E402
+from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+from service.manifest import load_manifest  # noqa: E402
+from service.preprocess import decode_image  # noqa: E402
+
+
+def per_image_ms(model_dir: Path, images: np.ndarray, batch: int, rounds: int = 20) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    feeds = {"image": images[:batch]}
+    session.run(["probabilities"], feeds)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        session.run(["probabilities"], feeds)
+        times.append((time.perf_counter() - start) / batch * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="hyperkvasir-lgi")
+    parser.add_argument("--fp32", default="2")
+    parser.add_argument("--int8", default="3")
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+    raw = frames(data_dir)
+    versions = {"fp32": args.fp32, "int8": args.int8}
+    dirs = {k: REPO / "models" / args.model / v for k, v in versions.items()}
+    spec = load_manifest(dirs["fp32"] / "manifest.json").image
+    images = np.stack([decode_image(f, spec) for f in raw[:16]])
+    rows = ["| in process, ms per image | batch 1 | batch 8 | batch 16 |", "|---|---|---|---|"]
+    for kind, d in dirs.items():
+        cells = [f"{per_image_ms(d, images, b):.2f}" for b in (1, 8, 16)]
+        rows.append(f"| {kind} (version {versions[kind]}) | " + " | ".join(cells) + " |")
+    port = free_port()
+    proc = start_server(REPO / "models", args.model, port, spinning=False)
+    http = ["| round | version | c=1 req/s | c=1 p50 ms | c=8 req/s | c=32 req/s |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    try:
+        for round_ in (1, 2):
+            order = list(versions.items()) if round_ == 1 else list(reversed(versions.items()))
+            for kind, v in order:
+                path = f"/models/{args.model}/versions/{v}/predict"
+                bodies = [multipart_request("127.0.0.1", port, path, f) for f in raw]
+                cells = []
+                for c in (1, 8, 32):
+                    r = asyncio.run(run_load("127.0.0.1", port, bodies, c, args.seconds))
+                    assert set(r.statuses) <= {200, 503}, r.statuses
+                    cells.append(f"{r.throughput:.1f}")
+                    if c == 1:
+                        cells.append(f"{r.percentile(50) * 1e3:.1f}")
+                http.append(f"| {round_} | {kind} ({v}) | " + " | ".join(cells) + " |")
+                print(http[-1], flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    table = "\n".join(
+        [
+            f"`{args.model}` version {args.fp32} (fp32) and its int8 variant, version "
+            f"{args.int8}; in process: ONNX Runtime, 2 intra-op threads, spinning off, median "
+            f"of 20 runs; end to end: the 40 full-resolution frames as multipart, "
+            f"{args.seconds:g} s per point.",
+            "",
+            *rows,
+            "",
+            *http,
+        ]
+    )
+    print(table)
+    if args.out:
+        write_section(args.out, "int8 against fp32", table, "bench/precision.py")
+
+
+if __name__ == "__main__":
+    main()
