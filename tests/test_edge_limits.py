@@ -160,9 +160,7 @@ def test_head_split_across_many_writes_is_served(addr: tuple[str, int]) -> None:
     assert status == 200
 
 
-def test_connections_beyond_the_cap_get_503(
-    tiny_models_dir: Path, tiny_registry: Registry
-) -> None:
+def test_connections_beyond_the_cap_get_503(tiny_models_dir: Path, tiny_registry: Registry) -> None:
     settings = make_settings(tiny_models_dir, max_connections=3, header_timeout_s=30)
     with running(create_app(settings, tiny_registry), settings) as addr:
         held = [connect(addr) for _ in range(3)]  # open, silent
