@@ -55,7 +55,7 @@ def serve(
             host=settings.host,
             port=settings.port,
             workers=workers,
-            **uvicorn_options(settings),
+            **uvicorn_options(settings, bind_limits=False),
         )
         return
     from service.api import create_app

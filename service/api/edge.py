@@ -133,11 +133,18 @@ class GuardedH11Protocol(H11Protocol):
         self.loop.call_later(_LINGER_S, self.transport.close)
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The uvicorn keyword arguments every server of this app runs with."""
-    GuardedH11Protocol.limits = EdgeLimits.from_settings(settings)
+def uvicorn_options(settings: Settings, bind_limits: bool = True) -> dict[str, Any]:
+    """The uvicorn keyword arguments every server of this app runs with.
+
+    ``bind_limits``: a protocol class of its own carries these settings' limits (several
+    servers in one process keep theirs apart). Off for ``serve --workers N``, whose spawned
+    processes cannot receive a class made at run time and read the limits from ENDOFUSE_*."""
+    protocol: type[GuardedH11Protocol] = GuardedH11Protocol
+    if bind_limits:
+        limits = EdgeLimits.from_settings(settings)
+        protocol = type("BoundGuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
     return {
-        "http": GuardedH11Protocol,
+        "http": protocol,
         # h11's own cap stays above ours, so that ours answers first (with 431, not 400).
         "h11_max_incomplete_event_size": 2 * settings.max_header_bytes,
         "limit_concurrency": settings.max_connections,

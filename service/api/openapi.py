@@ -260,6 +260,16 @@ def predict_operation(mv: ModelVersion, path: str) -> dict[str, Any]:
     parameters = []
     if path in ("/predict", "/v1/predict"):
         summary = f"Predict with the default model ({manifest.name})"
+        parameters.append(
+            {
+                "name": "model",
+                "in": "query",
+                "required": False,
+                "description": "Another model by name (its inputs are as its own "
+                "/models/{name}/predict operation describes)",
+                "schema": {"type": "string"},
+            }
+        )
     else:
         summary = f"Predict with {manifest.name}" + (
             f" version {mv.version}" if "/versions/" in path else ""
