@@ -156,3 +156,20 @@ def test_metrics_stay_open_for_scrapers_unless_configured(
 def test_off_without_a_keys_file(client: TestClient) -> None:
     assert os.environ.get("ENDOFUSE_API_KEYS_FILE") is None
     assert post(client, {}).status_code == 200
+
+
+def test_unreachable_budget_store_is_503_not_500(
+    tmp_path: Path, tiny_models_dir: Path, tiny_registry: Registry
+) -> None:
+    path = tmp_path / "keys.json"
+    key = create_key(path, "clinic", ["models:read"], rate="5/minute")
+    redis = RedisServer().start()
+    try:
+        settings = make_settings(tiny_models_dir, api_keys_file=path, queue_url=redis.url)
+        with TestClient(create_app(settings, tiny_registry), raise_server_exceptions=False) as c:
+            assert c.get("/models", headers={"X-API-Key": key}).status_code == 200
+            redis.kill()
+            r = c.get("/models", headers={"X-API-Key": key})
+            assert r.status_code == 503 and "retry-after" in r.headers
+    finally:
+        redis.kill()

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import Request
 
-from service.errors import ServiceError
+from service.errors import QueueUnavailable, ServiceError
 
 SCOPES = ("predict", "models:read", "metrics")
 KEY_PREFIX = "efk_"
@@ -137,8 +137,16 @@ class Access:
         rate = key.rate or self.default_rate
         if rate:
             item = self._parse(rate)
-            if not await self._limiter.hit(item, "endofuse", key.name):
-                stats = await self._limiter.get_window_stats(item, "endofuse", key.name)
+            try:
+                allowed = await self._limiter.hit(item, "endofuse", key.name)
+                stats = (
+                    None
+                    if allowed
+                    else await self._limiter.get_window_stats(item, "endofuse", key.name)
+                )
+            except Exception as exc:  # the budget store (Redis) is unreachable
+                raise QueueUnavailable("the rate-limit store is unreachable") from exc
+            if stats is not None:
                 wait = max(1, math.ceil(stats.reset_time - time.time()))
                 raise RateLimited(f"rate limit of {rate} reached for this key", retry_after=wait)
         return key
