@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import settings as hypothesis_settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from service.api import create_app
 from service.config import Settings
@@ -14,6 +17,12 @@ from service.registry import Registry
 from tests.builders import FIELDS, write_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property-based tests keep no example database, and hypothesis's caches live in a temp
+# directory: nothing is written into the repository.
+hypothesis_settings.register_profile("endofuse", database=None)
+hypothesis_settings.load_profile("endofuse")
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="endofuse-hypothesis-"))
 
 
 def data_dir() -> Path:
