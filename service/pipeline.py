@@ -99,7 +99,9 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
         request_id=raw.request_id,
     )
     modalities = {"image": image_present, "tabular": tabular_report}
-    uniform = image_present and is_uniform(image)
+    # Only a model with an out-of-distribution flag uses it: skip the pass over the pixels.
+    has_ood = manifest.decision is not None and bool(manifest.decision.ood_thresholds)
+    uniform = has_ood and image_present and is_uniform(image)
     return Prepared(item, modalities, warnings, coverage, settings.confidence_floor, uniform)
 
 

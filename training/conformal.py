@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,21 @@ def measure(
     return out
 
 
-def pattern_probs(
-    model_dir: Path, split: str
-) -> tuple[Any, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, Any, Any]:
+@dataclass
+class Scored:
+    """The exported graph run on one split, per evaluation pattern."""
+
+    manifest: Any
+    out: dict[str, tuple[np.ndarray, np.ndarray]]  # pattern -> (probabilities, logits rows)
+    labels: np.ndarray
+    session: Any
+    table: Any
+    uniform: np.ndarray  # per frame: a blank or flat-colour model input
+
+
+def pattern_probs(model_dir: Path, split: str) -> Scored:
     """Calibrated probabilities and logits of the exported graph on ``split``, per evaluation
-    pattern; also the manifest, the labels, the session and the split's table."""
+    pattern, with what else the decision fit needs from the same decoded frames."""
     import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
@@ -119,12 +130,15 @@ def pattern_probs(
         out[pattern] = run_session(
             session, images, table.tabular, tab_mask, image_mask, with_distance=True
         )
-    return manifest, out, table.labels, session, table
+    uniform = np.array([is_uniform(im) for im in images])
+    return Scored(manifest, out, table.labels, session, table, uniform)
 
 
 def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> dict[str, Any]:
-    manifest, val_out, val_labels, session, _ = pattern_probs(model_dir, "val")
-    _, test_out, test_labels, _, test_table = pattern_probs(model_dir, "test")
+    val_scored, test_scored = pattern_probs(model_dir, "val"), pattern_probs(model_dir, "test")
+    manifest, session = val_scored.manifest, val_scored.session
+    val_out, val_labels = val_scored.out, val_scored.labels
+    test_out, test_labels, test_table = test_scored.out, test_scored.labels, test_scored.table
     val = {p: probs for p, (probs, _) in val_out.items()}
     test = {p: probs for p, (probs, _) in test_out.items()}
     pooled = np.concatenate(list(val.values()))
@@ -157,9 +171,9 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
         # posted the same way.
         pattern = "image_only" if manifest.tabular is not None else "all"
         report["ood"] = {"score": block["ood"]["score"]}
-        in_uniform = np.array([is_uniform(im) for im in decode_all(test_table, manifest)])
         report["ood"] |= ood.study(
-            session, manifest, test_out[pattern][1], in_uniform, ood_inputs(manifest, test_table),
+            session, manifest, test_out[pattern][1], test_scored.uniform,
+            ood_inputs(manifest, test_table),
             block["ood"]["thresholds"][pattern],
             params.ood_scale.get(pattern) if params.ood_scale else None,
         )  # fmt: skip
