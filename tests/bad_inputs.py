@@ -7,23 +7,14 @@ error code the service must answer, run against both bundled models.
 from __future__ import annotations
 
 import base64
-import io
 import json
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from tests import images
+from tests.bad_images import IMAGES_BAD, IMAGES_ODD_BUT_VALID, JPEG
 
 MODELS = ("hyperkvasir-lgi", "ham10000")
-FRAME_ARRAY = np.random.default_rng(7).integers(40, 200, (120, 160, 3), dtype=np.uint8)
-JPEG = images.jpeg(FRAME_ARRAY)
-PNG = images.png(FRAME_ARRAY)
 
 
 @dataclass(frozen=True)
@@ -36,114 +27,6 @@ class Case:
     code: str | None  # None for 200
     models: tuple[str, ...] = MODELS  # which models the case runs against
     undecodable: bool = False  # the data could not be decoded: a 200 would be a wrong answer
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    body = kind + data
-    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-
-def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    out, pos = [], 8
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        out.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]))
-        pos += 12 + length
-    return out
-
-
-def _png_from(chunks: list[tuple[bytes, bytes]]) -> bytes:
-    return b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(k, d) for k, d in chunks)
-
-
-def _png_with_idat(transform: Callable[[bytes], bytes]) -> bytes:
-    return _png_from([(k, transform(d) if k == b"IDAT" else d) for k, d in _png_chunks(PNG)])
-
-
-def _png_bad_crc() -> bytes:
-    out = bytearray(PNG)
-    out[PNG.index(b"IDAT") + 20] ^= 0xFF  # a data byte; the stored CRC no longer matches
-    return bytes(out)
-
-
-def _png_dims(width: int, height: int) -> bytes:
-    chunks = _png_chunks(PNG)
-    ihdr = struct.pack(">II", width, height) + chunks[0][1][8:]
-    return _png_from([(b"IHDR", ihdr), *chunks[1:]])
-
-
-def _jpeg_dims(width: int, height: int) -> bytes:
-    out = bytearray(JPEG)
-    sof = JPEG.index(b"\xff\xc0")
-    out[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(out)
-
-
-def _encode(mode_array: Image.Image, fmt: str, **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    mode_array.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-RGB = Image.fromarray(FRAME_ARRAY)
-IMAGES_BAD: list[tuple[str, bytes, int, str]] = [
-    ("empty file", b"", 400, "undecodable_image"),
-    ("random bytes", np.random.default_rng(1).bytes(2048), 415, "unsupported_media_type"),
-    ("HTML page", images.HTML, 415, "unsupported_media_type"),
-    ("JSON text as image", b'{"image": 1}', 415, "unsupported_media_type"),
-    ("GIF", _encode(RGB, "GIF"), 415, "unsupported_media_type"),
-    ("BMP", _encode(RGB, "BMP"), 415, "unsupported_media_type"),
-    ("TIFF", _encode(RGB, "TIFF"), 415, "unsupported_media_type"),
-    ("WebP", _encode(RGB, "WEBP"), 415, "unsupported_media_type"),
-    ("PDF header", b"%PDF-1.4\n%" + bytes(200), 415, "unsupported_media_type"),
-    ("JPEG magic only", JPEG[:3], 400, "undecodable_image"),
-    ("JPEG header only", JPEG[:200], 400, "undecodable_image"),
-    ("JPEG cut in half", JPEG[: len(JPEG) // 2], 400, "undecodable_image"),
-    ("JPEG cut before the end marker", JPEG[:-40], 400, "undecodable_image"),
-    ("JPEG scan replaced by zeros", JPEG[:600] + bytes(len(JPEG) - 600), 400, "undecodable_image"),
-    ("PNG signature only", PNG[:8], 400, "undecodable_image"),
-    ("PNG cut in half", PNG[: len(PNG) // 2], 400, "undecodable_image"),
-    ("PNG without IEND", PNG[:-12], 400, "undecodable_image"),
-    ("PNG with a bad CRC", _png_bad_crc(), 400, "undecodable_image"),
-    (
-        "PNG whose IDAT is not zlib",
-        _png_with_idat(lambda d: b"\x00" * len(d)),
-        400,
-        "undecodable_image",
-    ),
-    (
-        "PNG whose zlib stream is cut",
-        _png_with_idat(lambda d: d[: len(d) // 2]),
-        400,
-        "undecodable_image",
-    ),
-    ("PNG claiming 60000x60000 pixels", _png_dims(60000, 60000), 413, "payload_too_large"),
-    ("JPEG claiming 60000x60000 pixels", _jpeg_dims(60000, 60000), 413, "payload_too_large"),
-    ("PNG pixel bomb 20000x20000", images.png_bomb(20000), 413, "payload_too_large"),
-    (
-        "flat 6000x6000 PNG (decode budget)",
-        _encode(Image.new("RGB", (6000, 6000)), "PNG"),
-        413,
-        "payload_too_large",
-    ),
-]
-IMAGES_ODD_BUT_VALID: list[tuple[str, bytes]] = [
-    ("1x1 JPEG", images.jpeg(np.full((1, 1, 3), 128, np.uint8))),
-    ("greyscale JPEG", _encode(RGB.convert("L"), "JPEG")),
-    ("CMYK JPEG", _encode(RGB.convert("CMYK"), "JPEG")),
-    ("progressive JPEG", _encode(RGB, "JPEG", progressive=True)),
-    ("JPEG rotated by EXIF", images.with_orientation(FRAME_ARRAY, 6, "JPEG")),
-    ("RGBA PNG", _encode(RGB.convert("RGBA"), "PNG")),
-    ("palette PNG", _encode(RGB.convert("P"), "PNG")),
-    (
-        "16-bit greyscale PNG",
-        _encode(Image.fromarray(FRAME_ARRAY[..., 0].astype(np.uint16) * 257), "PNG"),
-    ),
-    ("1-bit PNG", _encode(RGB.convert("1"), "PNG")),
-    ("interlaced PNG", images.png(FRAME_ARRAY, optimize=False)),
-    ("JPEG with trailing bytes", JPEG + b"trailing"),
-    ("very wide 4000x8 JPEG", images.jpeg(np.full((8, 4000, 3), 90, np.uint8))),
-]
 
 
 def _multipart(image: bytes, ctype: str = "image/jpeg") -> Callable[[str], tuple]:

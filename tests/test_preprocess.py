@@ -146,20 +146,6 @@ def test_mask_regions_black_out_fractions_of_the_frame() -> None:
     assert (out[:32] == 200).all() and (out[:, 24:] == 200).all()
 
 
-def _png_with_idat(data: bytes, payload: bytes) -> bytes:
-    """``data`` (a one-IDAT PNG) with its image data replaced and the CRC made valid again."""
-    import struct
-    import zlib
-
-    i = data.find(b"IDAT")
-    (length,) = struct.unpack(">I", data[i - 4 : i])
-    chunk = b"IDAT" + payload
-    crc = struct.pack(">I", zlib.crc32(chunk))
-    return (
-        data[: i - 4] + struct.pack(">I", len(payload)) + chunk + crc + data[i + 4 + length + 4 :]
-    )
-
-
 @pytest.mark.parametrize("damage", ["flipped", "not-zlib", "not-zlib-valid-crc", "short-stream"])
 def test_damaged_png_image_data_is_refused(damage: str) -> None:
     """Pillow fills unreadable PNG data with black; the service must refuse, not diagnose."""
@@ -179,10 +165,10 @@ def test_damaged_png_image_data_is_refused(damage: str) -> None:
     elif damage == "not-zlib":
         bad = data[: i + 4] + rng.bytes(length) + data[i + 4 + length :]
     elif damage == "not-zlib-valid-crc":
-        bad = _png_with_idat(data, rng.bytes(length))
+        bad = images.png_with_idat(data, lambda _: rng.bytes(length))
     else:  # a complete zlib stream holding too few scanlines
         raw = zlib.decompress(payload)
-        bad = _png_with_idat(data, zlib.compress(raw[: len(raw) // 2]))
+        bad = images.png_with_idat(data, lambda _: zlib.compress(raw[: len(raw) // 2]))
     with pytest.raises(UndecodableImage):
         decode_image(bad, SPEC)
 
