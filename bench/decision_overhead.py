@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+from bench.serving import frames, free_port, publish, start_server  # noqa: E402
 
 
 def without_decision(src: Path, dst: Path) -> None:
@@ -89,7 +89,9 @@ def main() -> None:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(root, ignore_errors=True)
-    table = "\n".join(
+    publish(
+        args.out,
+        "Cost of decision support",
         [
             "One server, both versions of each model loaded, the 40 full-resolution frames as "
             f"multipart, {args.seconds:g} s per point, two rounds in opposite orders.",
@@ -98,11 +100,9 @@ def main() -> None:
             "change |",
             "|---|---|---|---|---|---|",
             *rows,
-        ]
+        ],
+        "bench/decision_overhead.py",
     )
-    print(table)
-    if args.out:
-        write_section(args.out, "Cost of decision support", table, "bench/decision_overhead.py")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import free_port, start_server, write_section  # noqa: E402
+from bench.serving import free_port, publish, start_server  # noqa: E402
 
 FLOODS = {
     "one 1 MiB header": b"X-Big: " + b"a" * (1 << 20) + b"\r\n",
@@ -80,7 +80,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    table = "\n".join(
+    publish(
+        args.out,
+        "Edge limits",
         [
             f"Defaults (32 KiB head, 10 s head timeout, 30 s body timeout); floods repeated "
             f"{args.repeat} times on fresh connections, timed from the first byte sent to the "
@@ -89,11 +91,9 @@ def main() -> None:
             "| request | answer | median | worst |",
             "|---|---|---|---|",
             *rows,
-        ]
+        ],
+        "bench/edge.py",
     )
-    print(table)
-    if args.out:
-        write_section(args.out, "Edge limits", table, "bench/edge.py")
 
 
 if __name__ == "__main__":

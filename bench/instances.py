@@ -20,7 +20,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import frames, write_section  # noqa: E402
+from bench.serving import frames, publish  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 
@@ -76,17 +76,17 @@ def main() -> None:
                      for b in (1, 4, 8, 16)]  # fmt: skip
             rows.append(f"| {s} × {t} (round {round_}) | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
-    table = "\n".join(
+    publish(
+        args.out,
+        "Engine layout (sessions × threads)",
         [
             f"`{args.model}`, images per second in process (inference only, no decode), "
             f"{args.seconds:g} s per cell, {cores} cores, two rounds in opposite orders.",
             "",
             *rows,
-        ]
+        ],
+        "bench/instances.py",
     )
-    print(table)
-    if args.out:
-        write_section(args.out, "Engine layout (sessions × threads)", table, "bench/instances.py")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ and load generator, two rounds in opposite orders.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.loadgen import multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+from bench.loadgen import load_cells, multipart_request  # noqa: E402
+from bench.serving import frames, free_port, publish, start_server  # noqa: E402
 
 
 def configs() -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
@@ -49,28 +48,23 @@ def main() -> None:
             proc = start_server(REPO / "models", args.model, port, False, command, **env)
             try:
                 bodies = [multipart_request("127.0.0.1", port, "/predict", im) for im in images]
-                cells = []
-                for c in (1, 8, 32):
-                    r = asyncio.run(run_load("127.0.0.1", port, bodies, c, args.seconds))
-                    cells.append(f"{r.throughput:.1f}")
-                    if c == 1:
-                        cells.append(f"{r.percentile(50) * 1e3:.1f}")
+                cells = load_cells("127.0.0.1", port, bodies, args.seconds)
             finally:
                 proc.terminate()
                 proc.wait(30)
             rows.append(f"| {round_} | {name} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
-    table = "\n".join(
+    publish(
+        args.out,
+        "Engine layout end to end",
         [
             f"`{args.model}` (the served version), the 40 full-resolution frames as multipart, "
             f"{args.seconds:g} s per point.",
             "",
             *rows,
-        ]
+        ],
+        "bench/layout_http.py",
     )
-    print(table)
-    if args.out:
-        write_section(args.out, "Engine layout end to end", table, "bench/layout_http.py")
 
 
 if __name__ == "__main__":

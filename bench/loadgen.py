@@ -105,3 +105,18 @@ async def run_load(
     await asyncio.gather(*(connection(c) for c in range(concurrency)))
     result.seconds = time.perf_counter() - measure_from
     return result
+
+
+def load_cells(
+    host: str, port: int, requests: list[bytes], seconds: float, concurrency: tuple = (1, 8, 32)
+) -> list[str]:
+    """Table cells: req/s at each concurrency, the first one followed by its p50 in ms. Any
+    answer but 200 or 503 stops the benchmark."""
+    cells = []
+    for i, c in enumerate(concurrency):
+        r = asyncio.run(run_load(host, port, requests, c, seconds))
+        assert set(r.statuses) <= {200, 503}, r.statuses
+        cells.append(f"{r.throughput:.1f}")
+        if i == 0:
+            cells.append(f"{r.percentile(50) * 1e3:.1f}")
+    return cells

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import LoadResult, multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+from bench.serving import frames, free_port, publish, start_server  # noqa: E402
 
 CONFIGS = {"defaults (budget 1 s)": {}, "admission off": {"ENDOFUSE_LATENCY_BUDGET_S": "0"}}
 
@@ -81,7 +81,9 @@ def main() -> None:
             )
             print(row, flush=True)
             rows.append(row)
-    table = "\n".join(
+    publish(
+        args.out,
+        "Overload (admission control)",
         [
             f"`{args.model}`, the 40 full-resolution frames as multipart, closed loop at "
             f"c={args.concurrency} for {args.seconds:g} s per configuration, {args.rounds} "
@@ -92,11 +94,9 @@ def main() -> None:
             "503 without Retry-After | other | first request after the burst, ms |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
-        ]
+        ],
+        "bench/overload.py",
     )
-    print(table)
-    if args.out:
-        write_section(args.out, "Overload (admission control)", table, "bench/overload.py")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ load generator and server, two rounds in opposite orders).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -21,8 +20,8 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.loadgen import multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+from bench.loadgen import load_cells, multipart_request  # noqa: E402
+from bench.serving import frames, free_port, publish, start_server  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 
@@ -71,19 +70,15 @@ def main() -> None:
             for kind, v in order:
                 path = f"/models/{args.model}/versions/{v}/predict"
                 bodies = [multipart_request("127.0.0.1", port, path, f) for f in raw]
-                cells = []
-                for c in (1, 8, 32):
-                    r = asyncio.run(run_load("127.0.0.1", port, bodies, c, args.seconds))
-                    assert set(r.statuses) <= {200, 503}, r.statuses
-                    cells.append(f"{r.throughput:.1f}")
-                    if c == 1:
-                        cells.append(f"{r.percentile(50) * 1e3:.1f}")
+                cells = load_cells("127.0.0.1", port, bodies, args.seconds)
                 http.append(f"| {round_} | {kind} ({v}) | " + " | ".join(cells) + " |")
                 print(http[-1], flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
-    table = "\n".join(
+    publish(
+        args.out,
+        "int8 against fp32",
         [
             f"`{args.model}` version {args.fp32} (fp32) and its int8 variant, version "
             f"{args.int8}; in process: ONNX Runtime, 2 intra-op threads, spinning off, median "
@@ -93,11 +88,9 @@ def main() -> None:
             *rows,
             "",
             *http,
-        ]
+        ],
+        "bench/precision.py",
     )
-    print(table)
-    if args.out:
-        write_section(args.out, "int8 against fp32", table, "bench/precision.py")
 
 
 if __name__ == "__main__":

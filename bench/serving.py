@@ -227,6 +227,16 @@ def main() -> None:
         write_section(args.out, "Embedded serving (issue: foundation)", table)
 
 
+def publish(
+    out: Path | None, title: str, lines: list[str], script: str, target: str = "bench"
+) -> None:
+    """Print a benchmark's section and, with ``--out``, write it into that document."""
+    table = "\n".join(lines)
+    print(table)
+    if out:
+        write_section(out, title, table, script, target)
+
+
 def write_section(
     path: Path, title: str, body: str, script: str = "bench/serving.py", target: str = "bench"
 ) -> None:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+from bench.serving import frames, free_port, publish, start_server  # noqa: E402
 from tests.bad_inputs import corpus  # noqa: E402
 
 
@@ -124,7 +124,9 @@ def main() -> None:
         proc.wait(30)
     first, last = samples[0][1], samples[-1][1]
     peak = max(m for _, m in samples)
-    table = "\n".join(
+    publish(
+        args.out,
+        "Soak: mixed abuse and load",
         [
             f"{args.minutes:g} minutes after a 1-minute warm-up, both bundled models loaded: "
             "closed-loop load at c=16 beside a client sending the bad-input corpus, header "
@@ -136,11 +138,10 @@ def main() -> None:
             f"| {first:.0f} | {peak:.0f} | {last:.0f} | {last / first:.3f} | "
             f"{counts.get('load', 0)} | {counts.get('answered', 0)} | {counts.get('5xx', 0)} | "
             f"{counts.get('raw', 0)} |",
-        ]
+        ],
+        "bench/soak.py",
+        "bench-soak",
     )
-    print(table)
-    if args.out:
-        write_section(args.out, "Soak: mixed abuse and load", table, "bench/soak.py", "bench-soak")
 
 
 if __name__ == "__main__":
