@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service.api.errors import error_body
 from service.config import Settings
 
 # How long a refused connection keeps reading (and discarding) before it closes.
@@ -46,7 +47,8 @@ def _limits_from_environment() -> EdgeLimits:
 
 def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
     """A complete HTTP/1.1 error response, written before h11 has a request to answer."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    # No request path is known yet: the service's own error shape, as on every other route.
+    body = json.dumps(error_body("", code, message)).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"

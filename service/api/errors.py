@@ -42,7 +42,6 @@ def install_error_handlers(app: FastAPI) -> None:
         response = error_response(exc.status, exc.code, exc.message, retry, request.url.path)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="endofuse"'
-
         request_id = getattr(request.state, "request_id", None)
         if request_id:
             response.headers["X-Request-ID"] = request_id
