@@ -24,9 +24,8 @@ import numpy as np
 from service.decision import DecisionParams, is_uniform, nonconformity
 from service.manifest import load_manifest
 from training import decision_plots, ood
-from training.config import from_dict, load_config
-from training.data import load_split, read_rows
-from training.evaluate import decode_all, run_session
+from training.config import load_config
+from training.evaluate import decode_all, manifest_split, run_session
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns
 
 LEVELS = (0.8, 0.9, 0.95)
@@ -116,8 +115,7 @@ def pattern_probs(model_dir: Path, split: str) -> Scored:
     import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
-    cfg = from_dict(manifest.raw["training"]["config"])
-    table = load_split(cfg.dataset, split, manifest.tabular, read_rows(cfg.dataset))
+    table = manifest_split(manifest, split)
     images = decode_all(table, manifest)
     session = ort.InferenceSession(
         str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]

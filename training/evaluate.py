@@ -29,6 +29,27 @@ def decode_all(table: Table, manifest: Any) -> np.ndarray:
     return out
 
 
+def manifest_split(manifest: Any, split: str) -> Table:
+    """``split`` of the dataset the exported model was trained on (from its manifest)."""
+    cfg = from_dict(manifest.raw["training"]["config"])
+    return load_split(cfg.dataset, split, manifest.tabular, read_rows(cfg.dataset))
+
+
+def evenly_sampled(manifest: Any, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` frames spread evenly over ``split`` (the same every time), decoded as the
+    service decodes them, and their label indices."""
+    table = manifest_split(manifest, split)
+    pick = np.linspace(0, len(table) - 1, min(n, len(table))).astype(int)
+    sample = Table(
+        paths=[table.paths[i] for i in pick],
+        labels=table.labels[pick],
+        tabular=table.tabular[pick],
+        mask=table.mask[pick],
+        label_names=table.label_names,
+    )
+    return decode_all(sample, manifest), sample.labels
+
+
 def run_session(
     session: Any,
     images: np.ndarray,

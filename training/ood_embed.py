@@ -23,9 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from service.manifest import load_manifest
-from service.preprocess import decode_image
-from training.config import from_dict
-from training.data import load_split, read_rows
+from training.evaluate import evenly_sampled
 
 OUTPUT = "ood_distance"
 
@@ -125,14 +123,7 @@ def main(model_dir: Path, feature: str | None = None, fit_frames: int = 3000) ->
     if OUTPUT in {o.name for o in model.graph.output}:
         raise ValueError(f"{model_dir}: the graph has an '{OUTPUT}' output already")
     feature = feature or pooled_feature(model)
-    cfg = from_dict(manifest.raw["training"]["config"])
-    table = load_split(cfg.dataset, "train", manifest.tabular, read_rows(cfg.dataset))
-    pick = np.linspace(0, len(table) - 1, min(fit_frames, len(table))).astype(int)
-    images = np.stack([
-        decode_image(table.paths[i].read_bytes(), manifest.image, 10**9)
-        for i in tqdm(pick, desc="decode", unit="img", leave=False)
-    ])  # fmt: skip
-    labels = table.labels[pick]
+    images, labels = evenly_sampled(manifest, "train", fit_frames)
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
     probe = ort.InferenceSession(
         with_outputs(model, [feature]).SerializeToString(), providers=["CPUExecutionProvider"]
@@ -154,7 +145,7 @@ def main(model_dir: Path, feature: str | None = None, fit_frames: int = 3000) ->
         "output": OUTPUT,
         "feature": feature,
         "method": "Mahalanobis distance to the nearest class mean, shared covariance (Ledoit-Wolf)",
-        "fitted_on": {"split": "train", "n": len(pick), "shrinkage": round(shrink, 4)},
+        "fitted_on": {"split": "train", "n": len(labels), "shrinkage": round(shrink, 4)},
     }
     raw = dict(manifest.raw, ood_embedding=info)
     raw["outputs"] = [*manifest.raw.get("outputs", ["probabilities", "logits"]), OUTPUT]

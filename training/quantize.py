@@ -22,26 +22,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from service.manifest import load_manifest
-from service.preprocess import decode_image
-from training.config import from_dict
-from training.data import load_split, read_rows
+from training.evaluate import evenly_sampled
 
 KEEP_FLOAT = ("_conv_stem", "proj", "fusion", "head")
 PERCENTILE = 99.99
-
-
-def calibration_frames(model_dir: Path, n: int) -> np.ndarray:
-    manifest = load_manifest(model_dir / "manifest.json")
-    cfg = from_dict(manifest.raw["training"]["config"])
-    table = load_split(cfg.dataset, "train", manifest.tabular, read_rows(cfg.dataset))
-    pick = np.linspace(0, len(table) - 1, min(n, len(table))).astype(int)
-    return np.stack([
-        decode_image(table.paths[i].read_bytes(), manifest.image, 10**9)
-        for i in tqdm(pick, desc="calibration frames", unit="img", leave=False)
-    ])  # fmt: skip
 
 
 def float_nodes(model: onnx.ModelProto) -> list[str]:
@@ -68,7 +54,7 @@ def main(src: Path, version: str, calibration: int = 256) -> Path:
     dst = src.parent / version
     if dst.exists():
         raise ValueError(f"{dst} exists already")
-    frames = calibration_frames(src, calibration)
+    frames, _ = evenly_sampled(manifest, "train", calibration)
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
     names = {i.name for i in onnx.load(str(src / "model.onnx")).graph.input}
 
