@@ -1,20 +1,29 @@
 # syntax=docker/dockerfile:1
 # Serving images only: ONNX Runtime, never torch. Targets:
-#   cpu  slim Python base, onnxruntime            (API replicas; CPU workers)
+#   cpu  Python base + onnxruntime                 (API replicas; CPU workers)
 #   gpu  NVIDIA CUDA runtime base, onnxruntime-gpu (GPU workers)
 # Both run `endofuse serve` by default; compose runs `endofuse worker` from the same image.
+# BASE: any Debian-like image with python3 (3.11) and its venv module. The default is the
+# public python image; service/deploy/build-images.sh passes a base made by mmdebstrap from
+# Debian packages, for hosts that reach no container registry.
+ARG BASE=python:3.11-slim
 
-FROM python:3.11-slim AS build
+FROM ${BASE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
-# Wheels for the project and its serving dependencies only (no 'train' extra).
-RUN pip wheel --wheel-dir /wheels '.[cpu]' && pip wheel --wheel-dir /wheels-gpu '.[gpu]'
+# Wheels for the project and its serving dependencies only (no 'train' extra). The gpu
+# wheels only where that target is built (BuildKit skips this stage's use otherwise).
+RUN /opt/venv/bin/pip wheel --wheel-dir /wheels '.[cpu]'
 
-FROM python:3.11-slim AS cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN useradd --create-home --uid 10001 endofuse
+FROM build AS build-gpu
+RUN /opt/venv/bin/pip wheel --wheel-dir /wheels-gpu '.[gpu]'
+
+FROM ${BASE} AS cpu
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:$PATH
+RUN useradd --create-home --uid 10001 endofuse && python3 -m venv /opt/venv
 COPY --from=build /wheels /wheels
 RUN pip install --no-index --find-links /wheels endofuse onnxruntime && rm -rf /wheels \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
@@ -32,7 +41,7 @@ FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3-pip \
     && rm -rf /var/lib/apt/lists/* && useradd --create-home --uid 10001 endofuse
-COPY --from=build /wheels-gpu /wheels
+COPY --from=build-gpu /wheels-gpu /wheels
 RUN python3.11 -m pip install --no-index --find-links /wheels endofuse onnxruntime-gpu \
     && rm -rf /wheels
 WORKDIR /app

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install redis browser serve test lint bench bench-soak clean
+.PHONY: install redis browser containers serve test lint bench bench-soak clean
 
 install: $(STAMP) redis
 
@@ -23,6 +23,16 @@ browser:
 		$$SUDO apt-get update -qq && \
 		$$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
+# The compose end-to-end test builds its images from Debian packages (mmdebstrap) and runs
+# them on podman (runc; netavark + aardvark-dns resolve service names).
+containers:
+	@{ command -v podman >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 \
+		&& command -v runc >/dev/null 2>&1; } || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO apt-get install -y -qq podman runc mmdebstrap \
+			netavark aardvark-dns uidmap ca-certificates; }
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -34,7 +44,7 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/endofuse serve --host $(HOST) --port $(PORT) --models-dir models
 
-test: install browser
+test: install browser containers
 	$(VENV)/bin/ruff check service training tests bench
 	$(PY) -m pytest -q
 

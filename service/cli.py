@@ -148,12 +148,18 @@ def export(
     run_dir: Path = typer.Argument(..., exists=True),
     models_dir: Path = typer.Option(Path("models"), "--models-dir"),
     version: str = typer.Option("1", "--version"),
+    label_rule: str = typer.Option(
+        "argmax",
+        "--label-rule",
+        help="Which class a response names: argmax, or balanced (probability over the "
+        "class's training share: the Bayes rule for balanced accuracy)",
+    ),
 ) -> None:
     """Export a trained run to models/<name>/<version>/ (ONNX + manifest), with parity check."""
     _training()
     from training.export import main
 
-    main(run_dir, models_dir, version)
+    main(run_dir, models_dir, version, label_rule)
 
 
 @app.command()

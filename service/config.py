@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0)
     worker_block_ms: int = Field(200, ge=1)
     worker_port: int = 8001
+    # Seconds between looks at the model repository for versions added or removed (hot
+    # reload, service/reload.py); 0 turns it off.
+    reload_s: float = Field(5.0, ge=0)
+    # Which models need a live worker before an API replica reports ready: "all" (every
+    # loaded model), "none", or a comma list of model names.
+    ready_workers: str = "all"
 
     # Decision support (models whose manifest has a ``decision`` block): the prediction set's
     # coverage when a request names none, and a top probability below which to refer.

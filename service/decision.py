@@ -88,14 +88,20 @@ class DecisionParams:
             f"coverage must be one of {', '.join(_key(v) for v in self.levels)} for this model"
         )
 
-    def prediction_set(self, probs: np.ndarray, pattern: str, coverage: float) -> np.ndarray:
+    def prediction_set(
+        self, probs: np.ndarray, pattern: str, coverage: float, named: int | None = None
+    ) -> np.ndarray:
         """Boolean [K]: the classes that stay plausible at ``coverage``, always including the
-        most probable one. Split conformal alone may exclude it (class-conditional thresholds
-        are tight for common classes; a model more accurate than the coverage asked may get
-        an empty set); adding it only raises coverage and keeps sets nested across levels."""
+        most probable one and the class the response names (``named``, when a label rule
+        other than argmax picked it). Split conformal alone may exclude them (class-conditional
+        thresholds are tight for common classes; a model more accurate than the coverage
+        asked may get an empty set); adding them only raises coverage and keeps sets nested
+        across levels."""
         q = np.asarray(self.thresholds[pattern][self.level_key(coverage)])
         members = nonconformity(probs[None], self.score)[0] <= q
         members[int(np.argmax(probs))] = True
+        if named is not None:
+            members[named] = True
         return members
 
 
@@ -147,6 +153,7 @@ def decide(
     confidence_floor: float,
     logits: np.ndarray | None = None,
     uniform_image: bool = False,
+    named: int | None = None,
 ) -> dict[str, Any]:
     """Response fields: prediction set, its coverage, the out-of-distribution score, and the
     referral with its reason."""
@@ -162,7 +169,7 @@ def decide(
         elif flagged:
             reasons.append("the input does not look like the data the model was trained on")
     if params is not None:
-        members = params.prediction_set(probs, pattern, coverage)
+        members = params.prediction_set(probs, pattern, coverage, named)
         chosen = [labels[k] for k in np.flatnonzero(members)]
         out["prediction_set"] = sorted(chosen, key=lambda name: -probs[labels.index(name)])
         out["coverage"] = coverage

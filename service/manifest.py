@@ -8,12 +8,13 @@ metrics, provenance, library versions).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.decision import DecisionParams
 from service.errors import ManifestError
+from service.label_rule import LabelRule
 from service.preprocess import ImageSpec
 from service.tabular import TabularSchema
 
@@ -33,6 +34,7 @@ class Manifest:
     raw: dict[str, Any]
     decision: DecisionParams | None = None
     precision: str = "fp32"  # "fp32" | "int8" (a quantised variant of another version)
+    label_rule: LabelRule = field(default_factory=LabelRule)
 
     @property
     def has_tabular(self) -> bool:
@@ -71,10 +73,15 @@ def parse_manifest(raw: dict[str, Any], where: str = "manifest") -> Manifest:
         decision = DecisionParams.from_manifest(raw.get("decision"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{where}: field 'decision' is invalid ({exc})") from None
+    try:
+        label_rule = LabelRule.from_manifest(raw.get("label_rule"), len(labels))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: field 'label_rule' is invalid ({exc})") from None
     precision = str(raw.get("precision", "fp32"))
     if precision not in ("fp32", "int8"):
         raise ManifestError(f"{where}: field 'precision' must be 'fp32' or 'int8'")
     return Manifest(
+        label_rule=label_rule,
         precision=precision,
         decision=decision,
         name=str(raw["name"]),

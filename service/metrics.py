@@ -54,6 +54,16 @@ def _per_version(name: str, documentation: str, registry: CollectorRegistry) -> 
     )
 
 
+def _model_events(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "endofuse_model_events",
+        "Model versions added or removed while serving (hot reload): loaded, failed (the "
+        "directory did not check out or load; retried when it changes), removed.",
+        ["model", "version", "event"],
+        registry=registry,
+    )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -126,6 +136,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.model_events = _model_events(r)
         self.queue_up.set(1)
 
     def observe_batch(self, model: str, size: int) -> None:
@@ -149,6 +160,7 @@ class WorkerMetrics:
             registry=r,
         )
         self.batch_size = _batch_size(r)
+        self.model_events = _model_events(r)
         self.stage = Histogram(
             "endofuse_worker_stage_seconds",
             "Worker-side latency: queue (enqueued to batch start), inference, reply (writing "

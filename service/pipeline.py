@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +60,52 @@ class ServiceContext:
     decode_pool: ThreadPoolExecutor
     ready: bool = False
     admission: AdmissionControl | None = None
+    holders: dict[str, int] = field(default_factory=dict)  # model key -> requests using it
 
     def admit(self) -> AbstractContextManager[None]:
         """A place for one request within the latency budget (raises Overloaded if none)."""
         return self.admission.admit() if self.admission is not None else nullcontext()
+
+    @contextmanager
+    def hold(self, model: ModelVersion) -> Iterator[None]:
+        """Mark ``model`` in use by one request from resolution to answer: a version removed
+        meanwhile (hot reload) is dropped only once its holders are done."""
+        self.holders[model.key] = self.holders.get(model.key, 0) + 1
+        try:
+            yield
+        finally:
+            self.holders[model.key] -= 1
+
+    async def released(self, model: ModelVersion, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while self.holders.get(model.key, 0) > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether a gateway should send requests here, and why not. Behind a shared queue a
+        replica is ready only when a live worker serves every model version it must route to
+        (``ENDOFUSE_READY_WORKERS``): otherwise its requests could only wait or fail."""
+        if not self.ready:
+            return False, {"status": "not ready", "reason": "starting or stopping"}
+        if not self.queue.reachable():
+            # A gateway should stop sending here: every predict would be a 503 until it is back.
+            return False, {"status": "not ready", "reason": "queue unreachable"}
+        body: dict[str, Any] = {"models": [mv.key for mv in self.registry.all()]}
+        workers = self.queue.workers()
+        if workers is not None:
+            body["workers"] = {mv.key: workers.get(mv.key, 0) for mv in self.registry.all()}
+            missing = [k for k in self._must_serve() if not workers.get(k)]
+            if missing:
+                reason = "no live worker for " + ", ".join(missing)
+                return False, {"status": "not ready", "reason": reason, **body}
+        return True, {"status": "ready", **body}
+
+    def _must_serve(self) -> list[str]:
+        rule = self.settings.ready_workers.strip()
+        if rule == "none":
+            return []
+        names = None if rule == "all" else {n.strip() for n in rule.split(",") if n.strip()}
+        return [mv.key for mv in self.registry.all() if names is None or mv.name in names]
 
 
 def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepared:
@@ -129,10 +172,12 @@ def encode_response(
     warnings = prepared.warnings
     if manifest.decision is None:
         warnings = [*warnings, "this model version has no fitted prediction sets"]
+    chosen = int(manifest.label_rule.pick(np.asarray(probs)))
     return {
         "request_id": prepared.item.request_id,
         "model": {"name": model.name, "version": model.version},
-        "label": labels[int(np.argmax(probs))],
+        "label": labels[chosen],
+        "label_rule": manifest.label_rule.kind,
         "probabilities": {label: float(p) for label, p in zip(labels, probs, strict=True)},
         **decide(
             manifest.decision,
@@ -143,6 +188,7 @@ def encode_response(
             prepared.confidence_floor,
             result.logits,
             prepared.uniform_image,
+            chosen,
         ),
         "modalities": prepared.modalities,
         "warnings": warnings,

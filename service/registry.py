@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -53,11 +54,59 @@ def discover(models_dir: Path, only: list[str] | None = None) -> list[tuple[str,
     return found
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a version is opened: the same for start-up and for versions added later."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    warmup_runs: int = 2
+    spinning: bool = True
+    load_engines: bool = True
+    max_batch_size: int = 16
+
+    def open(self, name: str, version: str, vdir: Path) -> ModelVersion:
+        """Check the manifest against its directory (and the graph's digest, where the
+        manifest records one), open the graph and warm it up."""
+        start = time.perf_counter()
+        manifest = _checked_manifest(vdir, name, version)
+        engine = None
+        if self.load_engines:
+            engine = Engine(
+                vdir / "model.onnx",
+                manifest,
+                list(self.providers),
+                self.intra_op_threads,
+                self.inter_op_threads,
+                self.spinning,
+            )
+            engine.warm_up(self.warmup_runs, self.max_batch_size)
+        log.info(
+            "model loaded",
+            extra={
+                "model": name,
+                "version": version,
+                "providers": engine.providers if engine else "remote",
+                "load_ms": round((time.perf_counter() - start) * 1e3, 1),
+            },
+        )
+        return ModelVersion(name, version, vdir, manifest, engine)
+
+
 class Registry:
+    """The loaded versions. Versions may come and go while serving (``service/reload.py``):
+    every change replaces the whole mapping, so a reader never sees one half-made."""
+
     def __init__(
-        self, versions: list[ModelVersion], default_model: str | None, precision: str = "fp32"
+        self,
+        versions: list[ModelVersion],
+        default_model: str | None,
+        precision: str = "fp32",
+        options: LoadOptions | None = None,
     ) -> None:
         self.precision = precision
+        self.options = options or LoadOptions()
         self._by_name: dict[str, dict[str, ModelVersion]] = {}
         for mv in versions:
             self._by_name.setdefault(mv.name, {})[mv.version] = mv
@@ -81,36 +130,40 @@ class Registry:
         max_batch_size: int = 16,
         precision: str = "fp32",
     ) -> Registry:
-        loaded = []
-        for name, version, vdir in discover(models_dir, only):
-            start = time.perf_counter()
-            manifest = _checked_manifest(vdir, name, version)
-            engine = None
-            if load_engines:
-                engine = Engine(
-                    vdir / "model.onnx",
-                    manifest,
-                    providers,
-                    intra_op_threads,
-                    inter_op_threads,
-                    spinning,
-                )
-                engine.warm_up(warmup_runs, max_batch_size)
-            loaded.append(ModelVersion(name, version, vdir, manifest, engine))
-            log.info(
-                "model loaded",
-                extra={
-                    "model": name,
-                    "version": version,
-                    "providers": engine.providers if engine else "remote",
-                    "load_ms": round((time.perf_counter() - start) * 1e3, 1),
-                },
-            )
+        options = LoadOptions(
+            tuple(providers),
+            intra_op_threads,
+            inter_op_threads,
+            warmup_runs,
+            spinning,
+            load_engines,
+            max_batch_size,
+        )
+        loaded = [options.open(*found) for found in discover(models_dir, only)]
         if not loaded:
             raise ManifestError(f"no models found under {models_dir}")
         if default_model is None and (models_dir / DEFAULT_FILE).is_file():
             default_model = (models_dir / DEFAULT_FILE).read_text().strip() or None
-        return cls(loaded, default_model, precision)
+        return cls(loaded, default_model, precision, options)
+
+    def add(self, mv: ModelVersion) -> None:
+        by_name = {name: dict(versions) for name, versions in self._by_name.items()}
+        by_name.setdefault(mv.name, {})[mv.version] = mv
+        self._by_name = by_name
+        if self.default_model is None:
+            self.default_model = mv.name
+
+    def remove(self, name: str, version: str) -> ModelVersion:
+        """Stop routing to one version (the last version of the default model stays)."""
+        mv = self._by_name[name][version]
+        by_name = {n: dict(versions) for n, versions in self._by_name.items()}
+        del by_name[name][version]
+        if not by_name[name]:
+            if name == self.default_model:
+                raise ManifestError(f"'{name}' is the default model: its last version stays")
+            del by_name[name]
+        self._by_name = by_name
+        return mv
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
@@ -148,7 +201,19 @@ def _checked_manifest(vdir: Path, name: str, version: str) -> Manifest:
             f"{vdir}: manifest fields 'name'/'version' say {manifest.name}/{manifest.version} "
             f"but the directory is {name}/{version}"
         )
+    recorded = manifest.raw.get("files", {}).get("model.onnx", {}).get("sha256")
+    if recorded and recorded != file_digest(vdir / "model.onnx"):
+        # A graph still being copied in, or one that does not belong to this manifest.
+        raise ManifestError(f"{vdir}: model.onnx does not match the sha256 in manifest.json")
     return manifest
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_from_settings(settings: Settings, *, load_engines: bool = True) -> Registry:

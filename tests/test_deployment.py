@@ -53,8 +53,10 @@ def test_worker_reserves_a_gpu() -> None:
 
 def test_dockerfile_targets_are_torch_free_non_root_and_healthchecked() -> None:
     text = (REPO / "Dockerfile").read_text()
-    stages = dict(re.findall(r"^FROM (\S+) AS (\w+)", text, re.M)[i][::-1] for i in range(3))
-    assert stages["gpu"].startswith("nvidia/cuda:") and "slim" in stages["cpu"]
+    stages = {stage: base for base, stage in re.findall(r"^FROM (\S+) AS ([\w-]+)", text, re.M)}
+    assert stages["gpu"].startswith("nvidia/cuda:") and stages["cpu"] == "${BASE}"
+    # The public slim image by default; build-images.sh passes a Debian-built one.
+    assert re.search(r"^ARG BASE=python:3\.11-slim$", text, re.M)
     for target in ("cpu", "gpu"):
         body = text.split(f" AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
         assert "USER endofuse" in body and "HEALTHCHECK" in body, target
@@ -96,3 +98,18 @@ def test_dashboard_queries_name_metrics_we_export() -> None:
         for target in panel["targets"]:
             for name in re.findall(r"\bendofuse_\w+", target["expr"]):
                 assert name in known, f"{panel['title']}: {name} is not exported"
+
+
+def test_cpu_override_drops_the_gpu_and_keeps_the_rest() -> None:
+    override = (REPO / "service/deploy/compose.cpu.yml").read_text()
+    # `!reset` is a compose tag: read it as plain YAML to see what it replaces.
+    worker = yaml.safe_load(override.replace("!reset ", ""))["services"]["worker"]
+    assert worker["build"]["target"] == "cpu" and worker["image"] == "endofuse:cpu"
+    assert "deploy: !reset" in override
+
+
+def test_gateway_resolver_comes_from_the_container() -> None:
+    conf = (REPO / "service/deploy/nginx.conf").read_text()
+    assert "resolver @RESOLVER@" in conf
+    command = " ".join(SERVICES["gateway"]["command"])
+    assert "@RESOLVER@" in command and "/etc/resolv.conf" in command

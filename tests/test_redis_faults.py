@@ -203,7 +203,55 @@ def test_all_workers_down_gives_503_or_504_in_time(deploy) -> None:
             assert r.status_code in (503, 504), r.text
             assert time.monotonic() - start <= 2.0 + 1.0
         time.sleep(1.5)
-    assert post(client, 0).status_code == 503, "no live worker: refused at once"
+    # The heartbeat has expired: the replica says so, and a request waits for a worker up to
+    # its deadline (a restart may be under way), then gets 503.
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["reason"] == "no live worker for slow:1"
+    start = time.monotonic()
+    r = post(client, 0)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert 2.0 - 0.2 <= time.monotonic() - start <= 2.0 + 1.0
+
+
+def test_api_started_with_its_workers_answers_every_request(redis_server, slow_models) -> None:
+    """API replica and worker start together and requests arrive at once: no 503 window. The
+    replica reports ready only once the worker's heartbeat is in, and the early requests wait
+    for it instead of failing."""
+    api = make_settings(
+        slow_models,
+        queue_url=redis_server.url,
+        request_timeout_s=30.0,
+        latency_budget_s=0,
+        heartbeat_s=0.3,
+    )
+    worker = WorkerProcess(redis_server.url, slow_models, heartbeat_s=0.3)
+    try:
+        with TestClient(create_app(api), raise_server_exceptions=False) as client:
+            early = client.get("/readyz")
+            futures = fire(client, range(24))
+            assert early.status_code == 503, early.text
+            assert early.json()["workers"] == {"slow:1": 0}
+            codes = [f.result(timeout=60).status_code for f in futures]
+            assert codes == [200] * 24, codes
+            ready = client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["workers"] == {"slow:1": 1}
+            assert client.get("/v2/health/ready").status_code == 200
+            assert client.get("/v2/models/slow/ready").status_code == 200
+    finally:
+        worker.stop()
+
+
+def test_readiness_without_worker_requirement(redis_server, slow_models) -> None:
+    api = make_settings(slow_models, queue_url=redis_server.url, ready_workers="none")
+    with TestClient(create_app(api), raise_server_exceptions=False) as client:
+        time.sleep(0.3)
+        body = client.get("/readyz").json()
+        assert body["status"] == "ready" and body["workers"] == {"slow:1": 0}
+        # The protocol's per-model readiness still tells the truth.
+        assert client.get("/v2/models/slow/ready").status_code == 503
+    other = make_settings(slow_models, queue_url=redis_server.url, ready_workers="other")
+    with TestClient(create_app(other), raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200  # "slow" is not required
 
 
 def test_redis_restart_fails_fast_and_recovers(deploy, redis_server, slow_registry) -> None:

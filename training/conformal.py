@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from service.decision import DecisionParams, is_uniform, nonconformity
+from service.label_rule import LabelRule
 from service.manifest import load_manifest
 from training import decision_plots, ood
 from training.config import load_config
@@ -72,13 +73,24 @@ def choose_score(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> str:
 
 
 def measure(
-    params: DecisionParams, probs: np.ndarray, labels: np.ndarray, pattern: str
+    params: DecisionParams,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    pattern: str,
+    rule: LabelRule | None = None,
 ) -> dict[str, Any]:
-    """Per level: coverage (overall and per class), set sizes, referral and selective accuracy."""
+    """Per level: coverage (overall and per class), set sizes, referral and selective accuracy
+    (of the class ``rule`` names, which every set holds)."""
     out = {}
     n_classes = probs.shape[1]
+    named = (rule or LabelRule()).pick(probs)
     for level in params.levels:
-        sets = np.stack([params.prediction_set(p, pattern, level) for p in probs])
+        sets = np.stack(
+            [
+                params.prediction_set(p, pattern, level, int(k))
+                for p, k in zip(probs, named, strict=True)
+            ]
+        )
         covered = sets[np.arange(len(labels)), labels]
         size = sets.sum(1)
         accepted = size == 1
@@ -92,7 +104,7 @@ def measure(
             "mean_set_size": float(size.mean()),
             "referral_rate": float(1 - accepted.mean()),
             "accuracy_not_referred": float(correct[accepted].mean()) if accepted.any() else None,
-            "accuracy_all": float((probs.argmax(1) == labels).mean()),
+            "accuracy_all": float((named == labels).mean()),
         }
     return out
 
@@ -160,7 +172,7 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
     report = {
         "model": f"{manifest.name}/{manifest.version}",
         "score": kind,
-        "test": {p: measure(params, test[p], test_labels, p) for p in test},
+        "test": {p: measure(params, test[p], test_labels, p, manifest.label_rule) for p in test},
         "curves": {p: decision_plots.selective_curve(test[p], test_labels) for p in test},
         "labels": list(manifest.labels),
     }

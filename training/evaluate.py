@@ -155,7 +155,14 @@ def capture_audit(
 ) -> dict[str, Any]:
     frames = [p.read_bytes() for p in table.paths]
     with tqdm(total=len(CHANGES), desc="capture audit", unit="change", leave=False) as bar:
-        cf = counterfactual(frames, table.labels, manifest.labels, predict, lambda _: bar.update())
+        cf = counterfactual(
+            frames,
+            table.labels,
+            manifest.labels,
+            predict,
+            lambda _: bar.update(),
+            manifest.label_rule.pick,
+        )
     # The metadata classifier needs no more training rows than a few times the audited ones.
     train = stratified(
         load_split(cfg.dataset, "train", manifest.tabular, rows), max(1000, 3 * len(table))
@@ -194,7 +201,9 @@ def evaluate_model_dir(
             pattern, table.mask if manifest.tabular else None, len(table)
         )
         probs, logits = run_session(session, images, table.tabular, tab_mask, image_mask)
-        calibrated = summarize(probs, table.labels, manifest.labels)
+        calibrated = summarize(
+            probs, table.labels, manifest.labels, manifest.label_rule.pick(probs)
+        )
         raw = summarize(softmax(logits), table.labels, manifest.labels)
         calibrated["ece_15_before_temperature"] = raw["ece_15"]
         calibrated["reliability"] = reliability(probs, table.labels)

@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from service.label_rule import LabelRule
 from service.preprocess import ImageSpec
 from service.tabular import TabularSchema
 from training.backbone import EfficientNetLite0, load_pretrained, normalise_uint8_nhwc
@@ -226,6 +227,7 @@ def build_manifest(
     onnx_path: Path,
     parity_error: float,
     split_sizes: dict[str, int],
+    label_rule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     spec = cfg.image.spec()
     image = spec.to_manifest() | {"normalisation": "x / 127.5 - 1 (inside the graph)"}
@@ -262,7 +264,12 @@ def build_manifest(
             "ece_15_val_before": {p: r["ece_15"] for p, r in results["val_uncalibrated"].items()},
             "ece_15_val_after": {p: r["ece_15"] for p, r in results["val"].items()},
         },
-        "metrics": {"split": "test", "source": "torch, before export", **summary(results["test"])},
+        "label_rule": label_rule or {"kind": "argmax"},
+        "metrics": {
+            "split": "test",
+            "source": "torch, before export; labels by argmax",
+            **summary(results["test"]),
+        },
         "training": {
             "config": cfg.to_dict(),
             "best_epoch": results["best_epoch"],
@@ -287,7 +294,7 @@ def build_manifest(
     }
 
 
-def main(run_dir: Path, models_dir: Path, version: str) -> Path:
+def main(run_dir: Path, models_dir: Path, version: str, label_rule: str = "argmax") -> Path:
     cfg, schema, graph, results = load_run(run_dir)
     out = models_dir / cfg.name / version
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +309,20 @@ def main(run_dir: Path, models_dir: Path, version: str) -> Path:
     sizes = {
         s: sum(r[cfg.dataset.split_column] == s for r in rows) for s in ("train", "val", "test")
     }
-    manifest = build_manifest(cfg, schema, results, version, onnx_path, error, sizes)
+    rule = {"kind": "argmax"}
+    if label_rule == "balanced":
+        index = {name: k for k, name in enumerate(cfg.dataset.labels)}
+        train = [
+            index[r[cfg.dataset.label_column]]
+            for r in rows
+            if r[cfg.dataset.split_column] == "train"
+        ]
+        rule = LabelRule.balanced(np.array(train), len(index)).to_manifest(
+            f"class shares of the train split (n = {len(train)})"
+        )
+    elif label_rule != "argmax":
+        raise SystemExit(f"unknown label rule {label_rule!r}: argmax or balanced")
+    manifest = build_manifest(cfg, schema, results, version, onnx_path, error, sizes, rule)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and manifest.json")
     # Prediction-set thresholds are fitted on what was just exported; the report stays in the

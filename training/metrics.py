@@ -86,9 +86,15 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def summarize(probs: np.ndarray, labels: np.ndarray, names: tuple[str, ...]) -> dict:
+def summarize(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    names: tuple[str, ...],
+    preds: np.ndarray | None = None,
+) -> dict:
+    """Metrics of ``probs``; the label-based ones score ``preds`` (default: the argmax)."""
     k = len(names)
-    preds = probs.argmax(axis=1)
+    preds = probs.argmax(axis=1) if preds is None else preds
     cm = confusion(labels, preds, k)
     support = cm.sum(axis=1)
     predicted = cm.sum(axis=0)

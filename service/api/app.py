@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -26,7 +27,8 @@ from service.metrics import Metrics, multiprocess
 from service.pipeline import ServiceContext
 from service.queue import create_queue
 from service.queue.base import redacted, uses_remote_workers
-from service.registry import Registry, load_from_settings
+from service.registry import ModelVersion, Registry, load_from_settings
+from service.reload import ModelWatcher
 
 log = logging.getLogger("service")
 
@@ -60,6 +62,48 @@ def access_from_settings(settings: Settings) -> Access | None:
     return Access(store, settings.rate_limit, storage)
 
 
+def publish_model_info(metrics: Metrics, registry: Registry) -> None:
+    metrics.model_info.clear()
+    for mv in registry.all():
+        is_default = mv.name == registry.default_model and mv is registry.get(mv.name)
+        metrics.model_info.labels(
+            mv.name,
+            mv.version,
+            ",".join(mv.engine.providers) if mv.engine else "remote",
+            str(is_default).lower(),
+        ).set(1)
+
+
+def model_watcher(app: FastAPI, ctx: ServiceContext) -> ModelWatcher:
+    """Hot reload for this replica: the queue serves a version before the registry names it,
+    and the OpenAPI document is rebuilt for the new set."""
+
+    def changed() -> None:
+        app.openapi_schema = None
+        publish_model_info(ctx.metrics, ctx.registry)
+
+    async def removed(mv: ModelVersion) -> None:
+        # Requests that resolved this version before it was removed still get their answer.
+        await ctx.released(mv, ctx.settings.request_timeout_s + ctx.settings.body_timeout_s)
+        await ctx.queue.remove_model(mv)
+
+    def publishable(mv: ModelVersion) -> bool:
+        workers = ctx.queue.workers()  # behind a shared queue: once a worker serves it
+        return workers is None or workers.get(mv.key, 0) > 0
+
+    watcher = ModelWatcher(
+        ctx.registry,
+        ctx.settings.models_dir,
+        ctx.metrics.model_events,
+        ctx.queue.add_model,
+        removed,
+        only=ctx.settings.models or None,
+        publishable=publishable,
+        on_changed=changed,
+    )
+    return watcher
+
+
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     """Build the app. Pass ``registry`` to reuse already-loaded models (tests, benchmarks)."""
     settings = settings or Settings()
@@ -78,15 +122,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             # cold first request measured slow must not shut the door on it.
             floor = max(4, settings.max_batch_size)
             ctx.admission = AdmissionControl(settings.latency_budget_s, min_in_flight=floor)
-        for mv in reg.all():
-            is_default = mv.name == reg.default_model and mv is reg.get(mv.name)
-            metrics.model_info.labels(
-                mv.name,
-                mv.version,
-                ",".join(mv.engine.providers) if mv.engine else "remote",
-                str(is_default).lower(),
-            ).set(1)
+        publish_model_info(metrics, reg)
         app.state.ctx = ctx
+        watcher = None
+        if settings.reload_s > 0:
+            watcher = asyncio.create_task(
+                model_watcher(app, ctx).run(settings.reload_s), name="model-watcher"
+            )
         app.state.access = access_from_settings(settings)
         ctx.ready = True
         metrics.ready.set(1)
@@ -97,6 +139,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             ctx.ready = False
             metrics.ready.set(0)
             await queue.stop()

@@ -54,8 +54,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", dependencies=[Depends(require_health)])
 async def ready(request: Request) -> JSONResponse:
-    ctx = _ctx(request)
-    ok = ctx.ready and ctx.queue.reachable()
+    ok, _ = _ctx(request).readiness()
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
@@ -78,7 +77,8 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
     ctx = _ctx(request)
     mv = ctx.registry.get(name, version)
-    ok = ctx.ready and ctx.queue.reachable()
+    workers = ctx.queue.workers()
+    ok = ctx.ready and ctx.queue.reachable() and (workers is None or workers.get(mv.key, 0) > 0)
     return JSONResponse({"name": mv.name, "ready": ok}, status_code=200 if ok else 503)
 
 
@@ -116,7 +116,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
             raise NotReady("models are not loaded yet")
         mv = ctx.registry.get(name, version)
         model_label = mv.name
-        with ctx.admit():
+        with ctx.admit(), ctx.hold(mv):
             req = parse_request(await request.body(), _header_length(request))
             raws = to_raw_requests(req, mv, request_id_from(request))
             answers = await asyncio.gather(

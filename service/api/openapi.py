@@ -31,7 +31,15 @@ ERROR = {
 
 PREDICTION = {
     "type": "object",
-    "required": ["request_id", "model", "label", "probabilities", "modalities", "warnings"],
+    "required": [
+        "request_id",
+        "model",
+        "label",
+        "label_rule",
+        "probabilities",
+        "modalities",
+        "warnings",
+    ],
     "properties": {
         "request_id": {"type": "string"},
         "model": {
@@ -40,6 +48,12 @@ PREDICTION = {
             "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
         },
         "label": {"type": "string"},
+        "label_rule": {
+            "type": "string",
+            "enum": ["argmax", "balanced"],
+            "description": "argmax: the most probable class; balanced: the most probable "
+            "relative to its share of the training data",
+        },
         "probabilities": {
             "type": "object",
             "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1},

@@ -39,7 +39,7 @@ async def _predict(
         )
         model = ctx.registry.get(name, version)
         model_label = model.name
-        with ctx.admit():
+        with ctx.admit(), ctx.hold(model):
             raw = await decode_request(request)
             raw.request_id = request_id
             raw.coverage = coverage
@@ -153,13 +153,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["ops"], dependencies=[Depends(require_health)])
 async def readyz(request: Request) -> JSONResponse:
-    ctx = _ctx(request)
-    if not ctx.ready:
-        return JSONResponse({"status": "not ready"}, status_code=503)
-    if not ctx.queue.reachable():
-        # A gateway should stop sending here: every predict would be a 503 until it is back.
-        return JSONResponse({"status": "not ready", "reason": "queue unreachable"}, 503)
-    return JSONResponse({"status": "ready", "models": [mv.key for mv in ctx.registry.all()]})
+    ok, body = _ctx(request).readiness()
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", tags=["ops"], dependencies=[Depends(require_metrics)])

@@ -10,7 +10,7 @@ import numpy as np
 
 from service.config import Settings
 from service.metrics import Metrics
-from service.registry import Registry
+from service.registry import ModelVersion, Registry
 
 
 @dataclass(eq=False)
@@ -59,6 +59,16 @@ class InferenceQueue(abc.ABC):
     def reachable(self) -> bool:
         """Whether the backend can take work now (readiness); in-process: always."""
         return True
+
+    async def add_model(self, mv: ModelVersion) -> None:  # noqa: B027 - remote workers: nothing
+        """Start serving a version added to the registry while running (hot reload)."""
+
+    async def remove_model(self, mv: ModelVersion) -> None:  # noqa: B027
+        """Finish what was accepted for a version the registry no longer routes to."""
+
+    def workers(self) -> dict[str, int] | None:
+        """Live workers per model key, as last seen; None where this process runs the models."""
+        return None
 
 
 def create_queue(

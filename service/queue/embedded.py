@@ -7,7 +7,7 @@ from collections.abc import Callable
 from service.errors import ModelNotFound
 from service.queue.base import InferenceQueue, ItemResult, WorkItem
 from service.queue.batcher import DynamicBatcher
-from service.registry import Registry
+from service.registry import ModelVersion, Registry
 
 
 class EmbeddedQueue(InferenceQueue):
@@ -29,12 +29,21 @@ class EmbeddedQueue(InferenceQueue):
 
     async def start(self) -> None:
         for mv in self._registry.all():
-            hook = None
-            if self._on_batch is not None:
-                hook = _bind(self._on_batch, mv.name)
-            batcher = DynamicBatcher(mv.engine, on_batch=hook, **self._options)  # type: ignore[arg-type]
-            batcher.start()
-            self._batchers[mv.key] = batcher
+            await self.add_model(mv)
+
+    async def add_model(self, mv: ModelVersion) -> None:
+        hook = None
+        if self._on_batch is not None:
+            hook = _bind(self._on_batch, mv.name)
+        batcher = DynamicBatcher(mv.engine, on_batch=hook, **self._options)  # type: ignore[arg-type]
+        batcher.start()
+        self._batchers[mv.key] = batcher
+
+    async def remove_model(self, mv: ModelVersion) -> None:
+        batcher = self._batchers.get(mv.key)
+        if batcher is not None:
+            await batcher.stop()  # answers what it holds, then ends
+            self._batchers.pop(mv.key, None)
 
     async def stop(self) -> None:
         for batcher in self._batchers.values():

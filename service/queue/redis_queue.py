@@ -4,7 +4,9 @@ submit: admission check + ``XADD`` in one atomic script -> wait on a future keye
 correlation id -> resolved by this process's reply reader. One reply stream per API process
 (host + pid + random); it carries a TTL so it disappears with its replica. A monitor task reads
 worker heartbeats (who serves which model, how fast) and stream statistics every
-``heartbeat_s``; admission uses them without an extra round trip per request.
+``heartbeat_s``; admission uses them without an extra round trip per request. A request for a
+model no live worker serves (start-up, a rolling restart) waits for one, up to its deadline,
+with the monitor looking every ``WORKER_POLL_S`` meanwhile.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
 READ_BLOCK_MS = 1000
 RECENT = 4096
+WORKER_POLL_S = 0.1
 
 
 class RedisQueue(InferenceQueue):
@@ -77,6 +80,8 @@ class RedisQueue(InferenceQueue):
         self._waiting: dict[str, asyncio.Future[ItemResult]] = {}
         self._recent: OrderedDict[str, str] = OrderedDict()  # id -> "answered" | "expired"
         self._capacity: dict[str, float] = {}  # model key -> items/s over live workers
+        self._workers: dict[str, int] = {}  # model key -> live workers
+        self._look_now = asyncio.Event()  # someone waits for a worker: refresh sooner
         self._depth: dict[str, int] = {}
         self._monitored = False
         self._reachable = True  # until a Redis call fails
@@ -120,6 +125,9 @@ class RedisQueue(InferenceQueue):
     def reachable(self) -> bool:
         return self._reachable
 
+    def workers(self) -> dict[str, int]:
+        return dict(self._workers)
+
     def _retry_after(self, model_key: str) -> float:
         rate = self._capacity.get(model_key) or 0.0
         return max(1.0, math.ceil(self.depth(model_key) / rate)) if rate else 1.0
@@ -128,8 +136,9 @@ class RedisQueue(InferenceQueue):
         if not self._accepting or self._redis is None:
             raise NotReady("service is not accepting requests")
         key = item.model_key
-        if self._monitored and key not in self._capacity:
-            raise Overloaded(f"no worker is serving model '{key}'", retry_after=1.0)
+        deadline = time.monotonic() + timeout_s
+        await self._await_worker(key, deadline)
+        timeout_s = max(deadline - time.monotonic(), 1e-3)
         limit = self._max_queue_size
         if self._capacity.get(key):
             # Admit only what the live workers can finish before the deadline.
@@ -163,6 +172,20 @@ class RedisQueue(InferenceQueue):
                 # An outage can fail this future while XADD is still in flight; the caller
                 # got its own 503, so mark the future's copy seen (no "never retrieved" noise).
                 future.exception()
+
+    async def _await_worker(self, key: str, deadline: float) -> None:
+        """Return once a live worker serves ``key``; past ``deadline``, 503. Queuing without
+        one would only hold the request in Redis, unseen by admission control."""
+        while not (self._monitored and key in self._capacity):
+            if not self._reachable:
+                raise QueueUnavailable("the request queue is unreachable", retry_after=1.0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Overloaded(f"no worker is serving model '{key}'", retry_after=1.0)
+            self._look_now.set()
+            await asyncio.sleep(min(WORKER_POLL_S, left))
+            if not self._accepting:
+                raise NotReady("service is not accepting requests")
 
     def _remember(self, corr: str, outcome: str) -> None:
         self._recent[corr] = outcome
@@ -242,7 +265,11 @@ class RedisQueue(InferenceQueue):
             except RedisError:
                 self._metrics.queue_up.set(0)
                 self._reachable = False
-            await asyncio.sleep(self._heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look_now.wait(), self._heartbeat_s)
+            if self._look_now.is_set():
+                self._look_now.clear()
+                await asyncio.sleep(WORKER_POLL_S)  # at most this often while requests wait
 
     async def _refresh(self) -> None:
         """Live workers and their measured throughput; stream depth, pending and lag."""
@@ -259,6 +286,7 @@ class RedisQueue(InferenceQueue):
                 capacity[key] = capacity.get(key, 0.0) + float(beat["rate"].get(key, 0.0))
                 workers[key] = workers.get(key, 0) + 1
         self._capacity = capacity
+        self._workers = workers
         for mv in self._registry.all():
             stream = self._streams.requests(mv.key)
             pipe = self._redis.pipeline(transaction=False)

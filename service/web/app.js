@@ -120,6 +120,9 @@ function show(result) {
   $("result").hidden = false;
   $("model-used").textContent = `${result.model.name} v${result.model.version}`;
   $("label").textContent = result.label;
+  // A balanced label rule names a rare class on weaker evidence than a common one.
+  $("label-rule").textContent = result.label_rule === "balanced"
+    ? "Suggested (rare diagnoses weighted by their rarity)" : "Most probable";
   const set = result.prediction_set || [result.label];
   $("set").textContent = set.join(", ");
   $("coverage-got").textContent = result.coverage ? `${Math.round(result.coverage * 100)} %` : "(not fitted)";

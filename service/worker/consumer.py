@@ -39,8 +39,10 @@ from service.queue.wire import (
     request_metadata,
 )
 from service.registry import ModelVersion, Registry
+from service.reload import ModelWatcher
 
 log = logging.getLogger("service.worker")
+DRAIN_S = 30.0  # longest a removed version is served for what was queued before its removal
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
@@ -74,6 +76,16 @@ class Worker:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
         ]
+        if self.settings.reload_s > 0:
+            watcher = ModelWatcher(
+                self.registry,
+                self.settings.models_dir,
+                self.metrics.model_events,
+                self.add_model,
+                self.remove_model,
+                only=self.settings.models or None,
+            )
+            tasks.append(asyncio.create_task(watcher.run(self.settings.reload_s), name="reload"))
         try:
             await self._consume_loop()
         finally:
@@ -88,6 +100,31 @@ class Worker:
     def stop(self) -> None:
         """Finish the batch in hand, then exit (what is still queued stays for others)."""
         self._stopping.set()
+
+    async def add_model(self, mv: ModelVersion) -> None:
+        """Read a version's stream from now on, and say so in the next heartbeat at once."""
+        stream = self.streams.requests(mv.key)
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: another worker made it
+            await self.redis.xgroup_create(stream, self.streams.group, id="0", mkstream=True)
+        self.models = {**self.models, stream: mv}  # loops iterating the old dict are safe
+        if self.ready:
+            await self._beat()
+
+    async def remove_model(self, mv: ModelVersion) -> None:
+        """Keep serving a removed version until nothing is queued or unacknowledged for it
+        (the API stopped routing to it first), then stop reading its stream."""
+        stream = self.streams.requests(mv.key)
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RedisError):
+                queued = await self.redis.xlen(stream)
+                pending = (await self.redis.xpending(stream, self.streams.group))["pending"]
+                if queued == 0 and pending == 0:
+                    break
+            await asyncio.sleep(0.2)
+        self.models = {s: m for s, m in self.models.items() if s != stream}
+        if self.ready:
+            await self._beat()
 
     async def ensure_groups(self) -> None:
         for stream in self.models:

@@ -1,0 +1,128 @@
+"""Hot reload: versions added to or removed from the model repository while serving, in
+process and behind Redis with a real worker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from tests.builders import write_model_dir
+from tests.conftest import make_settings
+from tests.images import png
+from tests.redis_harness import RedisServer, WorkerProcess
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def frame(i: int) -> bytes:
+    return png(np.random.default_rng(i).integers(0, 255, (32, 32, 3)).astype(np.uint8))
+
+
+def predict(client: TestClient, i: int, url: str = "/models/endo/predict"):
+    return client.post(url, json={"image": base64.b64encode(frame(i)).decode()})
+
+
+def metric(client: TestClient, event: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("endofuse_model_events_total{") and f'event="{event}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def staged_version(root: Path, version: str, seed: int) -> tuple[Path, bytes]:
+    """A complete version directory built aside, with the graph's digest in its manifest."""
+    vdir = write_model_dir(root, "endo", version, seed=seed)
+    graph = (vdir / "model.onnx").read_bytes()
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    manifest["files"] = {"model.onnx": {"sha256": hashlib.sha256(graph).hexdigest()}}
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    return vdir, graph
+
+
+def test_versions_come_and_go_in_process(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    write_model_dir(models, "endo", "1", seed=1)
+    staged, graph = staged_version(tmp_path / "staging", "2", seed=2)
+    settings = make_settings(models, reload_s=0.1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert predict(client, 0).json()["model"]["version"] == "1"
+
+        # Half-copied: the graph does not match its manifest's digest. Not served, counted.
+        target = models / "endo" / "2"
+        target.mkdir()
+        shutil.copy(staged / "manifest.json", target / "manifest.json")
+        (target / "model.onnx").write_bytes(graph[: len(graph) // 2])
+        wait_for(lambda: metric(client, "failed") == 1, 10, "the failed load to be counted")
+        time.sleep(0.3)  # several more scans: the unchanged directory is not retried
+        assert metric(client, "failed") == 1
+        assert predict(client, 1).json()["model"]["version"] == "1"
+
+        # The copy completes: loaded, warmed, then the newest, without a restart.
+        (target / "model.onnx").write_bytes(graph)
+        wait_for(lambda: metric(client, "loaded") == 1, 10, "version 2 to load")
+        assert predict(client, 2).json()["model"]["version"] == "2"
+        assert client.get("/models/endo").json()["versions"] == ["1", "2"]
+        assert "/models/endo/versions/2/predict" in client.get("/openapi.json").json()["paths"]
+
+        # Removed under load: nothing fails; requests move back to version 1.
+        pool = ThreadPoolExecutor(8)
+        futures = [pool.submit(predict, client, i) for i in range(200)]
+        shutil.rmtree(target)
+        codes = [f.result(timeout=60).status_code for f in futures]
+        pool.shutdown()
+        assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+        wait_for(lambda: metric(client, "removed") == 1, 10, "version 2 to be removed")
+        assert predict(client, 3).json()["model"]["version"] == "1"
+        assert predict(client, 4, "/models/endo/versions/2/predict").status_code == 404
+        assert "/models/endo/versions/2/predict" not in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.slow
+def test_api_publishes_a_new_version_once_a_worker_serves_it(tmp_path: Path) -> None:
+    """Behind Redis, the API routes to a new version only after a worker runs it: readiness
+    never drops and no request waits for a worker while the version arrives."""
+    models = tmp_path / "models"
+    write_model_dir(models, "endo", "1", seed=1)
+    staged, _ = staged_version(tmp_path / "staging", "2", seed=2)
+    server = RedisServer().start()
+    worker = WorkerProcess(server.url, models, reload_s=0.5, heartbeat_s=0.3)
+    try:
+        worker.wait_ready()
+        settings = make_settings(
+            models, queue_url=server.url, reload_s=0.1, heartbeat_s=0.3, latency_budget_s=0
+        )
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, 10, "ready")
+            shutil.copytree(staged, models / "endo" / "2")
+            versions, ready = [], []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                r = predict(client, len(versions))
+                assert r.status_code == 200, r.text
+                versions.append(r.json()["model"]["version"])
+                ready.append(client.get("/readyz").status_code)
+                if versions[-1] == "2":
+                    break
+            assert versions[-1] == "2", "the new version was never published"
+            assert set(ready) == {200}, ready
+            body = client.get("/readyz").json()
+            assert body["workers"] == {"endo:1": 1, "endo:2": 1}
+    finally:
+        worker.stop()
+        server.kill()
