@@ -142,6 +142,28 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert ra["test"] == rb["test"] and ra["temperatures"] == rb["temperatures"]
 
 
+def test_second_stage_starts_from_the_first_runs_best_weights(tmp_path: Path) -> None:
+    """``train.init_from``: a stage trained at learning rate 0 keeps the weights it started
+    from (BatchNorm statistics aside, which move in train mode whatever the rate)."""
+    from training import train
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "CACHE_DIR", tmp_path / "cache")
+    try:
+        config = smoke_config(tmp_path, "hk2")
+        first = train.main(config, tmp_path / "first")
+        raw = yaml.safe_load(config.read_text())
+        raw["train"].update(lr=0.0, backbone_lr=0.0, init_from=str(first), seed=1)
+        config.write_text(yaml.safe_dump(raw))
+        second = train.main(config, tmp_path / "second")
+    finally:
+        mp.undo()
+    a = torch.load(first / "ckpt_best.pt", weights_only=False)["model"]
+    b = torch.load(second / "ckpt_best.pt", weights_only=False)["model"]
+    learned = [k for k in a if "running_" not in k and "num_batches" not in k]
+    assert learned and all(torch.equal(a[k], b[k]) for k in learned)
+
+
 def test_manifest_contract(exported: tuple[Path, object]) -> None:
     model_dir, _ = exported
     manifest = json.loads((model_dir / "manifest.json").read_text())

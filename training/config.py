@@ -80,6 +80,9 @@ class TrainConfig:
     # temperature alone or with per-class biases (undoing a prior shifted by class-balanced
     # sampling), whichever has the lower cross-validated val NLL.
     calibration: str = "temperature"
+    # A second stage: start from the best weights of an earlier run directory (same model
+    # config) with this run's own optimiser and schedule. Empty: start from ImageNet.
+    init_from: str = ""
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,12 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         print(f"resuming {run_dir} at epoch {start_epoch + 1}/{tc.epochs}")
+    elif tc.init_from:
+        warm = torch.load(
+            Path(tc.init_from) / "ckpt_best.pt", map_location="cpu", weights_only=False
+        )
+        model.load_state_dict(warm["model"])
+        print(f"starting from {tc.init_from} (its epoch {warm['epoch']})")
     elif cfg.methods.pretrain.enabled:
         if isinstance(feats["train"], AugmentedImages):
             raise SystemExit("methods.pretrain needs cached features (finetune_from_block > 0)")
