@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install redis browser containers serve test lint bench bench-soak clean
+.PHONY: install redis browser containers serve test lint bench bench-soak bench-soak-redis clean
 
 install: $(STAMP) redis
 
@@ -62,6 +62,10 @@ bench: install
 # Ten minutes of abuse beside load, with the server's memory sampled throughout.
 bench-soak: install
 	$(PY) bench/soak.py --minutes 10 --out docs/performance.md
+
+# Ten minutes of steady load on the Redis deployment: memory (API, worker, Redis) and p99.
+bench-soak-redis: install
+	$(PY) bench/soak_redis.py --minutes 10 --out docs/performance.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

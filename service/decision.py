@@ -92,16 +92,14 @@ class DecisionParams:
         self, probs: np.ndarray, pattern: str, coverage: float, named: int | None = None
     ) -> np.ndarray:
         """Boolean [K]: the classes that stay plausible at ``coverage``, always including the
-        most probable one and the class the response names (``named``, when a label rule
-        other than argmax picked it). Split conformal alone may exclude them (class-conditional
-        thresholds are tight for common classes; a model more accurate than the coverage
-        asked may get an empty set); adding them only raises coverage and keeps sets nested
-        across levels."""
+        class the response names (``named``: by the label rule; default the most probable).
+        Split conformal alone may exclude it (class-conditional thresholds are tight for
+        common classes; a model more accurate than the coverage asked may get an empty set);
+        adding it keeps sets nested across levels, and the fit counts those cases as covered
+        (``training/conformal.py``), so the coverage stays the one stated."""
         q = np.asarray(self.thresholds[pattern][self.level_key(coverage)])
         members = nonconformity(probs[None], self.score)[0] <= q
-        members[int(np.argmax(probs))] = True
-        if named is not None:
-            members[named] = True
+        members[int(np.argmax(probs)) if named is None else named] = True
         return members
 
 

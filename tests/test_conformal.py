@@ -54,6 +54,34 @@ def test_every_class_gets_its_coverage() -> None:
             assert covered[y[6000:] == k].mean() >= level - 0.02, (level, k)
 
 
+def test_forced_classes_keep_coverage_at_the_level_not_above() -> None:
+    """Served sets always hold some classes whatever their score (the argmax, the label
+    rule's class). Thresholds fitted as if they did not overshoot the level; counting those
+    cases as covered brings every class back to it, and no lower."""
+    p, y = probabilities(40_000, 4, 2)
+    rng = np.random.default_rng(4)
+    # Forced: the argmax, and for 60 % of cases one more class drawn without looking at y.
+    extra = np.where(rng.random(len(p)) < 0.6, rng.integers(0, 4, len(p)), p.argmax(1))
+    mask = np.zeros(p.shape, bool)
+    mask[np.arange(len(p)), p.argmax(1)] = True
+    mask[np.arange(len(p)), extra] = True
+    cal, test = slice(0, 15_000), slice(15_000, None)
+    scores = nonconformity(p[test], "lac")
+    got = {}
+    for name, given in (("plain", None), ("forced", mask[cal])):
+        thresholds = fit(p[cal], y[cal], "lac", given)
+        for level in LEVELS:
+            sets = (scores <= np.asarray(thresholds[f"{level:g}"])) | mask[test]
+            covered = sets[np.arange(len(sets)), y[test]]
+            got[name, level] = [covered[y[test] == k].mean() for k in range(4)]
+    for level in LEVELS:
+        forced_cov, plain_cov = got["forced", level], got["plain", level]
+        assert min(forced_cov) >= level - 0.015, got  # still the guarantee, class by class
+        assert abs(np.mean(forced_cov) - level) <= 0.015, got
+        assert all(f <= c + 1e-9 for f, c in zip(forced_cov, plain_cov, strict=True))
+    assert np.mean(got["plain", 0.8]) > 0.8 + 0.02, got  # the overshoot the correction removes
+
+
 def test_too_few_cases_of_a_class_keep_it_in_every_set() -> None:
     scores = np.random.default_rng(0).random((12, 2))
     labels = np.array([0] * 10 + [1] * 2)

@@ -32,6 +32,7 @@ from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns
 LEVELS = (0.8, 0.9, 0.95)
 SCORES = ("lac", "aps")
 _ALWAYS = 2.0  # above every score: the class is always in the set
+_FREE = -1.0  # below every score: a case whose true class the set holds anyway
 
 
 def class_thresholds(
@@ -47,9 +48,26 @@ def class_thresholds(
     return out
 
 
-def fit(probs: np.ndarray, labels: np.ndarray, kind: str) -> dict[str, list[float]]:
+def fit(
+    probs: np.ndarray, labels: np.ndarray, kind: str, forced: np.ndarray | None = None
+) -> dict[str, list[float]]:
+    """Thresholds per coverage level and class. ``forced`` [N, K] marks classes every set holds
+    whatever its score (the class the label rule names): a case whose
+    true class is forced counts as covered, so the thresholds give the stated coverage for
+    the sets as served, not more. It is split conformal on the score with forced classes at
+    the bottom, so the guarantee holds as before."""
     scores = nonconformity(probs, kind)
+    if forced is not None:
+        scores = np.where(forced, _FREE, scores)
     return {f"{lv:g}": class_thresholds(scores, labels, probs.shape[1], lv) for lv in LEVELS}
+
+
+def forced(probs: np.ndarray, rule: LabelRule) -> np.ndarray:
+    """[N, K]: the class a served set always holds, the one the label rule names
+    (service/decision.py)."""
+    mask = np.zeros(probs.shape, bool)
+    mask[np.arange(len(probs)), rule.pick(probs)] = True
+    return mask
 
 
 def mean_set_size(probs: np.ndarray, kind: str, thresholds: dict[str, list[float]]) -> float:
@@ -158,7 +176,9 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
         "score": kind,
         "levels": list(LEVELS),
         "fitted_on": {"split": "val", "n": len(val_labels)},
-        "thresholds": {p: fit(val[p], val_labels, kind) for p in val},
+        "thresholds": {
+            p: fit(val[p], val_labels, kind, forced(val[p], manifest.label_rule)) for p in val
+        },
         "ood": ood.fit_thresholds(
             {p: logits for p, (_, logits) in val_out.items()}, len(manifest.labels)
         ),
@@ -172,6 +192,7 @@ def main(model_dir: Path, out: Path | None = None, ood_study: bool = True) -> di
     report = {
         "model": f"{manifest.name}/{manifest.version}",
         "score": kind,
+        "label_rule": manifest.label_rule.kind,
         "test": {p: measure(params, test[p], test_labels, p, manifest.label_rule) for p in test},
         "curves": {p: decision_plots.selective_curve(test[p], test_labels) for p in test},
         "labels": list(manifest.labels),
@@ -221,9 +242,11 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         "",
         f"Measured with `endofuse decision models/{report['model']}`: thresholds fitted on val "
         f"(score `{report['score']}`, class-conditional), applied to the test split by the "
-        "service's own code (`service/decision.py`). The most probable class is always in "
-        "the set. A case is referred when its set holds more "
-        "than one class; *accuracy not referred* is the top-1 accuracy on the rest.",
+        "service's own code (`service/decision.py`). The class the label rule "
+        f"(`{report.get('label_rule', 'argmax')}`) names is always in the set, and the "
+        "thresholds count those cases as covered. A case is referred when its set "
+        "holds more than one class; *accuracy not referred* is the accuracy of the named "
+        "class on the rest, *accuracy, all cases* on every case.",
         "",
         "| pattern | coverage asked | coverage got | worst class | mean set size | "
         "referred | accuracy not referred | accuracy, all cases |",
