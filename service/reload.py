@@ -63,6 +63,7 @@ class ModelWatcher:
         self._on_changed = on_changed  # after the registry changed (either way)
         self._failed: dict[Key, tuple] = {}  # -> the directory's signature when it failed
         self._staged: dict[Key, ModelVersion] = {}  # opened, waiting to be publishable
+        self._kept: set[Key] = set()  # removal refused (the default model's last version)
 
     async def run(self, interval_s: float) -> None:
         while True:
@@ -89,8 +90,9 @@ class ModelWatcher:
                 del self._staged[key]
             elif self._publishable(self._staged[key]):
                 await self._publish(self._staged.pop(key))
-        for key in current - found.keys():
+        for key in current - found.keys() - self._kept:
             await self._retire(key)
+        self._kept &= current - found.keys()  # back on disk: removable again later
 
     async def _open(self, key: Key, vdir: Path) -> None:
         signature = _signature(vdir)
@@ -120,6 +122,7 @@ class ModelWatcher:
         try:
             mv = self._registry.remove(*key)
         except ManifestError as exc:
+            self._kept.add(key)  # said once, not at every scan
             log.warning("model version kept", extra={"model": key[0], "error": str(exc)})
             return
         self._on_changed()

@@ -126,3 +126,14 @@ def test_api_publishes_a_new_version_once_a_worker_serves_it(tmp_path: Path) -> 
     finally:
         worker.stop()
         server.kill()
+
+
+def test_the_default_models_last_version_is_never_removed(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    write_model_dir(models, "endo", "1", seed=1)
+    settings = make_settings(models, reload_s=0.05)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        shutil.rmtree(models / "endo" / "1")
+        time.sleep(0.5)  # several scans
+        assert predict(client, 0).status_code == 200  # still served from memory
+        assert metric(client, "removed") == 0
