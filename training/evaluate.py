@@ -221,6 +221,7 @@ def evaluate_model_dir(
             "HTTP requests to a running endofuse service" if service_url else "ONNX Runtime"
         )
     results["preprocessing"] = manifest.image.to_manifest()["preprocessing"]
+    results["label_rule"] = manifest.label_rule.kind
     return results
 
 

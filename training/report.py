@@ -200,7 +200,10 @@ def write_report(
         "on the exported ONNX graph (ONNX Runtime, CPU), images decoded by the serving "
         "preprocessing path.",
         "",
-        f"Preprocessing version {results.get('preprocessing', {}).get('version', 1)}.",
+        f"Preprocessing version {results.get('preprocessing', {}).get('version', 1)}. "
+        f"Labels named by the manifest's label rule: `{results.get('label_rule', 'argmax')}`"
+        " (accuracy, macro-F1, balanced accuracy and recall score those labels; AUROC and "
+        "ECE the probabilities).",
         "",
         "| pattern | n | accuracy | macro-F1 | balanced acc. | AUROC "
         "| ECE (after T) | ECE (before T) |",
