@@ -1,5 +1,7 @@
-"""The container deployment, checked structurally (no Docker engine runs here): compose
-services, networks, Redis hardening, GPU reservation, scrape targets and dashboard queries."""
+"""The container deployment, checked structurally: compose services, networks, Redis
+hardening, GPU reservation, scrape targets and dashboard queries. What an engine cannot show
+on this CPU machine (the GPU target, Grafana) is checked here only; the rest also runs for real
+in tests/test_compose_e2e.py."""
 
 from __future__ import annotations
 
