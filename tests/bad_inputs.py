@@ -9,66 +9,30 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from tests.bad_images import IMAGES_BAD, IMAGES_ODD_BUT_VALID, JPEG
-
-MODELS = ("hyperkvasir-lgi", "ham10000")
-
-
-@dataclass(frozen=True)
-class Case:
-    group: str
-    name: str
-    # (method, path suffix or absolute path, keyword arguments for the HTTP client)
-    request: Callable[[str], tuple[str, str, dict[str, Any]]]
-    status: int
-    code: str | None  # None for 200
-    models: tuple[str, ...] = MODELS  # which models the case runs against
-    undecodable: bool = False  # the data could not be decoded: a 200 would be a wrong answer
-
-
-def _multipart(image: bytes, ctype: str = "image/jpeg") -> Callable[[str], tuple]:
-    return lambda path: ("POST", path, {"files": {"image": ("f", image, ctype)}})
-
-
-def _json_image(image: bytes) -> Callable[[str], tuple]:
-    return lambda path: ("POST", path, {"json": {"image": base64.b64encode(image).decode()}})
-
-
-def _raw(body: bytes, ctype: str | None, method: str = "POST") -> Callable[[str], tuple]:
-    headers = {"content-type": ctype} if ctype else {}
-    return lambda path: (method, path, {"content": body, "headers": headers})
-
-
-def _with_tabular(tabular: Any, as_json_body: bool = False) -> Callable[[str], tuple]:
-    if as_json_body:
-        # Serialised here: NaN and Infinity are sent as the literals a lax client writes.
-        body = json.dumps({"image": base64.b64encode(JPEG).decode(), "tabular": tabular})
-        return _raw(body.encode(), "application/json")
-    text = tabular if isinstance(tabular, str) else json.dumps(tabular)
-    files = {"image": ("f.jpg", JPEG, "image/jpeg")}
-    return lambda path: ("POST", path, {"files": files, "data": {"tabular": text}})
-
-
-def _tabular_only(tabular: Any) -> Callable[[str], tuple]:
-    return lambda path: ("POST", path, {"json": {"tabular": tabular}})
+from tests.bad_requests import (
+    MODELS,
+    Case,
+    json_image,
+    multipart,
+    raw,
+    tabular_only,
+    with_tabular,
+)
 
 
 def _image_cases() -> list[Case]:
     cases = []
     for name, data, status, code in IMAGES_BAD:
         cases.append(
-            Case("image", f"{name} (multipart)", _multipart(data), status, code, undecodable=True)
+            Case("image", f"{name} (multipart)", multipart(data), status, code, undecodable=True)
         )
         cases.append(
-            Case(
-                "image", f"{name} (JSON base64)", _json_image(data), status, code, undecodable=True
-            )
+            Case("image", f"{name} (JSON base64)", json_image(data), status, code, undecodable=True)
         )
     for name, data in IMAGES_ODD_BUT_VALID:
-        cases.append(Case("image (valid)", name, _multipart(data), 200, None))
+        cases.append(Case("image (valid)", name, multipart(data), 200, None))
     return cases
 
 
@@ -85,24 +49,24 @@ def _body_cases() -> list[Case]:
         + b"\r\n"
     )
     rows: list[tuple[str, Callable[[str], tuple], int, str]] = [
-        ("no content type", _raw(JPEG, None), 415, "unsupported_media_type"),
-        ("raw JPEG body (image/jpeg)", _raw(JPEG, "image/jpeg"), 415, "unsupported_media_type"),
-        ("text/plain body", _raw(b"hello", "text/plain"), 415, "unsupported_media_type"),
-        ("XML body", _raw(b"<a/>", "application/xml"), 415, "unsupported_media_type"),
+        ("no content type", raw(JPEG, None), 415, "unsupported_media_type"),
+        ("raw JPEG body (image/jpeg)", raw(JPEG, "image/jpeg"), 415, "unsupported_media_type"),
+        ("text/plain body", raw(b"hello", "text/plain"), 415, "unsupported_media_type"),
+        ("XML body", raw(b"<a/>", "application/xml"), 415, "unsupported_media_type"),
         (
             "form-urlencoded body",
-            _raw(b"image=abc", "application/x-www-form-urlencoded"),
+            raw(b"image=abc", "application/x-www-form-urlencoded"),
             415,
             "unsupported_media_type",
         ),
-        ("empty JSON body", _raw(b"", "application/json"), 400, "bad_request"),
-        ("invalid JSON", _raw(b'{"image": ', "application/json"), 400, "bad_request"),
-        ("JSON array", _raw(b"[]", "application/json"), 400, "bad_request"),
-        ("JSON string", _raw(b'"abc"', "application/json"), 400, "bad_request"),
-        ("JSON null", _raw(b"null", "application/json"), 400, "bad_request"),
+        ("empty JSON body", raw(b"", "application/json"), 400, "bad_request"),
+        ("invalid JSON", raw(b'{"image": ', "application/json"), 400, "bad_request"),
+        ("JSON array", raw(b"[]", "application/json"), 400, "bad_request"),
+        ("JSON string", raw(b'"abc"', "application/json"), 400, "bad_request"),
+        ("JSON null", raw(b"null", "application/json"), 400, "bad_request"),
         (
             "JSON nested 100,000 deep",
-            _raw(b"[" * 100_000 + b"]" * 100_000, "application/json"),
+            raw(b"[" * 100_000 + b"]" * 100_000, "application/json"),
             400,
             "bad_request",
         ),
@@ -142,16 +106,16 @@ def _body_cases() -> list[Case]:
             400,
             "bad_request",
         ),
-        ("multipart without a boundary", _raw(part, "multipart/form-data"), 400, "bad_request"),
+        ("multipart without a boundary", raw(part, "multipart/form-data"), 400, "bad_request"),
         (
             "multipart truncated (no closing delimiter)",
-            _raw(part, multipart_ct),
+            raw(part, multipart_ct),
             400,
             "bad_request",
         ),
         (
             "multipart, wrong boundary",
-            _raw(part + f"--{b}--\r\n".encode(), "multipart/form-data; boundary=other"),
+            raw(part + f"--{b}--\r\n".encode(), "multipart/form-data; boundary=other"),
             400,
             "bad_request",
         ),
@@ -215,7 +179,7 @@ def _body_cases() -> list[Case]:
     ]
     cases = [Case("body", name, req, status, code) for name, req, status, code in rows]
     # JSON in UTF-16 or UTF-32 (with a byte-order mark) is read as JSON parsers may.
-    utf16 = _raw(json.dumps({"image": jpeg_b64}).encode("utf-16"), "application/json")
+    utf16 = raw(json.dumps({"image": jpeg_b64}).encode("utf-16"), "application/json")
     return [*cases, Case("body (valid)", "JSON body in UTF-16", utf16, 200, None)]
 
 
@@ -321,7 +285,7 @@ def _tabular_cases() -> list[Case]:
         Case(
             "tabular",
             f"{name} (multipart)",
-            _with_tabular(value),
+            with_tabular(value),
             422,
             "invalid_tabular",
             models=ham,
@@ -336,7 +300,7 @@ def _tabular_cases() -> list[Case]:
             Case(
                 "tabular",
                 f"{name} (JSON body)",
-                _with_tabular(parsed, True),
+                with_tabular(parsed, True),
                 422,
                 "invalid_tabular",
                 models=ham,
@@ -348,13 +312,13 @@ def _tabular_cases() -> list[Case]:
         ("tabular only, empty object", {}),
     ]
     cases += [
-        Case("tabular", n, _tabular_only(v), 422, "missing_input", models=ham) for n, v in no_value
+        Case("tabular", n, tabular_only(v), 422, "missing_input", models=ham) for n, v in no_value
     ]
     good = [
-        ("tabular only, one field", _tabular_only({"age": 70})),
-        ("age at the lower bound 0", _with_tabular({"age": 0})),
-        ("age at the upper bound 120", _with_tabular({"age": 120})),
-        ("age as 'unknown' (missing)", _with_tabular({"age": "unknown"})),
+        ("tabular only, one field", tabular_only({"age": 70})),
+        ("age at the lower bound 0", with_tabular({"age": 0})),
+        ("age at the upper bound 120", with_tabular({"age": 120})),
+        ("age as 'unknown' (missing)", with_tabular({"age": "unknown"})),
         (
             "tabular sent as a JSON file part",
             lambda p: (
@@ -374,7 +338,7 @@ def _tabular_cases() -> list[Case]:
         Case(
             "tabular (valid)",
             "tabular sent to an image-only model (ignored)",
-            _with_tabular({"age": 40}),
+            with_tabular({"age": 40}),
             200,
             None,
             models=("hyperkvasir-lgi",),
@@ -384,7 +348,7 @@ def _tabular_cases() -> list[Case]:
         Case(
             "tabular",
             "tabular without an image on an image-only model",
-            _tabular_only({"age": 40}),
+            tabular_only({"age": 40}),
             422,
             "missing_input",
             models=("hyperkvasir-lgi",),
