@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -23,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, publish, start_server  # noqa: E402
+from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 
 
 def without_decision(src: Path, dst: Path) -> None:
@@ -54,8 +53,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    images = frames(data_dir)
+    data = data_dir()
+    images = frames(data)
     pairs = {"hyperkvasir-lgi": "2", "ham10000": "1"}
     root = Path(tempfile.mkdtemp(prefix="endofuse-decision-"))
     names = []

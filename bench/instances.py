@@ -20,7 +20,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import frames, publish  # noqa: E402
+from bench.serving import data_dir, frames, publish  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 
@@ -62,10 +62,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+    data = data_dir()
     model_dir = REPO / "models" / args.model
     spec = load_manifest(model_dir / "manifest.json").image
-    images = np.stack([decode_image(f, spec) for f in frames(data_dir)[:16]])
+    images = np.stack([decode_image(f, spec) for f in frames(data)[:16]])
     cores = os.cpu_count() or 1
     layouts = sorted({(1, cores), (cores, 1)} | ({(2, cores // 2)} if cores >= 4 else set()))
     rows = ["| sessions × threads | batch 1 | batch 4 | batch 8 | batch 16 |",

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import load_cells, multipart_request  # noqa: E402
-from bench.serving import frames, free_port, publish, start_server  # noqa: E402
+from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 
 
 def configs() -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    images = frames(data_dir)
+    data = data_dir()
+    images = frames(data)
     rows = ["| round | layout | c=1 req/s | c=1 p50 ms | c=8 req/s | c=32 req/s |",
             "|---|---|---|---|---|---|"]  # fmt: skip
     for round_ in (1, 2):

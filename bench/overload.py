@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import LoadResult, multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, publish, start_server  # noqa: E402
+from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 
 CONFIGS = {"defaults (budget 1 s)": {}, "admission off": {"ENDOFUSE_LATENCY_BUDGET_S": "0"}}
 
@@ -58,8 +57,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    images = frames(data_dir)
+    data = data_dir()
+    images = frames(data)
     rows = []
     for round_ in range(1, args.rounds + 1):
         order = list(CONFIGS.items())

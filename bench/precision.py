@@ -8,7 +8,6 @@ load generator and server, two rounds in opposite orders).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import load_cells, multipart_request  # noqa: E402
-from bench.serving import frames, free_port, publish, start_server  # noqa: E402
+from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 
@@ -50,8 +49,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    raw = frames(data_dir)
+    data = data_dir()
+    raw = frames(data)
     versions = {"fp32": args.fp32, "int8": args.int8}
     dirs = {k: REPO / "models" / args.model / v for k, v in versions.items()}
     spec = load_manifest(dirs["fp32"] / "manifest.json").image

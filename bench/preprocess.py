@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.serving import data_dir, frames  # noqa: E402
 from service.preprocess import ImageSpec, decode_image  # noqa: E402
 
 SPECS = {
@@ -27,11 +28,11 @@ SPECS = {
 }
 
 
-def per_frame_ms(frames: list[bytes], spec: ImageSpec) -> float:
+def per_frame_ms(images: list[bytes], spec: ImageSpec) -> float:
     start = time.perf_counter()
-    for data in frames:
+    for data in images:
         decode_image(data, spec)
-    return (time.perf_counter() - start) / len(frames) * 1000
+    return (time.perf_counter() - start) / len(images) * 1000
 
 
 def main() -> None:
@@ -39,19 +40,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    paths = sorted((data_dir / "hyperkvasir-lgi-fullres").glob("*/*.jpg"))
-    if not paths:
-        raise SystemExit(f"no frames under {data_dir / 'hyperkvasir-lgi-fullres'}")
-    frames = [p.read_bytes() for p in paths]
+    images = frames(data_dir())
     times: dict[str, list[float]] = {name: [] for name in SPECS}
     for _ in range(args.rounds):  # interleaved, so drift on a noisy box hits both alike
         for name, spec in SPECS.items():
-            times[name].append(per_frame_ms(frames, spec))
+            times[name].append(per_frame_ms(images, spec))
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians[next(iter(SPECS))]
     lines = [
-        f"{len(frames)} full-resolution frames, {args.rounds} interleaved rounds, one thread, "
+        f"{len(images)} full-resolution frames, {args.rounds} interleaved rounds, one thread, "
         f"{platform.machine()}, {os.cpu_count()} CPUs "
         f"(`python bench/preprocess.py --rounds {args.rounds}`):",
         "",

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import LoadResult, multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, start_server, write_section  # noqa: E402
+from bench.serving import data_dir, frames, free_port, start_server, write_section  # noqa: E402
 
 CONCURRENCY = (1, 32)
 
@@ -71,8 +71,8 @@ def main() -> None:
         "--worker-threads", type=int, default=0, help="worker ONNX Runtime intra-op threads"
     )
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    images = frames(data_dir)
+    data = data_dir()
+    images = frames(data)
 
     print("embedded (memory://)", flush=True)
     port = free_port()

@@ -37,10 +37,15 @@ from service.preprocess import decode_image  # noqa: E402
 from service.registry import Registry  # noqa: E402
 
 
-def frames(data_dir: Path) -> list[bytes]:
-    paths = sorted((data_dir / "hyperkvasir-lgi-fullres").glob("*/*.jpg"))
+def data_dir() -> Path:
+    """Where the shared data is: ``ENDOFUSE_DATA_DIR``, else ``../shared/data``."""
+    return Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def frames(root: Path) -> list[bytes]:
+    paths = sorted((root / "hyperkvasir-lgi-fullres").glob("*/*.jpg"))
     if not paths:
-        raise SystemExit(f"no frames under {data_dir}/hyperkvasir-lgi-fullres (ENDOFUSE_DATA_DIR)")
+        raise SystemExit(f"no frames under {root}/hyperkvasir-lgi-fullres (ENDOFUSE_DATA_DIR)")
     return [p.read_bytes() for p in paths]
 
 
@@ -158,8 +163,8 @@ def main() -> None:
         help="ONNX Runtime intra-op spin-waiting, same for (a) and (b)",
     )
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    images = frames(data_dir)
+    data = data_dir()
+    images = frames(data)
 
     spinning = args.ort_spinning == "true"
     single, ceiling, version = in_process(

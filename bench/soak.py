@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import socket
 import sys
@@ -29,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import multipart_request, run_load  # noqa: E402
-from bench.serving import frames, free_port, publish, start_server  # noqa: E402
+from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 from tests.bad_inputs import corpus  # noqa: E402
 
 
@@ -90,10 +89,10 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=30.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+    data = data_dir()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    bodies = [multipart_request("127.0.0.1", port, "/predict", im) for im in frames(data_dir)]
+    bodies = [multipart_request("127.0.0.1", port, "/predict", im) for im in frames(data)]
     proc = start_server(REPO / "models", "hyperkvasir-lgi,ham10000", port, spinning=False)
     stop = threading.Event()
     counts: dict[str, int] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.loadgen import multipart_request, run_load  # noqa: E402
 from bench.redis_hop import start_redis, stop  # noqa: E402
-from bench.serving import frames, free_port, publish, start_server  # noqa: E402
+from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 from bench.soak import rss_mib  # noqa: E402
 
 MODEL = "hyperkvasir-lgi"
@@ -38,10 +37,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds, not measured")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
+    data = data_dir()
     redis_port, port, worker_port = free_port(), free_port(), free_port()
     url = f"redis://127.0.0.1:{redis_port}/0"
-    bodies = [multipart_request("127.0.0.1", port, "/predict", im) for im in frames(data_dir)]
+    bodies = [multipart_request("127.0.0.1", port, "/predict", im) for im in frames(data)]
     server = start_redis(redis_port)
     worker = start_server(REPO / "models", MODEL, worker_port, False, ("worker", "--queue", url))
     api = start_server(REPO / "models", MODEL, port, False, ENDOFUSE_QUEUE_URL=url)
