@@ -248,11 +248,19 @@ def ood_distance(
 def decision(
     model_dir: Path = typer.Argument(..., exists=True),
     out: Path | None = typer.Option(None, "--out", help="Report directory"),
+    class_confidence: float = typer.Option(
+        0.8,
+        "--class-confidence",
+        min=0.0,
+        max=0.999,
+        help="Probability over the val draw that each class reaches the coverage level "
+        "(0: the plain split-conformal rank, right on average)",
+    ),
 ) -> None:
     """Fit conformal prediction sets on val into the model's manifest; measure them on test."""
     from training.conformal import main
 
-    report = main(model_dir, out)
+    report = main(model_dir, out, class_confidence=class_confidence or None)
     for pattern, levels in report["test"].items():
         for level, r in levels.items():
             print(

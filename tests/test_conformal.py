@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.decision import DecisionParams, decide, nonconformity, pattern_of
-from training.conformal import LEVELS, choose_score, class_thresholds, fit
+from training.conformal import LEVELS, choose_score, class_thresholds, confident_rank, fit
 
 
 def probabilities(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +80,43 @@ def test_forced_classes_keep_coverage_at_the_level_not_above() -> None:
         assert abs(np.mean(forced_cov) - level) <= 0.015, got
         assert all(f <= c + 1e-9 for f, c in zip(forced_cov, plain_cov, strict=True))
     assert np.mean(got["plain", 0.8]) > 0.8 + 0.02, got  # the overshoot the correction removes
+
+
+@pytest.mark.parametrize("n", [20, 48, 150])
+def test_class_confidence_is_the_share_of_calibration_draws_that_reach_the_level(n: int) -> None:
+    """A rare class's coverage depends on which val cases it drew. The plain rank reaches the
+    level in only part of the draws; the confident rank in at least the stated share."""
+    rng = np.random.default_rng(n)
+    level, confidence, draws = 0.9, 0.8, 4000
+    labels = np.zeros(n, int)
+    reached = {"plain": 0, "confident": 0}
+    for _ in range(draws):
+        # Uniform scores: a threshold q covers exactly a share q of new cases of the class.
+        scores = rng.random((n, 1))
+        for name, c in (("plain", None), ("confident", confidence)):
+            q = class_thresholds(scores, labels, 1, level, c)[0]
+            reached[name] += min(q, 1.0) >= level
+    assert reached["confident"] / draws >= confidence - 0.02, reached
+    assert reached["plain"] / draws < confidence - 0.05, reached
+
+
+def test_class_confidence_never_puts_a_certifiable_class_in_every_set() -> None:
+    scores = np.random.default_rng(3).random((19, 1))
+    labels = np.zeros(19, int)
+    plain = class_thresholds(scores, labels, 1, 0.95)[0]
+    confident = class_thresholds(scores, labels, 1, 0.95, 0.8)[0]
+    assert plain == confident == scores.max()  # 19 cases: the plain rank is the largest score
+
+
+def test_confident_rank_matches_the_beta_quantile() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for n, level, c in ((48, 0.9, 0.8), (300, 0.8, 0.9), (20, 0.95, 0.8)):
+        r = confident_rank(n, level, c)
+        # The r-th smallest of n uniforms is Beta(r, n + 1 - r): r reaches, r - 1 does not.
+        if r <= n:
+            assert stats.beta.sf(level, r, n + 1 - r) >= c - 1e-9
+        if r > 1:
+            assert stats.beta.sf(level, r - 1, n + 2 - r) < c
 
 
 def test_too_few_cases_of_a_class_keep_it_in_every_set() -> None:
@@ -186,6 +223,17 @@ def test_distance_output_leaves_probabilities_unchanged_and_matches_numpy(tmp_pa
     _, row = engine.run_with_logits(Batch(images=images))
     assert row.shape == (6, len(manifest.labels) + 1)
     assert np.allclose(row[:, :-1], logits) and np.allclose(row[:, -1], dist)
+
+
+@pytest.mark.parametrize("spread", [0, 1, 3, 40, 255])
+def test_channel_std_from_the_histogram_is_numpy_std(spread: int) -> None:
+    from service.decision import channel_std
+
+    rng = np.random.default_rng(spread)
+    offset = np.array([0, 0, 255 - spread])
+    image = (rng.integers(0, spread + 1, (57, 43, 3)) + offset).astype(np.uint8)
+    want = image.reshape(-1, 3).astype(np.float64).std(axis=0)
+    np.testing.assert_allclose(channel_std(image), want, rtol=1e-9, atol=1e-9)
 
 
 def test_combined_ood_score_and_flat_images() -> None:
