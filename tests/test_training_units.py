@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="training tests need the 'train' ext
 from training.backbone import EfficientNetLite0, checkpoint_path, load_pretrained  # noqa: E402
 from training.calibrate import fit_per_pattern, fit_temperature, softmax  # noqa: E402
 from training.data import ColumnSpec, DatasetError, DatasetSpec, fit_schema, load_split, read_rows  # noqa: E402
-from training.metrics import classwise_ece, ece, summarize  # noqa: E402
+from training.metrics import classwise_ece, ece, ece_floor, summarize  # noqa: E402
 from training.patterns import (  # noqa: E402
     ALL,
     IMAGE_ONLY,
@@ -123,6 +123,20 @@ def test_temperature_lowers_ece_on_overconfident_model() -> None:
     before = ece(softmax(overconfident), labels)
     after = ece(softmax(overconfident, t), labels)
     assert before > 0.15 and after < 0.03
+
+
+def test_ece_floor_is_what_a_calibrated_model_measures_and_shrinks_with_n() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(6000, 5)) * 1.5
+    probs = softmax(logits)
+    # Labels drawn from the probabilities themselves: calibrated by construction.
+    labels = (probs.cumsum(1) < rng.random((6000, 1))).sum(1)
+    small, large = ece_floor(probs[:500]), ece_floor(probs)
+    assert small[0] > 1.8 * large[0], (small, large)  # the estimator's bias ~ 1/sqrt(n)
+    assert ece(probs, labels) <= large[1]
+    assert ece(probs[:500], labels[:500]) <= small[1]
+    # A miscalibrated model stands out from the floor.
+    assert ece(softmax(logits * 3), labels) > 3 * large[1]
 
 
 def test_per_pattern_temperatures_differ_when_confidence_does() -> None:

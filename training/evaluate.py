@@ -17,7 +17,7 @@ from training.audit import CHANGES, Predict, counterfactual, metadata_risk
 from training.calibrate import softmax
 from training.config import from_dict
 from training.data import Table, load_split, read_rows
-from training.metrics import reliability, summarize
+from training.metrics import ece_floor, reliability, summarize
 from training.patterns import apply_eval_pattern, eval_patterns
 
 
@@ -206,6 +206,7 @@ def evaluate_model_dir(
         )
         raw = summarize(softmax(logits), table.labels, manifest.labels)
         calibrated["ece_15_before_temperature"] = raw["ece_15"]
+        calibrated["ece_15_floor"] = ece_floor(probs)
         calibrated["reliability"] = reliability(probs, table.labels)
         calibrated["reliability_before_temperature"] = reliability(softmax(logits), table.labels)
         results["patterns"][pattern] = calibrated

@@ -206,14 +206,16 @@ def write_report(
         "ECE the probabilities).",
         "",
         "| pattern | n | accuracy | macro-F1 | balanced acc. | AUROC "
-        "| ECE (after T) | ECE (before T) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ECE (after T) | ECE (before T) | ECE if perfectly calibrated |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for pattern, r in results["patterns"].items():
+        floor = r.get("ece_15_floor")
         lines.append(
             f"| {pattern} | {r['n']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
             f"{r['balanced_accuracy']:.4f} | {r['auroc_macro_ovr']:.4f} | {r['ece_15']:.4f} | "
-            f"{r['ece_15_before_temperature']:.4f} |"
+            f"{r['ece_15_before_temperature']:.4f} | "
+            + (f"{floor[0]:.4f} (95 %: {floor[1]:.4f}) |" if floor else "— |")
         )
     lines += ["", "Per-class recall (all inputs):", "", "| class | recall | F1 |", "|---|---|---|"]
     for name in manifest.labels:
@@ -225,7 +227,10 @@ def write_report(
         "",
         "Patterns: `all` = every input as recorded (fields missing in the data stay missing); "
         "`image_only` = all tabular fields withheld; `tabular_only` = image withheld; "
-        "`partial` = a random half of each row's recorded fields withheld.",
+        "`partial` = a random half of each row's recorded fields withheld. "
+        "*ECE if perfectly calibrated*: the mean (and 95th percentile) ECE of labels drawn "
+        "from the model's own probabilities, the estimator's floor at this n "
+        "(`training.metrics.ece_floor`).",
         "",
         "![confusion matrix](confusion.png)",
         "",
