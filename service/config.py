@@ -24,7 +24,15 @@ class Settings(BaseSettings):
     port: int = 8000
 
     providers: Literal["auto", "cpu", "cuda"] = "auto"
-    intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime pick")
+    # Sessions per model version, each running its own batches at once (an instance group);
+    # 0: by device, one single-threaded session per core on CPU, one on CUDA.
+    engine_instances: int = Field(0, ge=0)
+    # With several single-threaded sessions on CPU, one more on every core answers a request
+    # that arrives while nothing else runs (low-load latency, docs/performance.md).
+    solo_session: bool = True
+    intra_op_threads: int = Field(
+        0, ge=0, description="per session; 0: cores / sessions on CPU, else ONNX Runtime's pick"
+    )
     inter_op_threads: int = Field(1, ge=0)
     # ORT worker threads busy-wait between runs by default; on a small CPU that steals cycles
     # from HTTP parsing and image decoding running beside inference.
@@ -32,7 +40,12 @@ class Settings(BaseSettings):
     warmup_runs: int = Field(2, ge=0)
 
     queue_url: str = "memory://"
+    # The largest batch considered. With profile_batches each version's limit is measured at
+    # load (service/batch_profile.py): the cheapest size per image whose batch finishes within
+    # batch_latency_budget_ms; without, every version batches up to max_batch_size.
     max_batch_size: int = Field(16, ge=1)
+    profile_batches: bool = True
+    batch_latency_budget_ms: float = Field(100.0, gt=0)
     # Only applied once the engine is already busy: an idle engine runs a lone request at once.
     max_batch_wait_ms: float = Field(2.0, ge=0)
     max_queue_size: int = Field(256, ge=1)

@@ -1,10 +1,15 @@
-"""ONNX Runtime engine: one session per model version, batch in, calibrated probabilities out."""
+"""ONNX Runtime engine: a session per model version (or several: an instance group), batch
+in, calibrated probabilities out."""
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +28,27 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def instance_layout(providers: list[str], instances: int, intra_op_threads: int) -> tuple[int, int]:
+    """(sessions, intra-op threads per session) for a model version. 0 means "by device":
+    on CPU one single-threaded session per core (measured in docs/performance.md: two
+    one-thread sessions run 1.7x the images of one two-thread session on two cores); on
+    CUDA one session, whose threads only feed the GPU."""
+    on_gpu = providers[0] != "CPUExecutionProvider"
+    if instances <= 0:
+        instances = 1 if on_gpu else cpu_count()
+    if intra_op_threads <= 0 and not on_gpu and instances > 1:
+        intra_op_threads = max(1, cpu_count() // instances)
+    return instances, intra_op_threads
 
 
 def resolve_providers(choice: str) -> list[str]:
@@ -130,3 +156,100 @@ class Engine:
         for i in range(runs):
             size = sizes[i % 2]
             self.run(Batch(images=np.zeros((size, spec.height, spec.width, 3), np.uint8)))
+
+
+class EnginePool:
+    """An instance group: several sessions of one graph. A batch runs on whichever session is
+    free, so up to ``size`` batches run at once (one per calling thread); it has the
+    ``Engine`` interface, so the batcher and workers use either.
+
+    With a ``solo`` session (every core's threads), a batch that arrives while nothing else
+    runs takes it: a lone request on a quiet service is answered as fast as one session on the
+    whole CPU answers it, and load still spreads over the single-threaded sessions."""
+
+    def __init__(self, engines: list[Engine], solo: Engine | None = None) -> None:
+        if not engines:
+            raise ValueError("an instance group needs at least one session")
+        self.engines = engines
+        self.solo = solo
+        self._lock = threading.Lock()
+        self._running = 0
+        self.manifest = engines[0].manifest
+        self.providers = engines[0].providers
+        self.threads_per_instance = 0  # as configured; 0: ONNX Runtime's choice
+        self.solo_threads = 0
+        self._free: queue.SimpleQueue[Engine] = queue.SimpleQueue()
+        for engine in engines:
+            self._free.put(engine)
+        # Set from a measured batch profile (service/batch_profile.py), else by the caller.
+        self.max_batch_size: int | None = None
+        self.profile: Any = None
+
+    @property
+    def size(self) -> int:
+        return len(self.engines)
+
+    def run(self, batch: Batch) -> np.ndarray:
+        return self.run_with_logits(batch)[0]
+
+    def run_with_logits(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None]:
+        with self._lock:
+            alone = self._running == 0
+            self._running += 1
+        try:
+            if alone and self.solo is not None:
+                return self.solo.run_with_logits(batch)
+            engine = self._free.get()  # blocks while every session is busy
+            try:
+                return engine.run_with_logits(batch)
+            finally:
+                self._free.put(engine)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def warm_up(self, runs: int, max_batch_size: int = 16) -> None:
+        for engine in [*self.engines, *([self.solo] if self.solo else [])]:
+            engine.warm_up(runs, max_batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /models/{name}`` shows of how this version runs."""
+        out: dict[str, Any] = {
+            "instances": self.size,
+            "intra_op_threads": self.threads_per_instance or "auto",
+            "solo_session_threads": self.solo_threads if self.solo is not None else None,
+            "providers": self.providers,
+            "max_batch_size": self.max_batch_size,
+        }
+        if self.profile is not None:
+            out["batch_profile"] = self.profile.to_dict()
+        return out
+
+
+def open_pool(
+    model_path: Path,
+    manifest: Manifest,
+    providers: list[str],
+    instances: int = 1,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 1,
+    spinning: bool = True,
+    solo: bool = False,
+) -> EnginePool:
+    """``solo``: add a session on every core for lone requests, where the group's sessions
+    each use fewer threads than the CPU has (CPU only)."""
+    instances, threads = instance_layout(providers, instances, intra_op_threads)
+
+    def session(n_threads: int) -> Engine:
+        return Engine(model_path, manifest, providers, n_threads, inter_op_threads, spinning)
+
+    cores = cpu_count()
+    on_cpu = providers[0] == "CPUExecutionProvider"
+    with_solo = solo and on_cpu and instances > 1 and 0 < threads < cores
+    # The solo session takes ONNX Runtime's own thread choice, as a one-session layout does.
+    pool = EnginePool(
+        [session(threads) for _ in range(instances)], session(0) if with_solo else None
+    )
+    pool.threads_per_instance = threads
+    pool.solo_threads = cores if with_solo else 0
+    return pool

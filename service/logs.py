@@ -20,6 +20,8 @@ SAFE_FIELDS = (
     "batch_size",
     "providers",
     "load_ms",
+    "instances",
+    "max_batch_size",
     "depth",
     "path",
     "method",

@@ -64,6 +64,41 @@ def _model_events(registry: CollectorRegistry) -> Counter:
     )
 
 
+class ServingGauges:
+    """How each loaded version runs: sessions, the batch limit in force, and the measured
+    batch profile (service/batch_profile.py), per batch size."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.instances = _per_version(
+            "endofuse_engine_instances", "ONNX Runtime sessions per model version.", registry
+        )
+        self.max_batch = _per_version(
+            "endofuse_max_batch_size", "Batch limit in force (measured, or configured).", registry
+        )
+        self.profile = Gauge(
+            "endofuse_batch_profile_ms_per_image",
+            "Measured at load: milliseconds per image at each batch size, every session busy.",
+            ["model", "version", "batch_size"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+    def publish(self, versions: list) -> None:
+        """``versions``: the registry's ModelVersions; remote ones (no engine) are skipped."""
+        for gauge in (self.instances, self.max_batch, self.profile):
+            gauge.clear()
+        for mv in versions:
+            if mv.engine is None:
+                continue
+            self.instances.labels(mv.name, mv.version).set(mv.engine.size)
+            if mv.engine.max_batch_size:
+                self.max_batch.labels(mv.name, mv.version).set(mv.engine.max_batch_size)
+            for point in mv.engine.profile.points if mv.engine.profile else ():
+                self.profile.labels(mv.name, mv.version, str(point.batch_size)).set(
+                    point.ms_per_image
+                )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -137,6 +172,7 @@ class Metrics:
             multiprocess_mode="livemin",
         )
         self.model_events = _model_events(r)
+        self.serving = ServingGauges(r)
         self.queue_up.set(1)
 
     def observe_batch(self, model: str, size: int) -> None:
@@ -182,6 +218,7 @@ class WorkerMetrics:
             registry=r,
         )
         self.queue_up = _queue_up(r)
+        self.serving = ServingGauges(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service import batch_profile
 from service.config import Settings
-from service.engine import Engine, resolve_providers
+from service.engine import EnginePool, open_pool, resolve_providers
 from service.errors import ManifestError, ModelNotFound
 from service.manifest import Manifest, load_manifest
 
@@ -25,7 +26,7 @@ class ModelVersion:
     manifest: Manifest
     # None on an API replica that forwards to remote workers: it validates against the
     # manifest but never runs the graph itself.
-    engine: Engine | None
+    engine: EnginePool | None
 
     @property
     def key(self) -> str:
@@ -64,30 +65,46 @@ class LoadOptions:
     warmup_runs: int = 2
     spinning: bool = True
     load_engines: bool = True
+    # The batch size bound; with ``profile_batches`` the limit is measured up to it.
     max_batch_size: int = 16
+    instances: int = 1  # sessions per version; 0: by device (engine.instance_layout)
+    profile_batches: bool = False
+    batch_latency_budget_ms: float = 100.0
+    solo_session: bool = False
 
     def open(self, name: str, version: str, vdir: Path) -> ModelVersion:
         """Check the manifest against its directory (and the graph's digest, where the
-        manifest records one), open the graph and warm it up."""
+        manifest records one), open the graph, profile its batch sizes and warm it up."""
         start = time.perf_counter()
         manifest = _checked_manifest(vdir, name, version)
         engine = None
         if self.load_engines:
-            engine = Engine(
+            engine = open_pool(
                 vdir / "model.onnx",
                 manifest,
                 list(self.providers),
+                self.instances,
                 self.intra_op_threads,
                 self.inter_op_threads,
                 self.spinning,
+                self.solo_session,
             )
-            engine.warm_up(self.warmup_runs, self.max_batch_size)
+            engine.max_batch_size = self.max_batch_size
+            if self.profile_batches:
+                engine.profile = batch_profile.measure(
+                    engine, self.max_batch_size, self.batch_latency_budget_ms
+                )
+                engine.max_batch_size = engine.profile.chosen
+            # Warm at the limit in force: the memory arena keeps the largest batch it saw.
+            engine.warm_up(self.warmup_runs, engine.max_batch_size)
         log.info(
             "model loaded",
             extra={
                 "model": name,
                 "version": version,
                 "providers": engine.providers if engine else "remote",
+                "instances": engine.size if engine else 0,
+                "max_batch_size": engine.max_batch_size if engine else None,
                 "load_ms": round((time.perf_counter() - start) * 1e3, 1),
             },
         )
@@ -129,6 +146,10 @@ class Registry:
         load_engines: bool = True,
         max_batch_size: int = 16,
         precision: str = "fp32",
+        instances: int = 1,
+        profile_batches: bool = False,
+        batch_latency_budget_ms: float = 100.0,
+        solo_session: bool = False,
     ) -> Registry:
         options = LoadOptions(
             tuple(providers),
@@ -138,6 +159,10 @@ class Registry:
             spinning,
             load_engines,
             max_batch_size,
+            instances,
+            profile_batches,
+            batch_latency_budget_ms,
+            solo_session,
         )
         loaded = [options.open(*found) for found in discover(models_dir, only)]
         if not loaded:
@@ -230,4 +255,8 @@ def load_from_settings(settings: Settings, *, load_engines: bool = True) -> Regi
         default_model=settings.default_model,
         spinning=settings.ort_spinning,
         load_engines=load_engines,
+        instances=settings.engine_instances,
+        profile_batches=settings.profile_batches,
+        batch_latency_budget_ms=settings.batch_latency_budget_ms,
+        solo_session=settings.solo_session,
     )

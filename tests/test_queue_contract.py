@@ -114,7 +114,7 @@ def test_logits_travel_for_the_out_of_distribution_score(
 
 
 def test_queue_url_credentials_are_redacted_for_logs() -> None:
-    from service.queue.base import redacted
+    from service.queue.factory import redacted
 
     assert redacted("redis://:s3cret@redis:6379/0") == "redis://redis:6379/0"
     assert redacted("redis://user:p@ss@host:1/2") == "redis://host:1/2"

@@ -26,7 +26,7 @@ from service.config import Settings
 from service.metrics import Metrics, multiprocess
 from service.pipeline import ServiceContext
 from service.queue import create_queue
-from service.queue.base import redacted, uses_remote_workers
+from service.queue.factory import redacted, uses_remote_workers
 from service.registry import ModelVersion, Registry, load_from_settings
 from service.reload import ModelWatcher
 
@@ -72,6 +72,7 @@ def publish_model_info(metrics: Metrics, registry: Registry) -> None:
             ",".join(mv.engine.providers) if mv.engine else "remote",
             str(is_default).lower(),
         ).set(1)
+    metrics.serving.publish(registry.all())
 
 
 def model_watcher(app: FastAPI, ctx: ServiceContext) -> ModelWatcher:

@@ -13,6 +13,7 @@ from service.api.auth import require, require_health, require_metrics
 from service.api.parsing import decode_request, request_id_from
 from service.errors import InvalidRequest, NotReady, ServiceError
 from service.pipeline import ServiceContext, predict
+from service.registry import ModelVersion
 
 log = logging.getLogger("service.api")
 router = APIRouter()
@@ -137,13 +138,19 @@ async def describe_model(request: Request, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "versions": [mv.version for mv in registry.versions(name)],
-        "latest": latest.manifest.public_view(),
+        "latest": _described(latest),
     }
 
 
 @router.get("/models/{name}/versions/{version}", tags=["models"], dependencies=READ)
 async def describe_version(request: Request, name: str, version: str) -> dict[str, Any]:
-    return _ctx(request).registry.get(name, version).manifest.public_view()
+    return _described(_ctx(request).registry.get(name, version))
+
+
+def _described(mv: ModelVersion) -> dict[str, Any]:
+    """The manifest's public view, and how this replica runs the version."""
+    serving = mv.engine.describe() if mv.engine is not None else {"runs_on": "queue workers"}
+    return {**mv.manifest.public_view(), "serving": serving}
 
 
 @router.get("/healthz", tags=["ops"], dependencies=[Depends(require_health)])

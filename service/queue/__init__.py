@@ -5,6 +5,7 @@ One interface (:class:`~service.queue.base.InferenceQueue`), several backends se
 Streams between API replicas and ``endofuse worker`` processes).
 """
 
-from service.queue.base import InferenceQueue, ItemResult, WorkItem, create_queue
+from service.queue.base import InferenceQueue, ItemResult, WorkItem
+from service.queue.factory import create_queue
 
 __all__ = ["InferenceQueue", "ItemResult", "WorkItem", "create_queue"]

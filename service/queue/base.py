@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.config import Settings
-from service.metrics import Metrics
-from service.registry import ModelVersion, Registry
+from service.registry import ModelVersion
 
 
 @dataclass(eq=False)
@@ -69,45 +67,3 @@ class InferenceQueue(abc.ABC):
     def workers(self) -> dict[str, int] | None:
         """Live workers per model key, as last seen; None where this process runs the models."""
         return None
-
-
-def create_queue(
-    settings: Settings, registry: Registry, metrics: Metrics | None = None
-) -> InferenceQueue:
-    """The backend named by ``settings.queue_url``: ``memory://`` or ``redis://host:port/db``."""
-    url = settings.queue_url
-    scheme = url.split("://", 1)[0]
-    if scheme == "memory":
-        from service.queue.embedded import EmbeddedQueue
-
-        return EmbeddedQueue(
-            registry,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_batch_wait_ms / 1e3,
-            max_queue_size=settings.max_queue_size,
-            on_batch=metrics.observe_batch if metrics else None,
-        )
-    if scheme in ("redis", "rediss", "unix"):
-        from service.queue.redis_queue import RedisQueue
-
-        return RedisQueue(
-            registry,
-            url,
-            max_queue_size=settings.max_queue_size,
-            prefix=settings.queue_prefix,
-            stream_maxlen=settings.stream_maxlen,
-            reply_ttl_s=settings.reply_ttl_s,
-            heartbeat_s=settings.heartbeat_s,
-            metrics=metrics,
-        )
-    raise ValueError(f"unsupported queue URL scheme '{scheme}://' (supported: memory://, redis://)")
-
-
-def uses_remote_workers(settings: Settings) -> bool:
-    return not settings.queue_url.startswith("memory://")
-
-
-def redacted(url: str) -> str:
-    """The queue URL without credentials, for logs."""
-    scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rsplit("@", 1)[-1]

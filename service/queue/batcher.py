@@ -1,9 +1,10 @@
-"""Dynamic batcher in front of one engine.
+"""Dynamic batcher in front of one engine (or an instance group of several sessions).
 
-Policy: an idle engine with nothing queued runs a lone request at once (no batching window at
-low load). Requests that arrive while the engine is busy pile up and run together as the next
-batch; only when such a backlog exists does the batcher wait up to ``max_wait_s`` to fill it.
-Inference runs on one dedicated thread per engine, so batches form while it works.
+Policy: an idle session with nothing queued runs a lone request at once (no batching window
+at low load). Requests that arrive while every session is busy pile up; when a session frees,
+the backlog is shared among the free sessions (each takes at most ``max_batch_size``), and
+only when such a backlog exists does the batcher wait up to ``max_wait_s`` to fill a batch.
+Each session runs on its own thread, so batches form and run while others work.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine import Batch, Engine
+from service.engine import Batch, Engine, EnginePool
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServiceError
 from service.queue.base import ItemResult, WorkItem
 
@@ -39,7 +40,7 @@ class _Pending:
 class DynamicBatcher:
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | EnginePool,
         *,
         max_batch_size: int = 16,
         max_wait_s: float = 0.002,
@@ -51,12 +52,16 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
+        self.instances = getattr(engine, "size", 1)
         self._items: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._executor = ThreadPoolExecutor(self.instances, thread_name_prefix="infer")
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._free = asyncio.Event()  # set whenever a session may take a batch
+        self._free.set()
         self._accepting = False
-        self._in_flight = 0
+        self._in_flight = 0  # batches taken and not yet answered
         self._idle = asyncio.Event()
         self._idle.set()
         # Seconds per batch, smoothed; used for Retry-After and admission control.
@@ -80,15 +85,17 @@ class DynamicBatcher:
             for pending in self._items:
                 _fail(pending, NotReady("service is shutting down"))
             self._items.clear()
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(self._task, return_exceptions=True), 5)
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
         self._executor.shutdown(wait=True)
 
     def expected_wait_s(self) -> float:
         batches_ahead = math.ceil((self.depth + 1) / self.max_batch_size) + self._in_flight
-        return batches_ahead * self._batch_seconds
+        return math.ceil(batches_ahead / self.instances) * self._batch_seconds
 
     async def submit(self, item: WorkItem, timeout_s: float) -> ItemResult:
         if not self._accepting:
@@ -127,24 +134,40 @@ class DynamicBatcher:
             while not self._items:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = self._take()
+            while self._in_flight >= self.instances:
+                self._free.clear()
+                await self._free.wait()
+            batch = self._take(self._share())
             # Busy from the moment items leave the deque: stop() must not see "drained" while
             # a batch is being filled or run, or those requests would never be answered.
-            self._in_flight = 1
-            try:
-                await self._serve(batch)
-            except Exception:
-                # Never let the loop die: that would strand every queued request.
-                log.exception("batch failed unexpectedly", extra={"batch_size": len(batch)})
-                for p in batch:
-                    _fail(p, InferenceFailed("inference failed"))
-            finally:
-                self._in_flight = 0
-            if not self._items:
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._serve_guarded(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _share(self) -> int:
+        """This batch's part of the backlog: spread over the sessions that are free now."""
+        free = self.instances - self._in_flight
+        return min(self.max_batch_size, max(1, math.ceil(len(self._items) / free)))
+
+    async def _serve_guarded(self, batch: list[_Pending]) -> None:
+        try:
+            await self._serve(batch)
+        except Exception:
+            # Never let a failure escape: that would strand the requests it holds.
+            log.exception("batch failed unexpectedly", extra={"batch_size": len(batch)})
+            for p in batch:
+                _fail(p, InferenceFailed("inference failed"))
+        finally:
+            self._in_flight -= 1
+            self._free.set()
+            if not self._items and not self._in_flight:
                 self._idle.set()
 
     async def _serve(self, batch: list[_Pending]) -> None:
-        if 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0:
+        # One session: a batch taken from a backlog waits briefly to fill. Several: the next
+        # free session takes its share of later arrivals itself.
+        if 1 < len(batch) < self.max_batch_size and self.max_wait_s > 0 and self.instances == 1:
             await self._fill(batch)
         now = time.monotonic()
         live = []
@@ -158,9 +181,9 @@ class DynamicBatcher:
         if live:
             await self._run(live)
 
-    def _take(self) -> list[_Pending]:
+    def _take(self, limit: int) -> list[_Pending]:
         batch = []
-        while self._items and len(batch) < self.max_batch_size:
+        while self._items and len(batch) < limit:
             batch.append(self._items.popleft())
         return batch
 

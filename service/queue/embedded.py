@@ -35,7 +35,12 @@ class EmbeddedQueue(InferenceQueue):
         hook = None
         if self._on_batch is not None:
             hook = _bind(self._on_batch, mv.name)
-        batcher = DynamicBatcher(mv.engine, on_batch=hook, **self._options)  # type: ignore[arg-type]
+        options = dict(self._options)
+        # A measured limit (service/batch_profile.py) replaces the configured bound.
+        measured = getattr(mv.engine, "max_batch_size", None)
+        if measured:
+            options["max_batch_size"] = measured
+        batcher = DynamicBatcher(mv.engine, on_batch=hook, **options)  # type: ignore[arg-type]
         batcher.start()
         self._batchers[mv.key] = batcher
 

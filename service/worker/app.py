@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from service.config import Settings
 from service.metrics import WorkerMetrics
-from service.queue.base import redacted
+from service.queue.factory import redacted
 from service.registry import load_from_settings
 from service.worker.consumer import Worker
 

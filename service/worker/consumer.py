@@ -1,9 +1,10 @@
 """An inference worker on the Redis request streams.
 
-Loop: ``XREADGROUP`` (up to max-batch entries, short block) -> drop entries past their deadline
-(acknowledged, never run) -> run the batch (a failing item fails alone) -> **reply, then XACK +
-XDEL**. A crash between reply and acknowledgement gives a duplicate reply (the API drops it),
-never a lost one. An entry that cannot be handled is left pending.
+Loop: ``XREADGROUP`` (up to one batch per session of the version's instance group, short
+block) -> drop entries past their deadline (acknowledged, never run) -> run the batches, one
+per session at once (a failing item fails alone) -> **reply, then XACK + XDEL**. A crash
+between reply and acknowledgement gives a duplicate reply (the API drops it), never a lost
+one. An entry that cannot be handled is left pending.
 
 Recovery: entries idle past ``reclaim_idle_ms`` belong to a dead or stuck consumer and are
 claimed (``XPENDING`` + ``XCLAIM``) and handled one by one, so one bad entry cannot sink its
@@ -61,8 +62,10 @@ class Worker:
         self.models: dict[str, ModelVersion] = {
             self.streams.requests(mv.key): mv for mv in registry.all()
         }
+        metrics.serving.publish(registry.all())
         self._rates: dict[str, float] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        sessions = [mv.engine.size for mv in registry.all() if mv.engine is not None]
+        self._executor = ThreadPoolExecutor(max(sessions, default=1), thread_name_prefix="infer")
         self._stopping = asyncio.Event()
         self.ready = False
         self.redis = aioredis.from_url(
@@ -84,6 +87,7 @@ class Worker:
                 self.add_model,
                 self.remove_model,
                 only=self.settings.models or None,
+                on_changed=lambda: self.metrics.serving.publish(self.registry.all()),
             )
             tasks.append(asyncio.create_task(watcher.run(self.settings.reload_s), name="reload"))
         try:
@@ -148,7 +152,7 @@ class Worker:
                     self.streams.group,
                     self.consumer,
                     {stream: ">" for stream in self.models},
-                    count=s.max_batch_size,
+                    count=self._read_count(),
                     block=s.worker_block_ms,
                 )
                 if not self.ready:
@@ -169,6 +173,15 @@ class Worker:
                 continue
             for stream, entries in got or []:
                 await self.handle(_text(stream), entries)
+
+    def _read_count(self) -> int:
+        """Entries per read: enough for every session of the largest group to run a batch."""
+        counts = [
+            mv.engine.size * (mv.engine.max_batch_size or self.settings.max_batch_size)
+            for mv in self.models.values()
+            if mv.engine is not None
+        ]
+        return max(counts, default=self.settings.max_batch_size)
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         """Expire, run, reply, acknowledge one batch read from ``stream``."""
@@ -199,14 +212,25 @@ class Worker:
     async def _infer(
         self, mv: ModelVersion, live: list[tuple[bytes, WorkItem, str]]
     ) -> list[tuple[str, dict]]:
+        """Split what was read over the version's sessions and run the batches at once."""
         assert mv.engine is not None
+        start = time.time()
+        size = mv.engine.max_batch_size or self.settings.max_batch_size
+        per = max(1, min(size, -(-len(live) // mv.engine.size)))
+        chunks = [live[i : i + per] for i in range(0, len(live), per)]
+        replies = await asyncio.gather(*(self._run_batch(mv, chunk) for chunk in chunks))
+        rate = len(live) / max(time.time() - start, 1e-6)
+        self._rates[mv.key] = 0.8 * self._rates.get(mv.key, rate) + 0.2 * rate
+        return [reply for part in replies for reply in part]
+
+    async def _run_batch(
+        self, mv: ModelVersion, live: list[tuple[bytes, WorkItem, str]]
+    ) -> list[tuple[str, dict]]:
         start = time.time()
         loop = asyncio.get_running_loop()
         items = [item for _, item, _ in live]
         outcomes = await loop.run_in_executor(self._executor, infer_isolated, mv.engine, items)
         elapsed = time.time() - start
-        rate = len(items) / max(elapsed, 1e-6)
-        self._rates[mv.key] = 0.8 * self._rates.get(mv.key, rate) + 0.2 * rate
         self.metrics.batch_size.labels(mv.name).observe(len(items))
         self.metrics.stage.labels(mv.name, "inference").observe(elapsed)
         replies = []
