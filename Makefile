@@ -53,6 +53,9 @@ lint: install
 	$(VENV)/bin/ruff format --check service training tests bench
 
 bench: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/peers.py --out docs/performance.md
+	$(PY) bench/request_costs.py --out docs/performance.md
 	$(PY) bench/serving.py --out docs/performance.md
 	$(PY) bench/preprocess.py --out docs/performance.md
 	$(PY) bench/redis_hop.py --out docs/performance.md

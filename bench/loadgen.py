@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 
 
-def multipart_request(host: str, port: int, path: str, image: bytes) -> bytes:
+def multipart_body(image: bytes) -> tuple[bytes, str]:
+    """A multipart body with the frame as its ``image`` part, and its Content-Type."""
     boundary = uuid.uuid4().hex
     body = (
         (
@@ -23,9 +24,14 @@ def multipart_request(host: str, port: int, path: str, image: bytes) -> bytes:
         + image
         + f"\r\n--{boundary}--\r\n".encode()
     )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def multipart_request(host: str, port: int, path: str, image: bytes) -> bytes:
+    body, content_type = multipart_body(image)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
