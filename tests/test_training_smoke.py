@@ -246,3 +246,31 @@ def _torch_probs(graph, manifest, pixels, tabular, with_image) -> np.ndarray:
         return graph(pixels, values, mask, torch.tensor([[1.0 if with_image else 0.0]]))[0][
             0
         ].numpy()
+
+
+def test_curriculum_scores_difficulty_on_the_whole_backbone(tmp_path: Path) -> None:
+    """CLIMD on a full fine-tune: difficulty comes from the training frames as stored, run
+    through the whole backbone; the epoch order is the curriculum's, and training completes."""
+    from training import curriculum, train
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "CACHE_DIR", tmp_path / "cache")
+    seen: list[np.ndarray] = []
+    original = curriculum.difficulty
+
+    def recorded(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    mp.setattr(train, "difficulty", recorded)
+    try:
+        config = smoke_config(tmp_path, "ham2")
+        raw = yaml.safe_load(config.read_text())
+        raw["methods"] = {"curriculum": {"enabled": True}}
+        config.write_text(yaml.safe_dump(raw))
+        run = train.main(config, tmp_path / "run")
+    finally:
+        mp.undo()
+    assert (run / "results.json").is_file()
+    assert len(seen) == 1 and len(seen[0]) == 6 * 7  # one epoch, every labelled training row
+    assert np.all((seen[0] >= 0) & (seen[0] <= 1))

@@ -43,6 +43,13 @@ class AugmentedImages:
             image = self.augment(image, np.random.default_rng(seed))
         return prepare(image, self.spec)
 
+    def plain(self, idx: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3]: the frames as stored, prepared as the service would (no
+        augmentation); what the curriculum scores difficulty on."""
+        return np.stack(
+            list(_POOL.map(lambda i: prepare(Image.fromarray(self.frames[i]), self.spec), idx))
+        )
+
     def batch(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """uint8 [B, H, W, 3]; each frame's changes come from its own seed, drawn from ``rng``,
         so a run is reproducible whatever order the pool finishes in."""

@@ -6,10 +6,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from training.calibrate import calibrated, temperatures_for
 from training.data import Table
 from training.features import FeatureSet
+from training.images import AugmentedImages
 from training.metrics import summarize
 from training.model import FusionModel
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns, pattern_ids
@@ -81,16 +83,25 @@ def selection_score(results: dict[str, Any], metric: str) -> float:
 
 @torch.no_grad()
 def true_class_probabilities(
-    model: FusionModel, feats: FeatureSet, table: Table, rows: np.ndarray, batch: int = 256
+    model: FusionModel,
+    feats: FeatureSet | AugmentedImages,
+    table: Table,
+    rows: np.ndarray,
+    batch: int = 256,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """p(y_i) from the fused head (all inputs) and from each unimodal head, for ``rows``."""
+    """p(y_i) from the fused head (all inputs) and from each unimodal head, for ``rows``; for
+    a full fine-tune, on the training frames as stored (no augmentation)."""
     model.eval()
     has_tab = model.tabular is not None
-    source = feats.mid[0] if model.tail is not None else feats.pooled[0]
+    pixels = isinstance(feats, AugmentedImages)
+    source = None if pixels else feats.mid[0] if model.tail is not None else feats.pooled[0]
     fused, image, tab = [], [], []
-    for s in range(0, len(rows), batch):
+    starts = range(0, len(rows), batch)
+    for s in tqdm(starts, desc="curriculum difficulty", unit="batch", leave=False):
         idx = rows[s : s + batch]
-        x = torch.from_numpy(np.asarray(source[idx], np.float32))
+        x = torch.from_numpy(
+            feats.plain(idx).astype(np.float32) if pixels else np.asarray(source[idx], np.float32)
+        )
         values = torch.from_numpy(table.tabular[idx]) if has_tab else None
         mask = torch.from_numpy(table.mask[idx]) if has_tab else None
         enc = model.encode(model.image_features(x), values, mask, torch.ones(len(idx), 1))
