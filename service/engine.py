@@ -177,7 +177,6 @@ class EnginePool:
         self.manifest = engines[0].manifest
         self.providers = engines[0].providers
         self.threads_per_instance = 0  # as configured; 0: ONNX Runtime's choice
-        self.solo_threads = 0
         self._free: queue.SimpleQueue[Engine] = queue.SimpleQueue()
         for engine in engines:
             self._free.put(engine)
@@ -217,7 +216,8 @@ class EnginePool:
         out: dict[str, Any] = {
             "instances": self.size,
             "intra_op_threads": self.threads_per_instance or "auto",
-            "solo_session_threads": self.solo_threads if self.solo is not None else None,
+            # ONNX Runtime picks the solo session's threads (one per physical core).
+            "solo_session": self.solo is not None,
             "providers": self.providers,
             "max_batch_size": self.max_batch_size,
         }
@@ -251,5 +251,4 @@ def open_pool(
         [session(threads) for _ in range(instances)], session(0) if with_solo else None
     )
     pool.threads_per_instance = threads
-    pool.solo_threads = cores if with_solo else 0
     return pool
