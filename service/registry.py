@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -79,18 +80,19 @@ class LoadOptions:
         manifest = _checked_manifest(vdir, name, version)
         engine = None
         if self.load_engines:
+            own = serving_config(vdir)
             engine = open_pool(
                 vdir / "model.onnx",
                 manifest,
                 list(self.providers),
-                self.instances,
-                self.intra_op_threads,
+                own.get("instances", self.instances),
+                own.get("intra_op_threads", self.intra_op_threads),
                 self.inter_op_threads,
                 self.spinning,
                 self.solo_session,
             )
-            engine.max_batch_size = self.max_batch_size
-            if self.profile_batches:
+            engine.max_batch_size = own.get("max_batch_size", self.max_batch_size)
+            if self.profile_batches and "max_batch_size" not in own:
                 engine.profile = batch_profile.measure(
                     engine, self.max_batch_size, self.batch_latency_budget_ms
                 )
@@ -217,6 +219,30 @@ class Registry:
         raise ModelNotFound(
             f"model '{name}' has no such version; available: {[m.version for m in versions]}"
         )
+
+
+SERVING_FILE = "serving.json"
+_SERVING_KEYS = ("instances", "intra_op_threads", "max_batch_size")
+
+
+def serving_config(vdir: Path) -> dict[str, int]:
+    """A version's own engine layout, set by whoever deploys it (``serving.json`` beside the
+    manifest, as Triton's model config): ``instances``, ``intra_op_threads``,
+    ``max_batch_size`` (a fixed limit: no profile). Each overrides the settings'."""
+    path = vdir / SERVING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(raw, dict) or set(raw) - set(_SERVING_KEYS):
+        raise ManifestError(f"{path}: an object with keys among {', '.join(_SERVING_KEYS)}")
+    for key, value in raw.items():
+        low = 0 if key == "intra_op_threads" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ManifestError(f"{path}: '{key}' must be an integer >= {low}")
+    return raw
 
 
 def _checked_manifest(vdir: Path, name: str, version: str) -> Manifest:

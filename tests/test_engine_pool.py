@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.batch_profile import BatchPoint, candidate_sizes, choose, measure
 from service.engine import Batch, Engine, EnginePool, cpu_count, instance_layout, open_pool
-from service.errors import InferenceFailed
+from service.errors import InferenceFailed, ManifestError
 from service.manifest import parse_manifest
 from service.queue import WorkItem
 from service.queue.batcher import DynamicBatcher
@@ -207,3 +208,29 @@ def test_a_lone_batch_takes_the_solo_session_and_load_takes_the_group(tmp_path: 
     with ThreadPoolExecutor(2) as threads:
         list(threads.map(both, range(2)))
     assert len(used) == 2 and set(used) & {"a", "b"}, used
+
+
+def test_a_versions_own_serving_file_overrides_the_settings(
+    tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    vdir = tmp_path / "endo" / "1"
+    shutil.copytree(tiny_models_dir / "endo" / "1", vdir)
+    (vdir / "serving.json").write_text(json.dumps({"instances": 3, "max_batch_size": 2}))
+    settings = make_settings(tmp_path, engine_instances=1, profile_batches=True)
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/models/endo").json()["latest"]["serving"]
+    assert info["instances"] == 3 and info["max_batch_size"] == 2
+    assert "batch_profile" not in info  # a fixed limit is not measured
+
+
+@pytest.mark.parametrize(
+    "content", ['{"instances": 0}', '{"threads": 2}', '{"max_batch_size": "4"}', "not json"]
+)
+def test_a_bad_serving_file_stops_the_load_with_its_reason(
+    tiny_models_dir: Path, tmp_path: Path, content: str
+) -> None:
+    vdir = tmp_path / "endo" / "1"
+    shutil.copytree(tiny_models_dir / "endo" / "1", vdir)
+    (vdir / "serving.json").write_text(content)
+    with pytest.raises(ManifestError, match=r"serving\.json"):
+        Registry.load(tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0)
