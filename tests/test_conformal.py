@@ -110,7 +110,7 @@ def test_class_confidence_never_puts_a_certifiable_class_in_every_set() -> None:
 
 def test_confident_rank_matches_the_beta_quantile() -> None:
     stats = pytest.importorskip("scipy.stats")
-    for n, level, c in ((48, 0.9, 0.8), (300, 0.8, 0.9), (20, 0.95, 0.8)):
+    for n, level, c in ((48, 0.9, 0.8), (300, 0.8, 0.9), (20, 0.95, 0.8), (5000, 0.9, 0.8)):
         r = confident_rank(n, level, c)
         # The r-th smallest of n uniforms is Beta(r, n + 1 - r): r reaches, r - 1 does not.
         if r <= n:

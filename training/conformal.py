@@ -47,8 +47,13 @@ def confident_rank(n: int, level: float, confidence: float) -> int:
     """The smallest rank r whose r-th smallest of n scores covers ``level`` with probability
     ``confidence`` over the calibration draw (n + 1 when no rank does)."""
     below = 0.0  # P(Binomial(n, level) <= r - 1), accumulated term by term
+    log_p, log_q = math.log(level), math.log1p(-level)
     for r in range(1, n + 1):
-        below += math.comb(n, r - 1) * level ** (r - 1) * (1 - level) ** (n - r + 1)
+        k = r - 1  # in log space: the binomial coefficient overflows a float past n ~ 1000
+        below += math.exp(
+            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+            + k * log_p + (n - k) * log_q
+        )  # fmt: skip
         if below >= confidence:
             return r
     return n + 1
