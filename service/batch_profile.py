@@ -6,7 +6,7 @@ taken from the wall clock. The batch limit is the smallest size within 5 % of th
 cost per image whose batch still finishes within the latency budget. On a CPU the cheapest is
 often batch 1 (larger batches run slower per image), on a GPU the largest; nothing is
 assumed. Sizes stop being tried once two in a row cost more per image than the best so far,
-or the time allowance is spent, so a CPU host pays well under a second per version.
+or the time allowance is spent: about a second per version on a CPU host.
 """
 
 from __future__ import annotations
