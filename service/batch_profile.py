@@ -4,7 +4,7 @@ At load, every session of a version's instance group runs zero-filled batches of
 up to the configured bound, all sessions at once as under load, and the cost per image is
 taken from the wall clock. The batch limit is the smallest size within 5 % of the cheapest
 cost per image whose batch still finishes within the latency budget. On a CPU the cheapest is
-often batch 1 (larger batches run slower per image), on a GPU the largest; nothing is
+often batch 1 (larger batches run slower per image), on a GPU usually larger; nothing is
 assumed. Sizes stop being tried once two in a row cost more per image than the best so far,
 or the time allowance is spent: about a second per version on a CPU host.
 """
