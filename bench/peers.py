@@ -38,19 +38,19 @@ Started = list[subprocess.Popen]
 _GROUPS: set[int] = set()  # peers started as process-group leaders
 
 
-def start_peer(argv: list[str], port: int, model_dir: Path) -> subprocess.Popen:
+def start_peer(argv: list[str], port: int, model_dir: Path, probe: bytes) -> subprocess.Popen:
+    """Start a peer; ready once it answers ``probe`` (a real frame) with 200."""
     log = tempfile.NamedTemporaryFile("w+", prefix="endofuse-peer-", suffix=".log", delete=False)  # noqa: SIM115
     env = dict(os.environ, PEER_MODEL_DIR=str(model_dir), PYTHONPATH=str(REPO))
     # Its own process group: LitServe's inference workers must go when it does.
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
     _GROUPS.add(proc.pid)
-    frame = frames(data_dir())[0]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"peer exited: {Path(log.name).read_text()[-2000:]}")
         try:  # ready once it answers a real request
-            body, content_type = multipart_body(frame)
+            body, content_type = multipart_body(probe)
             req = urllib.request.Request(
                 f"http://127.0.0.1:{port}/predict", body, {"Content-Type": content_type}
             )
@@ -63,7 +63,9 @@ def start_peer(argv: list[str], port: int, model_dir: Path) -> subprocess.Popen:
     raise SystemExit(f"peer {argv} did not answer")
 
 
-def stacks(models: Path, model: str, model_dir: Path) -> dict[str, Callable[[int], Started]]:
+def stacks(
+    models: Path, model: str, model_dir: Path, probe: bytes
+) -> dict[str, Callable[[int], Started]]:
     py = sys.executable
 
     def embedded(port: int) -> Started:
@@ -84,18 +86,18 @@ def stacks(models: Path, model: str, model_dir: Path) -> dict[str, Callable[[int
     def plain(port: int) -> Started:
         argv = [py, "-m", "uvicorn", "bench.peers.plain_fastapi:app", "--port", str(port),
                 "--log-level", "warning"]  # fmt: skip
-        return [start_peer(argv, port, model_dir)]
+        return [start_peer(argv, port, model_dir, probe)]
 
     def plain_h11(port: int) -> Started:
         # Diagnostic, not a peer: the same server on the pure-Python HTTP parser endofuse's
         # edge limits are built on (service/api/edge.py), to size that part of any gap.
         argv = [py, "-m", "uvicorn", "bench.peers.plain_fastapi:app", "--port", str(port),
                 "--log-level", "warning", "--http", "h11"]  # fmt: skip
-        return [start_peer(argv, port, model_dir)]
+        return [start_peer(argv, port, model_dir, probe)]
 
     def litserve(port: int) -> Started:
         argv = [py, "-m", "bench.peers.litserve_app", "--port", str(port)]
-        return [start_peer(argv, port, model_dir)]
+        return [start_peer(argv, port, model_dir, probe)]
 
     return {
         "endofuse, embedded (shipped: sessions per core, measured batch limit)": embedded,
@@ -155,7 +157,7 @@ def main() -> None:
     (repo / args.model).mkdir()
     (repo / args.model / args.version).symlink_to(model_dir.resolve())
     images = frames(data_dir())
-    table = stacks(repo, args.model, model_dir)
+    table = stacks(repo, args.model, model_dir, images[0])
     if args.only:
         wanted = args.only.split(",")
         table = {k: v for k, v in table.items() if any(k.startswith(w) for w in wanted)}

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.loadgen import multipart_request, run_load  # noqa: E402
-from service.engine import Batch, open_pool  # noqa: E402
+from service.engine import Batch, cpu_count, open_pool  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 from service.registry import Registry  # noqa: E402
 
@@ -56,7 +56,11 @@ def in_process(
     """Single-request latency (decode + batch-1 inference on one session using every core),
     and the in-process ceiling: the best of several measured layouts, each with decode
     running beside inference on as many threads as there are sessions (at least two)."""
-    mv = Registry.load(models_dir, providers=["CPUExecutionProvider"], only=[model]).get(model)
+    # The manifest and path only: the layouts below open their own sessions.
+    registry = Registry.load(
+        models_dir, providers=["CPUExecutionProvider"], only=[model], load_engines=False
+    )
+    mv = registry.get(model)
     spec, path, manifest = mv.manifest.image, mv.path / "model.onnx", mv.manifest
     cpu = ["CPUExecutionProvider"]
     solo = open_pool(path, manifest, cpu, 1, 0, 1, spinning)
@@ -68,7 +72,7 @@ def in_process(
         solo.run(Batch(images=decode_image(images[i % len(images)], spec)[None]))
         single.append(time.perf_counter() - t)
         i += 1
-    cores = os.cpu_count() or 1
+    cores = cpu_count()
     layouts = [(1, 0, b) for b in sorted({1, 4, batch})] + [(cores, 1, b) for b in (1, 2, 4)]
     best = (0.0, "")
     for sessions, threads, size in layouts:

@@ -174,10 +174,15 @@ class Worker:
             for stream, entries in got or []:
                 await self.handle(_text(stream), entries)
 
+    def _batch_limit(self, mv: ModelVersion) -> int:
+        """The version's batch limit: measured at load, else the configured one."""
+        assert mv.engine is not None
+        return mv.engine.max_batch_size or self.settings.max_batch_size
+
     def _read_count(self) -> int:
         """Entries per read: enough for every session of the largest group to run a batch."""
         counts = [
-            mv.engine.size * (mv.engine.max_batch_size or self.settings.max_batch_size)
+            mv.engine.size * self._batch_limit(mv)
             for mv in self.models.values()
             if mv.engine is not None
         ]
@@ -215,8 +220,7 @@ class Worker:
         """Split what was read over the version's sessions and run the batches at once."""
         assert mv.engine is not None
         start = time.time()
-        size = mv.engine.max_batch_size or self.settings.max_batch_size
-        per = max(1, min(size, -(-len(live) // mv.engine.size)))
+        per = max(1, min(self._batch_limit(mv), -(-len(live) // mv.engine.size)))
         chunks = [live[i : i + per] for i in range(0, len(live), per)]
         replies = await asyncio.gather(*(self._run_batch(mv, chunk) for chunk in chunks))
         rate = len(live) / max(time.time() - start, 1e-6)
