@@ -61,6 +61,9 @@ bench: install
 	$(PY) bench/redis_hop.py --out docs/performance.md
 	$(PY) bench/overload.py --out docs/performance.md
 	$(PY) bench/edge.py --out docs/performance.md
+	$(PY) bench/decision_overhead.py --out docs/performance.md
+	$(PY) bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 3 --out docs/performance.md
+	$(PY) bench/precision.py --model ham10000 --fp32 2 --int8 3 --out docs/performance.md
 
 # Ten minutes of abuse beside load, with the server's memory sampled throughout.
 bench-soak: install

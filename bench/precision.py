@@ -1,8 +1,10 @@
 """fp32 against its int8 variant, one model: in-process ONNX Runtime cost per image at batch
 sizes 1, 8 and 16, and end to end through one server holding both versions (the same frames,
-load generator and server, two rounds in opposite orders).
+load generator and server, two rounds in opposite orders). Each model gets frames of its own
+kind: the 40 full-resolution endoscopy frames, or 40 dermoscopy images of the test split.
 
     python bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 3 --out docs/performance.md
+    python bench/precision.py --model ham10000 --fp32 2 --int8 3 --out docs/performance.md
 """
 
 from __future__ import annotations
@@ -25,13 +27,39 @@ from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 
 
+def model_frames(data: Path, model: str) -> list[bytes]:
+    if not model.startswith("ham10000"):
+        return frames(data)
+    rows = (data / "ham10000" / "metadata.csv").read_text().splitlines()[1:]
+    paths = sorted(r.split(",")[7] for r in rows if r.endswith(",test"))
+    return [(data / "ham10000" / p).read_bytes() for p in paths[:40]]
+
+
+def describe_frames(model: str) -> str:
+    if model.startswith("ham10000"):
+        return "40 dermoscopy images of the test split"
+    return "the 40 full-resolution frames"
+
+
+def image_only_feeds(session: ort.InferenceSession, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The image, and for a fusion model every tabular field missing."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    feeds = {"image": images}
+    if "tabular" in inputs:
+        zeros = np.zeros((len(images), inputs["tabular"].shape[1]), np.float32)
+        feeds |= {"tabular": zeros, "tabular_mask": zeros}
+    if "image_mask" in inputs:
+        feeds["image_mask"] = np.ones((len(images), 1), np.float32)
+    return feeds
+
+
 def per_image_ms(model_dir: Path, images: np.ndarray, batch: int, rounds: int = 20) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
                                    providers=["CPUExecutionProvider"])  # fmt: skip
-    feeds = {"image": images[:batch]}
+    feeds = image_only_feeds(session, images[:batch])
     session.run(["probabilities"], feeds)
     times = []
     for _ in range(rounds):
@@ -50,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     data = data_dir()
-    raw = frames(data)
+    raw = model_frames(data, args.model)
     versions = {"fp32": args.fp32, "int8": args.int8}
     dirs = {k: REPO / "models" / args.model / v for k, v in versions.items()}
     spec = load_manifest(dirs["fp32"] / "manifest.json").image
@@ -77,11 +105,11 @@ def main() -> None:
         proc.wait(30)
     publish(
         args.out,
-        "int8 against fp32",
+        f"int8 against fp32: {args.model}",
         [
             f"`{args.model}` version {args.fp32} (fp32) and its int8 variant, version "
             f"{args.int8}; in process: ONNX Runtime, 2 intra-op threads, spinning off, median "
-            f"of 20 runs; end to end: the 40 full-resolution frames as multipart, "
+            f"of 20 runs; end to end: {describe_frames(args.model)} as multipart, "
             f"{args.seconds:g} s per point.",
             "",
             *rows,

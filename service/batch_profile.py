@@ -2,8 +2,11 @@
 
 At load, every session of a version's instance group runs zero-filled batches of 1, 2, 4, ...
 up to the configured bound, all sessions at once as under load, and the cost per image is
-taken from the wall clock. The batch limit is the smallest size within 5 % of the cheapest
-cost per image whose batch still finishes within the latency budget. On a CPU the cheapest is
+taken from the wall clock. The batch limit is the smallest size within 15 % of the cheapest
+cost per image whose batch still finishes within the latency budget: a larger batch costs
+every request in it latency, so it must be cheaper by more than a one-second measurement's
+noise (on a shared 2-core host, ±10 % from one load to the next picked batch 1, 2 or 4 at
+random under a 5 % margin). On a CPU the cheapest is
 often batch 1 (larger batches run slower per image), on a GPU usually larger; nothing is
 assumed. Sizes stop being tried once two in a row cost more per image than the best so far,
 or the time allowance is spent: about a second per version on a CPU host.
@@ -19,7 +22,7 @@ import numpy as np
 
 from service.engine import Batch, EnginePool
 
-TOLERANCE = 1.05  # a smaller batch within this factor of the cheapest wins (lower latency)
+TOLERANCE = 1.15  # a smaller batch within this factor of the cheapest wins (lower latency)
 
 
 @dataclass(frozen=True)

@@ -217,30 +217,47 @@ def quantize(
     model_dir: Path = typer.Argument(..., exists=True, help="An fp32 version, e.g. models/m/2"),
     version: str = typer.Option(..., "--version", help="Version of the int8 variant"),
     calibration: int = typer.Option(256, help="Training frames the ranges are calibrated on"),
+    quantize_depthwise: bool = typer.Option(
+        False, help="Quantise the depthwise convolutions too (faster, less accurate)"
+    ),
 ) -> None:
     """Write a static int8 variant of a model version (precision: int8 in its manifest), and
     fit its decision parameters on its own outputs."""
     _training()
     from training import conformal, quantize
 
-    dst = quantize.main(model_dir, version, calibration)
+    dst = quantize.main(model_dir, version, calibration, keep_depthwise=not quantize_depthwise)
     typer.echo(f"wrote {dst}")
+    from service.manifest import load_manifest
+    from training import ood_embed
+
+    source = load_manifest(model_dir / "manifest.json").raw.get("ood_embedding")
+    if source:  # the same layers, fitted on the variant's own features
+        layers = [f["tensor"] for f in source.get("features", [])] or [source["feature"]]
+        ood_embed.main(dst, layers)
     conformal.main(dst)
 
 
 @app.command("ood-distance")
 def ood_distance(
     model_dir: Path = typer.Argument(..., exists=True),
-    feature: str | None = typer.Option(None, help="Feature tensor (default: the pooling)"),
+    feature: list[str] | None = typer.Option(
+        None,
+        "--feature",
+        help="Feature tensor, repeatable (default: the final pooling and, where the graph has "
+        "it, the middle stage)",
+    ),
     fit_frames: int = typer.Option(3000, help="Train frames the class means are fitted on"),
+    replace: bool = typer.Option(False, help="Refit a graph that has a distance already"),
 ) -> None:
-    """Add a Mahalanobis-distance output to a model's graph (probabilities unchanged), then
-    refit its decision parameters with it."""
+    """Add Mahalanobis-distance outputs to a model's graph (probabilities unchanged), then
+    refit its decision parameters with them."""
     _training()
     from training import conformal, ood_embed
 
-    info = ood_embed.main(model_dir, feature, fit_frames)
-    typer.echo(f"added '{info['output']}' from {info['feature']} ({info['fitted_on']})")
+    info = ood_embed.main(model_dir, feature or None, fit_frames, replace)
+    layers = ", ".join(f["tensor"] for f in info["features"])
+    typer.echo(f"added '{info['output']}' from {layers} ({info['fitted_on']})")
     conformal.main(model_dir)
 
 

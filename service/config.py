@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Decision support (models whose manifest has a ``decision`` block): the prediction set's
     # coverage when a request names none, and a top probability below which to refer.
     default_coverage: float = Field(0.9, gt=0, lt=1)
+    # prediction sets when a request names none: per class (every class, rare ones included,
+    # covered at the level) or marginal (covered on average over cases; smaller sets)
+    default_sets: Literal["class", "marginal"] = "class"
     confidence_floor: float = Field(0.0, ge=0, le=1)
 
     # Edge limits (service/api/edge.py, service/api/limits.py): what one connection may take.

@@ -5,15 +5,18 @@ on the validation split (``training/conformal.py``) and travel in the manifest's
 
 Split conformal prediction, per missingness pattern: a class is in the set when its
 nonconformity score is at most that class's threshold. With class-conditional (Mondrian)
-thresholds every class, rare ones included, gets the stated coverage on its own cases.
+thresholds every class, rare ones included, gets the stated coverage on its own cases (sets
+``class``, the default); with one threshold for all classes the coverage holds on average
+over cases, and the sets are smaller (sets ``marginal``).
 
-Out of distribution: the energy score of the graph's logits, -logsumexp(z) (Liu et al.,
-NeurIPS 2020), is high when no class fits; per pattern, the threshold lets 95 % of the val
-split's inputs pass. A graph may also output ``ood_distance``: the Mahalanobis distance of
-its pooled image features to the nearest class mean (Lee et al., NeurIPS 2018), which sees
-what the logits cannot (another modality that still lands confidently on one class). The
-engine then appends that distance to the logits row. With both, each signal is scaled so that
-its val median is 0 and its own 95 % quantile is 1, and the score is the larger of the two.
+Out of distribution: a graph may output ``ood_distance``, the Mahalanobis distance of image
+features to the nearest class mean (Lee et al., NeurIPS 2018), one column per feature layer;
+it sees what the logits cannot (another modality that still lands confidently on one class).
+The engine appends those columns to the logits row. The manifest names the signals the score
+combines, each scaled so that its val median is 0 and its own 95 % quantile is 1, and the
+score is the largest. A graph without a distance scores the energy of its logits,
+-logsumexp(z) (Liu et al., NeurIPS 2020), high when no class fits. Per pattern, the threshold
+lets 95 % of in-distribution inputs pass.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class DecisionParams:
     # pattern -> coverage level (as text, e.g. "0.9") -> per-class thresholds
     thresholds: dict[str, dict[str, list[float]]]
     levels: tuple[float, ...]
+    # as ``thresholds``, one value for every class: marginal sets (absent in older manifests)
+    marginal: dict[str, dict[str, list[float]]] | None = None
     ood_thresholds: dict[str, float] | None = None  # pattern -> score threshold
     # pattern -> signal ("energy", "distance") -> (val median, val 95 % quantile); absent: the
     # score is the raw energy
@@ -72,6 +77,10 @@ class DecisionParams:
             score=str(raw["score"]),
             thresholds={p: dict(v) for p, v in raw["thresholds"].items()},
             levels=tuple(float(level) for level in raw["levels"]),
+            marginal=(
+                {p: dict(v) for p, v in raw["marginal_thresholds"].items()}
+                if raw.get("marginal_thresholds") else None
+            ),
             ood_thresholds={p: float(t) for p, t in ood["thresholds"].items()} if ood else None,
             ood_scale=(
                 {p: {k: (float(a), float(b)) for k, (a, b) in v.items()}
@@ -88,8 +97,19 @@ class DecisionParams:
             f"coverage must be one of {', '.join(_key(v) for v in self.levels)} for this model"
         )
 
+    def check_sets(self, sets: str) -> None:
+        if sets not in SET_KINDS:
+            raise InvalidRequest(f"sets must be one of {', '.join(SET_KINDS)}")
+        if sets == "marginal" and self.marginal is None:
+            raise InvalidRequest("this model version has no marginal sets fitted; use sets=class")
+
     def prediction_set(
-        self, probs: np.ndarray, pattern: str, coverage: float, named: int | None = None
+        self,
+        probs: np.ndarray,
+        pattern: str,
+        coverage: float,
+        named: int | None = None,
+        sets: str = "class",
     ) -> np.ndarray:
         """Boolean [K]: the classes that stay plausible at ``coverage``, always including the
         class the response names (``named``: by the label rule; default the most probable).
@@ -97,10 +117,14 @@ class DecisionParams:
         common classes; a model more accurate than the coverage asked may get an empty set);
         adding it keeps sets nested across levels, and the fit counts those cases as covered
         (``training/conformal.py``), so the coverage stays the one stated."""
-        q = np.asarray(self.thresholds[pattern][self.level_key(coverage)])
+        table = self.marginal if sets == "marginal" and self.marginal else self.thresholds
+        q = np.asarray(table[pattern][self.level_key(coverage)])
         members = nonconformity(probs[None], self.score)[0] <= q
         members[int(np.argmax(probs)) if named is None else named] = True
         return members
+
+
+SET_KINDS = ("class", "marginal")
 
 
 def _key(level: float) -> str:
@@ -138,11 +162,12 @@ def channel_std(image: np.ndarray) -> np.ndarray:
 
 
 def ood_signals(row: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
-    """The raw signals in a logits row (or rows): energy, and the graph's distance if any."""
+    """The raw signals in a logits row (or rows): energy, and the graph's distances if any
+    (``distance`` for its first feature layer, ``distance_1``, ... for the others)."""
     row = np.asarray(row, np.float64)
     out = {"energy": energy(row[..., :n_labels])}
-    if row.shape[-1] > n_labels:
-        out["distance"] = row[..., n_labels]
+    for j in range(row.shape[-1] - n_labels):
+        out["distance" if j == 0 else f"distance_{j}"] = row[..., n_labels + j]
     return out
 
 
@@ -166,6 +191,7 @@ def decide(
     logits: np.ndarray | None = None,
     uniform_image: bool = False,
     named: int | None = None,
+    sets: str = "class",
 ) -> dict[str, Any]:
     """Response fields: prediction set, its coverage, the out-of-distribution score, and the
     referral with its reason."""
@@ -181,10 +207,11 @@ def decide(
         elif flagged:
             reasons.append("the input does not look like the data the model was trained on")
     if params is not None:
-        members = params.prediction_set(probs, pattern, coverage, named)
+        members = params.prediction_set(probs, pattern, coverage, named, sets)
         chosen = [labels[k] for k in np.flatnonzero(members)]
         out["prediction_set"] = sorted(chosen, key=lambda name: -probs[labels.index(name)])
         out["coverage"] = coverage
+        out["sets"] = sets
         if len(chosen) > 1:
             reasons.append(f"{len(chosen)} diagnoses remain plausible at this coverage")
     if float(probs.max()) < confidence_floor:

@@ -112,8 +112,9 @@ class Engine:
 
     def run_with_logits(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities float32 [N,K], and the logits row that feeds the out-of-distribution
-        score: float32 [N,K], or [N,K+1] with the graph's ``ood_distance`` appended (None for
-        a graph without logits). Raises InferenceFailed on any runtime error."""
+        score: float32 [N,K], or [N,K+D] with the graph's ``ood_distance`` columns (one per
+        feature layer) appended (None for a graph without logits). Raises InferenceFailed on
+        any runtime error."""
         feeds: dict[str, np.ndarray] = {"image": np.ascontiguousarray(batch.images, np.uint8)}
         if "tabular" in self._input_names:
             n_fields = len(self.manifest.tabular.fields) if self.manifest.tabular else 0
@@ -139,8 +140,8 @@ class Engine:
         if not rest:
             return probs, None
         logits = np.asarray(rest[0], dtype=np.float32)
-        if len(rest) > 1:  # one row travels through every queue backend: append the distance
-            distance = np.asarray(rest[1], dtype=np.float32).reshape(len(batch), 1)
+        if len(rest) > 1:  # one row travels through every queue backend: append the distances
+            distance = np.asarray(rest[1], dtype=np.float32).reshape(len(batch), -1)
             logits = np.concatenate([logits, distance], axis=1)
         return probs, logits
 

@@ -36,6 +36,7 @@ class RawRequest:
     tabular: Any = None
     request_id: str = ""
     coverage: float | None = None  # of the prediction set; None: the settings' default
+    sets: str | None = None  # "class" | "marginal"; None: the settings' default
     # Decoded RGB pixels [H, W, 3] uint8 instead of encoded bytes (tensor protocols).
     pixels: np.ndarray | None = None
     timeout_s: float | None = None  # a client's own deadline, within the settings' one
@@ -47,6 +48,7 @@ class Prepared:
     modalities: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     coverage: float = 0.9
+    sets: str = "class"
     confidence_floor: float = 0.0
     uniform_image: bool = False  # blank or one flat colour: out of distribution whatever the model
 
@@ -112,8 +114,10 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
     """Decode the image and validate tabular fields against the model's manifest."""
     manifest = model.manifest
     coverage = settings.default_coverage if raw.coverage is None else raw.coverage
-    if manifest.decision is not None:
-        manifest.decision.level_key(coverage)  # refuse an unfitted level before any work
+    sets = settings.default_sets if raw.sets is None else raw.sets
+    if manifest.decision is not None:  # refuse an unfitted level before any work
+        manifest.decision.level_key(coverage)
+        manifest.decision.check_sets(sets)
     warnings: list[str] = []
     tabular_report: dict[str, list[str]] | None = None
     tab_values = tab_mask = None
@@ -145,7 +149,7 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
     # Only a model with an out-of-distribution flag uses it: skip the pass over the pixels.
     has_ood = manifest.decision is not None and bool(manifest.decision.ood_thresholds)
     uniform = has_ood and image_present and is_uniform(image)
-    return Prepared(item, modalities, warnings, coverage, settings.confidence_floor, uniform)
+    return Prepared(item, modalities, warnings, coverage, sets, settings.confidence_floor, uniform)
 
 
 def _require_image_or_tabular(manifest: Manifest, report: dict[str, list[str]] | None) -> None:
@@ -189,6 +193,7 @@ def encode_response(
             result.logits,
             prepared.uniform_image,
             chosen,
+            prepared.sets,
         ),
         "modalities": prepared.modalities,
         "warnings": warnings,

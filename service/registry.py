@@ -170,7 +170,11 @@ class Registry:
         if not loaded:
             raise ManifestError(f"no models found under {models_dir}")
         if default_model is None and (models_dir / DEFAULT_FILE).is_file():
-            default_model = (models_dir / DEFAULT_FILE).read_text().strip() or None
+            named = (models_dir / DEFAULT_FILE).read_text().strip() or None
+            # The repository's choice, unless ``only`` left that model out: a service asked
+            # for ham10000 alone answers with it rather than refusing to start.
+            if named in {mv.name for mv in loaded}:
+                default_model = named
         return cls(loaded, default_model, precision, options)
 
     def add(self, mv: ModelVersion) -> None:

@@ -194,6 +194,7 @@ def _query_cases() -> list[Case]:
         ("coverage empty", post("?coverage="), 422, "invalid_request"),
         ("coverage 1.5", post("?coverage=1.5"), 422, "invalid_request"),
         ("misspelt query parameter", post("?coverge=0.9"), 422, "invalid_request"),
+        ("sets of an unknown kind", post("?sets=conditional"), 422, "invalid_request"),
     ]
     cases = [Case("query", name, req, status, code) for name, req, status, code in rows]
     absolute = [

@@ -161,7 +161,17 @@ def test_prediction_sets_and_referral_through_the_api(
         sets[coverage] = set(body["prediction_set"])
     assert sets["0.8"] <= sets["0.9"] <= sets["0.95"]
     default = client.post("/predict", files={"image": ("f.jpg", data, "image/jpeg")}).json()
-    assert default["coverage"] == 0.9
+    assert default["coverage"] == 0.9 and default["sets"] == "class"
+    marginal = {}
+    for coverage in ("0.8", "0.9", "0.95"):
+        r = client.post(
+            f"/predict?coverage={coverage}&sets=marginal",
+            files={"image": ("f.jpg", data, "image/jpeg")},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["sets"] == "marginal" and r.json()["label"] in r.json()["prediction_set"]
+        marginal[coverage] = set(r.json()["prediction_set"])
+    assert marginal["0.8"] <= marginal["0.9"] <= marginal["0.95"]
     r = client.post("/predict?coverage=0.5", files={"image": ("f.jpg", data, "image/jpeg")})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
     # The fusion model answers with sets in every pattern, tabular only included.
@@ -247,3 +257,23 @@ def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
         precision="int8",
     )
     assert registry.get("hyperkvasir-lgi").version == "3"
+
+
+def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(client: TestClient) -> None:
+    """ham10000/3 is the int8 variant of /2, with its own decision fit: requests that name
+    no version keep getting /2; named, /3 names the same diagnosis for nearly every image."""
+    bundled("ham10000", "3")
+    meta = client.get("/models/ham10000/versions/3").json()
+    assert meta["precision"] == "int8" and meta["quantization"]["source"] == "ham10000/2"
+    ham = require_data("ham10000")
+    rows = (ham / "metadata.csv").read_text().splitlines()[1:]
+    paths = sorted(r.split(",")[7] for r in rows if r.endswith(",test"))[::37][:40]
+    same = 0
+    for path in paths:
+        files = {"image": ("f", (ham / path).read_bytes())}
+        fp32 = client.post("/models/ham10000/predict", files=files).json()
+        int8 = client.post("/models/ham10000/versions/3/predict", files=files).json()
+        assert fp32["model"]["version"] == "2" and int8["model"]["version"] == "3"
+        assert int8["label"] in int8["prediction_set"] and "ood" in int8
+        same += fp32["label"] == int8["label"]
+    assert same >= 0.9 * len(paths), f"{same}/{len(paths)} labels agree"

@@ -141,6 +141,7 @@ def test_decide_reports_set_referral_and_pattern() -> None:
     assert sure == {
         "prediction_set": ["a"],
         "coverage": 0.9,
+        "sets": "class",
         "refer": False,
         "reason": None,
     }
@@ -277,3 +278,46 @@ def test_referral_curve_and_roc_points() -> None:
     roc = roc_points(rng.normal(0, 1, 300), rng.normal(3, 1, 300))
     assert roc["fpr"][0] == roc["tpr"][0] == 1.0 and roc["fpr"][-1] == roc["tpr"][-1] == 0.0
     assert np.all(np.diff(roc["tpr"]) <= 0) and np.all(np.diff(roc["fpr"]) <= 0)
+
+
+def test_marginal_sets_cover_on_average_with_one_threshold() -> None:
+    from training.conformal import fit_marginal
+
+    rng = np.random.default_rng(5)
+    hits = {level: [] for level in LEVELS}
+    for _ in range(60):
+        logits = rng.normal(size=(600, 4)) * 2
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        labels = np.array([rng.choice(4, p=p) for p in probs])  # calibrated by construction
+        cal, new = slice(0, 300), slice(300, 600)
+        table = fit_marginal(probs[cal], labels[cal], "lac")
+        for level in LEVELS:
+            q = table[f"{level:g}"]
+            assert len(set(q)) == 1 and len(q) == 4  # one threshold, for every class
+            sets = nonconformity(probs[new], "lac") <= np.asarray(q)
+            hits[level].append(sets[np.arange(300), labels[new]].mean())
+    for level in LEVELS:
+        assert abs(np.mean(hits[level]) - level) < 0.015
+
+
+def test_sets_kind_is_chosen_per_request_and_checked() -> None:
+    from service.errors import InvalidRequest
+
+    block = {
+        "score": "lac", "levels": [0.9],
+        "thresholds": {"all": {"0.9": [0.9, 0.05, 0.9]}},
+        "marginal_thresholds": {"all": {"0.9": [0.75, 0.75, 0.75]}},
+    }  # fmt: skip
+    params = DecisionParams.from_manifest(block)
+    probs = np.array([0.6, 0.3, 0.1])
+    labels = ("a", "b", "c")
+    per_class = decide(params, labels, probs, "all", 0.9, 0.0)
+    marginal = decide(params, labels, probs, "all", 0.9, 0.0, sets="marginal")
+    assert per_class["prediction_set"] == ["a", "c"] and per_class["sets"] == "class"
+    assert marginal["prediction_set"] == ["a", "b"] and marginal["sets"] == "marginal"
+    params.check_sets("marginal")
+    with pytest.raises(InvalidRequest):
+        params.check_sets("conditional")
+    older = DecisionParams.from_manifest({k: v for k, v in block.items() if "marginal" not in k})
+    with pytest.raises(InvalidRequest, match="no marginal sets"):
+        older.check_sets("marginal")

@@ -129,7 +129,10 @@ def test_choose_takes_the_smallest_batch_near_the_cheapest_within_budget() -> No
     assert choose(gpu_like, 100.0) == 32
     assert choose(gpu_like, 3.0) == 8  # 16 and 32 take longer than the budget
     near = [BatchPoint(4, 8.0, 2.0), BatchPoint(8, 15.6, 1.95)]
-    assert choose(near, 100.0) == 4  # within 5 %: the smaller batch, for latency
+    assert choose(near, 100.0) == 4  # within 15 %: the smaller batch, for latency
+    # Measured on a shared 2-core host: batch 4 looked 9 % cheaper, which is noise.
+    noisy = [BatchPoint(1, 8.8, 4.95), BatchPoint(2, 20.2, 5.05), BatchPoint(4, 34.9, 4.54)]
+    assert choose(noisy, 100.0) == 1
     assert candidate_sizes(12) == [1, 2, 4, 8, 12]
 
 

@@ -87,3 +87,15 @@ def test_unknown_default_model_is_refused(tmp_path: Path) -> None:
     write_model_dir(tmp_path, "endo", "1")
     with pytest.raises(ManifestError, match="default model"):
         Registry.load(tmp_path, providers=["CPUExecutionProvider"], default_model="nope")
+
+
+def test_repository_default_left_out_by_the_model_filter_gives_way(tmp_path: Path) -> None:
+    write_model_dir(tmp_path, "endo", "1")
+    write_model_dir(tmp_path, "derm", "1")
+    (tmp_path / "DEFAULT").write_text("endo\n")
+    both = Registry.load(tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0)
+    assert both.default_model == "endo"
+    alone = Registry.load(
+        tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, only=["derm"]
+    )
+    assert alone.default_model == "derm"

@@ -101,6 +101,15 @@ def test_endoscopy_frame_through_the_page(
     assert browser.find_element(By.ID, "set").text == ", ".join(expected["prediction_set"])
     flags = browser.find_element(By.ID, "flags").text
     assert ("Refer" in flags) == expected["refer"]
+    # Marginal sets: the page asks for them and says which kind answered.
+    marginal = httpx.post(
+        url + "?coverage=0.95&sets=marginal", files=files, headers={"X-API-Key": key}, timeout=60
+    ).json()
+    Select(browser.find_element(By.ID, "coverage")).select_by_value("0.95")
+    Select(browser.find_element(By.ID, "sets")).select_by_value("marginal")
+    browser.find_element(By.ID, "submit").click()
+    wait_for(browser, ec.text_to_be_present_in_element((By.ID, "coverage-got"), "on average"))
+    assert browser.find_element(By.ID, "set").text == ", ".join(marginal["prediction_set"])
 
 
 def test_dermoscopy_image_with_fields(browser: webdriver.Chrome, site: tuple[str, str]) -> None:

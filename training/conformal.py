@@ -32,6 +32,7 @@ from service.label_rule import LabelRule
 from service.manifest import load_manifest
 from training import decision_plots, ood
 from training.config import load_config
+from training.decision_report import write_report
 from training.evaluate import decode_all, manifest_split, run_session
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns
 
@@ -100,6 +101,23 @@ def fit(
     return {f"{lv:g}": class_thresholds(scores, labels, k, lv, confidence) for lv in LEVELS}
 
 
+def fit_marginal(
+    probs: np.ndarray, labels: np.ndarray, kind: str, forced: np.ndarray | None = None
+) -> dict[str, list[float]]:
+    """One threshold for every class per level: split conformal over all val rows, so the
+    coverage holds on average over cases (a rare class may get less), with smaller sets."""
+    scores = nonconformity(probs, kind)
+    if forced is not None:
+        scores = np.where(forced, _FREE, scores)
+    true = np.sort(scores[np.arange(len(labels)), labels])
+    out = {}
+    for level in LEVELS:
+        rank = math.ceil((len(true) + 1) * level - 1e-9)
+        q = float(true[rank - 1]) if rank <= len(true) else _ALWAYS
+        out[f"{level:g}"] = [q] * probs.shape[1]
+    return out
+
+
 def forced(probs: np.ndarray, rule: LabelRule) -> np.ndarray:
     """[N, K]: the class a served set always holds, the one the label rule names
     (service/decision.py)."""
@@ -134,16 +152,17 @@ def measure(
     labels: np.ndarray,
     pattern: str,
     rule: LabelRule | None = None,
+    set_kind: str = "class",
 ) -> dict[str, Any]:
     """Per level: coverage (overall and per class), set sizes, referral and selective accuracy
-    (of the class ``rule`` names, which every set holds)."""
+    (of the class ``rule`` names, which every set holds), for sets of kind ``set_kind``."""
     out = {}
     n_classes = probs.shape[1]
     named = (rule or LabelRule()).pick(probs)
     for level in params.levels:
         sets = np.stack(
             [
-                params.prediction_set(p, pattern, level, int(k))
+                params.prediction_set(p, pattern, level, int(k), set_kind)
                 for p, k in zip(probs, named, strict=True)
             ]
         )
@@ -225,12 +244,20 @@ def main(
             p: fit(val[p], val_labels, kind, forced(val[p], manifest.label_rule), class_confidence)
             for p in val
         },
+        "marginal_thresholds": {
+            p: fit_marginal(val[p], val_labels, kind, forced(val[p], manifest.label_rule))
+            for p in val
+        },
         "ood": ood.fit_thresholds(
-            {p: logits for p, (_, logits) in val_out.items()}, len(manifest.labels)
+            {p: logits for p, (_, logits) in val_out.items()},
+            len(manifest.labels),
+            shifted_val_rows(manifest, session, val_scored.table, val_out),
+            [f["tensor"] for f in manifest.raw.get("ood_embedding", {}).get("features", [])],
         ),
     }
     if manifest.tabular is None:  # image-only: one pattern; the others never occur
-        block["thresholds"] = {p: block["thresholds"]["all"] for p in PATTERN_NAMES}
+        for key in ("thresholds", "marginal_thresholds"):
+            block[key] = {p: block[key]["all"] for p in PATTERN_NAMES}
         block["ood"]["thresholds"] = {p: block["ood"]["thresholds"]["all"] for p in PATTERN_NAMES}
         if "scale" in block["ood"]:
             block["ood"]["scale"] = {p: block["ood"]["scale"]["all"] for p in PATTERN_NAMES}
@@ -241,6 +268,10 @@ def main(
         "class_confidence": class_confidence,
         "label_rule": manifest.label_rule.kind,
         "test": {p: measure(params, test[p], test_labels, p, manifest.label_rule) for p in test},
+        "test_marginal": {
+            p: measure(params, test[p], test_labels, p, manifest.label_rule, "marginal")
+            for p in test
+        },
         "curves": {p: decision_plots.selective_curve(test[p], test_labels) for p in test},
         "labels": list(manifest.labels),
     }
@@ -248,7 +279,9 @@ def main(
         # Out-of-distribution inputs arrive as pictures alone: compare with the test split
         # posted the same way.
         pattern = "image_only" if manifest.tabular is not None else "all"
-        report["ood"] = {"score": block["ood"]["score"]}
+        report["ood"] = {
+            k: block["ood"][k] for k in ("score", "capture_shift_flagged") if k in block["ood"]
+        }
         report["ood"] |= ood.study(
             session, manifest, test_out[pattern][1], test_scored.uniform,
             ood_inputs(manifest, test_table),
@@ -262,81 +295,43 @@ def main(
     return report
 
 
-def ood_inputs(manifest: Any, test_table: Any) -> dict[str, list[bytes]]:
+HEAVY_SHIFT = ("letterbox 1920x1080 (16:9)", "JPEG quality 40")
+
+
+def heavily_shifted(frames: list[bytes]) -> list[bytes]:
+    """Frames re-captured under a capture change that carries no diagnosis: letterboxed to
+    16:9 and re-encoded at JPEG quality 40 (``training.audit``)."""
     from training import audit
+
+    out = []
+    for i, frame in enumerate(frames):
+        for change in HEAVY_SHIFT:
+            frame = audit.recapture(frame, change, i)
+        out.append(frame)
+    return out
+
+
+def shifted_val_rows(
+    manifest: Any, session: Any, val_table: Any, val_out: dict[str, Any], n: int = 200
+) -> np.ndarray | None:
+    """Logits rows of ``n`` val frames under heavy capture shift, posted as pictures alone;
+    None where the graph has no feature distance (nothing to choose among)."""
+    rows = next(iter(val_out.values()))[1]
+    if rows.shape[1] <= len(manifest.labels):
+        return None
+    pick = np.linspace(0, len(val_table) - 1, min(n, len(val_table))).astype(int)
+    frames = heavily_shifted([val_table.paths[i].read_bytes() for i in pick])
+    return ood.logits_of(session, manifest, frames)[0]
+
+
+def ood_inputs(manifest: Any, test_table: Any) -> dict[str, list[bytes]]:
 
     other = "ham10000" if manifest.name.startswith("hyperkvasir") else "hyperkvasir-lgi"
     spec = load_config(Path(__file__).parent / "configs" / f"{other}.yaml").dataset
-    frames = [p.read_bytes() for p in test_table.paths[:100]]
-    heavy = [
-        audit.recapture(audit.recapture(f, "letterbox 1920x1080 (16:9)", i), "JPEG quality 40", i)
-        for i, f in enumerate(frames)
-    ]
+    heavy = heavily_shifted([p.read_bytes() for p in test_table.paths[:100]])
     return {
         f"{other} images (the other bundled dataset)": ood.other_dataset_images(spec),
         "natural photographs": ood.natural_photographs(),
         **ood.synthetic_inputs(),
         "own test frames, 16:9 letterbox + JPEG 40 (should pass)": heavy,
     }
-
-
-def _confidence_text(report: dict[str, Any]) -> str:
-    c = report.get("class_confidence")
-    if not c:
-        return ""
-    return (
-        f", each class's threshold raised until it reaches the level with probability {c:g} "
-        "over the val draw"
-    )
-
-
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decision.json").write_text(json.dumps(report, indent=2))
-    decision_plots.plot(report, out / "decision.png")
-    lines = [
-        f"# {report['model']} — prediction sets and referral (test split)",
-        "",
-        f"Measured with `endofuse decision models/{report['model']}`: thresholds fitted on val "
-        f"(score `{report['score']}`, class-conditional{_confidence_text(report)}), applied "
-        "to the test split by the service's own code (`service/decision.py`). The class the "
-        "label rule "
-        f"(`{report.get('label_rule', 'argmax')}`) names is always in the set, and the "
-        "thresholds count those cases as covered. A case is referred when its set "
-        "holds more than one class; *accuracy not referred* is the accuracy of the named "
-        "class on the rest, *accuracy, all cases* on every case.",
-        "",
-        "| pattern | coverage asked | coverage got | worst class | mean set size | "
-        "referred | accuracy not referred | accuracy, all cases |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for pattern, levels in report["test"].items():
-        for level, r in levels.items():
-            per_class = [c for c in r["class_coverage"] if c is not None]
-            worst = min(per_class) if per_class else float("nan")
-            name = report["labels"][r["class_coverage"].index(worst)] if per_class else "—"
-            acc = r["accuracy_not_referred"]
-            lines.append(
-                f"| {pattern} | {level} | {r['coverage']:.3f} | {worst:.3f} ({name}) | "
-                f"{r['mean_set_size']:.2f} | {100 * r['referral_rate']:.1f} % | "
-                f"{'—' if acc is None else f'{acc:.3f}'} | {r['accuracy_all']:.3f} |"
-            )
-    if "ood" in report:
-        o = report["ood"]
-        lines += [
-            "",
-            "## Out-of-distribution flag",
-            "",
-            f"Score: {o.get('score', 'energy of the logits')}; threshold set on val so that "
-            "95 % of its inputs pass. "
-            "AUROC: in-distribution test inputs against each set (1.0 = always told apart). "
-            f"In-distribution test inputs flagged: {100 * o['in_distribution_flagged']:.1f} % "
-            f"(n = {o['n_in']}).",
-            "",
-            "| inputs | n | AUROC | flagged |",
-            "|---|---|---|---|",
-        ]
-        for name, r in o["sets"].items():
-            lines.append(f"| {name} | {r['n']} | {r['auroc']:.3f} | {100 * r['flagged']:.1f} % |")
-    lines += ["", "![Referral trade-off and out-of-distribution ROC](decision.png)"]
-    (out / "decision.md").write_text("\n".join(lines) + "\n")

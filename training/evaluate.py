@@ -76,7 +76,7 @@ def run_session(
         p, lg, *distance = session.run(outputs, feeds)
         probs.append(p)
         # As the service's engine does: the graph's OOD distance rides after the logits.
-        logits.append(np.concatenate([lg, distance[0].reshape(-1, 1)], 1) if distance else lg)
+        logits.append(np.concatenate([lg, distance[0].reshape(len(lg), -1)], 1) if distance else lg)
     return np.concatenate(probs), np.concatenate(logits)
 
 

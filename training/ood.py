@@ -27,24 +27,81 @@ from training.metrics import auroc
 PASS_RATE = 0.95
 
 
-def fit_thresholds(val_logits: dict[str, np.ndarray], n_labels: int) -> dict[str, Any]:
-    """Per pattern, the score threshold that 95 % of val passes. With the graph's distance
-    (on patterns that carry an image), each signal is first scaled by its val median and
-    95 % quantile (``service.decision.ood_score``)."""
+# A distance layer that flags more than twice the nominal share of val frames once they are
+# re-captured (letterbox, JPEG) reads the capture, not the content: it is left out.
+SHIFT_TOLERANCE = 2 * (1 - PASS_RATE)
+
+
+def pass_threshold(scores: np.ndarray, rate: float = PASS_RATE) -> float:
+    """The split-conformal quantile: the ceil((n + 1) rate)-th smallest val score, so that a
+    new in-distribution input passes with probability at least ``rate`` (the plain sample
+    quantile falls short by up to 1/n)."""
+    n = len(scores)
+    k = min(int(np.ceil((n + 1) * rate)), n)
+    return float(np.sort(scores)[k - 1])
+
+
+def choose_signals(
+    val_rows: np.ndarray, shifted_rows: np.ndarray | None, n_labels: int
+) -> tuple[list[str], dict[str, float]]:
+    """The signals the score combines, and each distance's share of capture-shifted val
+    frames above its own val 95 % quantile.
+
+    Where the graph has feature distances the energy of the logits is not used: on the
+    bundled models it adds no separation from other modalities over the pooled distance
+    and costs some (docs/models/*/decision.md). Each distance layer is kept when capture
+    changes that carry no diagnosis leave it in range; if none is, the least affected."""
+    val = ood_signals(val_rows, n_labels)
+    distances = [k for k in val if k.startswith("distance")]
+    if not distances:
+        return ["energy"], {}
+    if shifted_rows is None:
+        return distances, {}
+    shifted = ood_signals(shifted_rows, n_labels)
+    rates = {k: float(np.mean(shifted[k] > pass_threshold(val[k]))) for k in distances}
+    kept = [k for k in distances if rates[k] <= SHIFT_TOLERANCE]
+    return kept or [min(rates, key=rates.__getitem__)], rates
+
+
+def fit_thresholds(
+    val_logits: dict[str, np.ndarray],
+    n_labels: int,
+    shifted_rows: np.ndarray | None = None,
+    layer_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Per pattern, the score threshold that 95 % of val passes. With the graph's distances
+    (on patterns that carry an image), each chosen signal (``choose_signals``, judged on
+    ``shifted_rows``: image-only val frames under heavy capture shift) is first scaled by
+    its val median and 95 % quantile, and the score is the largest (``ood_score``)."""
     block: dict[str, Any] = {"score": "energy", "pass_rate": PASS_RATE, "thresholds": {}}
+    image_pattern = "image_only" if "image_only" in val_logits else "all"
+    chosen, rates = choose_signals(val_logits[image_pattern], shifted_rows, n_labels)
     scale: dict[str, dict[str, list[float]]] = {}
     for pattern, rows in val_logits.items():
         signals = ood_signals(rows, n_labels)
-        if "distance" in signals and pattern != "tabular_only":
+        if chosen != ["energy"] and pattern != "tabular_only":
             scale[pattern] = {
-                k: [float(np.median(v)), float(np.quantile(v, PASS_RATE))]
-                for k, v in signals.items()
+                k: [float(np.median(signals[k])), float(np.quantile(signals[k], PASS_RATE))]
+                for k in chosen
             }
         score = ood_score(signals, scale.get(pattern))
-        block["thresholds"][pattern] = float(np.quantile(score, PASS_RATE))
+        block["thresholds"][pattern] = pass_threshold(score)
     if scale:
-        block["score"] = "max(energy, Mahalanobis distance of image features), scaled on val"
+        names = layer_names or []
+
+        def layer(key: str) -> str:
+            j = 0 if key == "distance" else int(key.split("_")[1])
+            return names[j] if j < len(names) else key
+
+        block["score"] = (
+            "largest scaled Mahalanobis distance of image features ("
+            + ", ".join(layer(k) for k in chosen)
+            + "), scaled on val"
+        )
         block["scale"] = scale
+        block["signals"] = chosen
+        if rates:
+            block["capture_shift_flagged"] = {layer(k): round(v, 4) for k, v in rates.items()}
     return block
 
 

@@ -1,19 +1,24 @@
-"""A second out-of-distribution signal inside the graph: the Mahalanobis distance of the pooled
-image features to the nearest class mean (Lee et al., NeurIPS 2018).
+"""Out-of-distribution signals inside the graph: the Mahalanobis distance of pooled image
+features to the nearest class mean (Lee et al., NeurIPS 2018), from one or more layers.
 
 The energy of the logits misses inputs that still land confidently on one class (an endoscopy
-frame posted to the dermoscopy model); the backbone's features do not. Class means and one
-shared covariance (Ledoit-Wolf shrinkage: 1,280 dimensions from a few thousand images) are
-fitted on the train split; the graph gains an ``ood_distance`` output computed from them, and
-its probabilities and logits stay exactly as they were (checked before the file is replaced).
+frame posted to the dermoscopy model); the backbone's features do not. Per feature layer,
+class means and one shared covariance (Ledoit-Wolf shrinkage: up to 1,280 dimensions from a
+few thousand images) are fitted on the train split. The final pooled features carry what the
+classifier reads; a middle stage's (spatially averaged) features also carry texture and
+colour statistics that tell one imaging modality from another, and the decision fit keeps
+such a layer only where it ignores capture changes (``training.ood.fit_thresholds``). The
+graph gains an ``ood_distance`` output, [N] for one layer or [N, layers], and its
+probabilities and logits stay exactly as they were (checked before the file is replaced).
 
-    endofuse ood-distance models/ham10000/1
+    endofuse ood-distance models/hyperkvasir-lgi/2
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,22 @@ from service.manifest import load_manifest
 from training.evaluate import evenly_sampled
 
 OUTPUT = "ood_distance"
+# A middle stage of EfficientNet-Lite0 (the output of stage 5, 112 channels at 1/16 of the
+# input): deep enough to be the model's own reading of the tissue, shallow enough to keep
+# the texture and colour statistics of the imaging modality. Used where the graph has it.
+MID_FEATURES = ("/tail/blocks.10/Add_output_0",)
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """One layer's Mahalanobis parameters: class means [K, D] and a precision [D, D] of the
+    layer's features, spatially averaged in the graph when ``pool`` (a feature map)."""
+
+    feature: str
+    means: np.ndarray
+    precision: np.ndarray
+    pool: bool = False
+    shrinkage: float = 0.0
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -47,6 +68,11 @@ def pooled_feature(model: onnx.ModelProto) -> str:
     raise ValueError("no global pooling node: name the feature tensor explicitly")
 
 
+def default_features(model: onnx.ModelProto) -> list[str]:
+    produced = {out for node in model.graph.node for out in node.output}
+    return [pooled_feature(model), *(f for f in MID_FEATURES if f in produced)]
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -55,41 +81,99 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return out
 
 
-def add_distance(
-    model: onnx.ModelProto, feature: str, means: np.ndarray, precision: np.ndarray
-) -> onnx.ModelProto:
-    """Append nodes computing min_k sqrt((x - m_k)^T P (x - m_k)) as output ``ood_distance``.
-
-    With P = L L^T, that is the Euclidean distance between x L and m_k L."""
-    chol = np.linalg.cholesky(precision).astype(np.float32)
-    white_means = (means @ chol).astype(np.float32)
+def without_distance(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph as it was before ``add_distances``: its nodes, constants and output removed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    g.initializer.extend([
-        numpy_helper.from_array(chol, "ood/whiten"),
-        numpy_helper.from_array(white_means[None], "ood/means"),
-        numpy_helper.from_array(np.array([-1, chol.shape[0]], np.int64), "ood/shape"),
-        numpy_helper.from_array(np.array([1], np.int64), "ood/axis1"),
-        numpy_helper.from_array(np.array([2], np.int64), "ood/axis2"),
-    ])  # fmt: skip
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    if opset >= 18:  # axes became an input of ReduceMin in opset 18
-        reduce_min = helper.make_node("ReduceMin", ["ood/d2", "ood/axis1"], ["ood/min"], keepdims=0)
-    else:
-        reduce_min = helper.make_node("ReduceMin", ["ood/d2"], ["ood/min"], axes=[1], keepdims=0)
-    g.node.extend([
-        helper.make_node("Reshape", [feature, "ood/shape"], ["ood/x"]),
-        helper.make_node("MatMul", ["ood/x", "ood/whiten"], ["ood/z"]),
-        helper.make_node("Unsqueeze", ["ood/z", "ood/axis1"], ["ood/z3"]),
-        helper.make_node("Sub", ["ood/z3", "ood/means"], ["ood/diff"]),
-        helper.make_node("Mul", ["ood/diff", "ood/diff"], ["ood/sq"]),
-        helper.make_node("ReduceSum", ["ood/sq", "ood/axis2"], ["ood/d2"], keepdims=0),
-        reduce_min,
-        helper.make_node("Sqrt", ["ood/min"], [OUTPUT]),
-    ])  # fmt: skip
-    g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch"]))
+
+    def ours(name: str) -> bool:
+        return name == OUTPUT or name.startswith("ood/")
+
+    keep_nodes = [n for n in g.node if not any(ours(o) for o in n.output)]
+    keep_inits = [i for i in g.initializer if not ours(i.name)]
+    keep_outputs = [o for o in g.output if o.name != OUTPUT]
+    for field, kept in (
+        (g.node, keep_nodes),
+        (g.initializer, keep_inits),
+        (g.output, keep_outputs),
+    ):
+        del field[:]
+        field.extend(kept)
     return out
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def _distance_nodes(fit: LayerFit, prefix: str, result: str, opset: int) -> tuple[list, list]:
+    """Nodes computing min_k sqrt((x - m_k)^T P (x - m_k)) into ``result`` [N]. With
+    P = L L^T, that is the Euclidean distance between x L and m_k L."""
+    chol = np.linalg.cholesky(fit.precision).astype(np.float32)
+    white_means = (fit.means @ chol).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(chol, f"{prefix}whiten"),
+        numpy_helper.from_array(white_means[None], f"{prefix}means"),
+        numpy_helper.from_array(np.array([-1, chol.shape[0]], np.int64), f"{prefix}shape"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}axis1"),
+        numpy_helper.from_array(np.array([2], np.int64), f"{prefix}axis2"),
+    ]
+
+    def t(name: str) -> str:
+        return prefix + name
+
+    x, nodes = fit.feature, []
+    if fit.pool:
+        nodes.append(helper.make_node("GlobalAveragePool", [x], [t("pooled")]))
+        x = t("pooled")
+    if opset >= 18:  # axes became an input of ReduceMin in opset 18
+        reduce_min = helper.make_node("ReduceMin", [t("d2"), t("axis1")], [t("min")], keepdims=0)
+    else:
+        reduce_min = helper.make_node("ReduceMin", [t("d2")], [t("min")], axes=[1], keepdims=0)
+    nodes += [
+        helper.make_node("Reshape", [x, t("shape")], [t("x")]),
+        helper.make_node("MatMul", [t("x"), t("whiten")], [t("z")]),
+        helper.make_node("Unsqueeze", [t("z"), t("axis1")], [t("z3")]),
+        helper.make_node("Sub", [t("z3"), t("means")], [t("diff")]),
+        helper.make_node("Mul", [t("diff"), t("diff")], [t("sq")]),
+        helper.make_node("ReduceSum", [t("sq"), t("axis2")], [t("d2")], keepdims=0),
+        reduce_min,
+        helper.make_node("Sqrt", [t("min")], [result]),
+    ]
+    return nodes, inits
+
+
+def add_distances(model: onnx.ModelProto, fits: list[LayerFit]) -> onnx.ModelProto:
+    """Append output ``ood_distance``: [N] for one layer, [N, layers] for several."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g, opset = out.graph, _opset(model)
+    if len(fits) == 1:
+        nodes, inits = _distance_nodes(fits[0], "ood/", OUTPUT, opset)
+        g.initializer.extend(inits)
+        g.node.extend(nodes)
+        g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch"]))
+        return out
+    columns = []
+    for i, fit in enumerate(fits):
+        nodes, inits = _distance_nodes(fit, f"ood/{i}/", f"ood/{i}/distance", opset)
+        g.initializer.extend(inits)
+        nodes.append(
+            helper.make_node("Unsqueeze", [f"ood/{i}/distance", f"ood/{i}/axis1"], [f"ood/{i}/col"])
+        )
+        g.node.extend(nodes)
+        columns.append(f"ood/{i}/col")
+    g.node.append(helper.make_node("Concat", columns, [OUTPUT], axis=1))
+    g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", len(fits)]))
+    return out
+
+
+def add_distance(
+    model: onnx.ModelProto, feature: str, means: np.ndarray, precision: np.ndarray
+) -> onnx.ModelProto:
+    """One layer's distance as output ``ood_distance`` [N]."""
+    return add_distances(model, [LayerFit(feature, means, precision)])
 
 
 def image_only_feeds(session: Any, images: np.ndarray, n_fields: int) -> dict[str, np.ndarray]:
@@ -105,56 +189,94 @@ def image_only_feeds(session: Any, images: np.ndarray, n_fields: int) -> dict[st
 
 
 def run(session: Any, images: np.ndarray, outputs: list[str], n_fields: int) -> list[np.ndarray]:
+    """Each output over ``images`` (batches of 32); a feature map comes back spatially
+    averaged, as ``GlobalAveragePool`` does in the graph."""
     parts: list[list[np.ndarray]] = [[] for _ in outputs]
     for s in tqdm(range(0, len(images), 32), desc="features", unit="batch", leave=False):
         for part, value in zip(
             parts, session.run(outputs, image_only_feeds(session, images[s : s + 32], n_fields)),
             strict=True,
         ):  # fmt: skip
+            if value.ndim == 4:
+                value = value.mean(axis=(2, 3))
             part.append(value.reshape(len(value), -1) if value.ndim > 1 else value)
     return [np.concatenate(p) for p in parts]
 
 
-def main(model_dir: Path, feature: str | None = None, fit_frames: int = 3000) -> dict[str, Any]:
+def fit_layer(feature: str, feats: np.ndarray, labels: np.ndarray, pool: bool) -> LayerFit:
+    classes = np.unique(labels)
+    means = np.stack([feats[labels == k].mean(0) for k in classes])
+    cov, shrink = ledoit_wolf(feats - means[np.searchsorted(classes, labels)])
+    return LayerFit(feature, means, np.linalg.inv(cov), pool, shrink)
+
+
+def main(
+    model_dir: Path,
+    features: list[str] | None = None,
+    fit_frames: int = 3000,
+    replace: bool = False,
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
     model = onnx.load(str(model_dir / "model.onnx"))
     if OUTPUT in {o.name for o in model.graph.output}:
-        raise ValueError(f"{model_dir}: the graph has an '{OUTPUT}' output already")
-    feature = feature or pooled_feature(model)
+        if not replace:
+            raise ValueError(f"{model_dir}: the graph has an '{OUTPUT}' output already")
+        model = without_distance(model)
+    features = features or default_features(model)
     images, labels = evenly_sampled(manifest, "train", fit_frames)
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
     probe = ort.InferenceSession(
-        with_outputs(model, [feature]).SerializeToString(), providers=["CPUExecutionProvider"]
+        with_outputs(model, features).SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    probs, logits, feats = run(probe, images, ["probabilities", "logits", feature], n_fields)
-    classes = np.unique(labels)
-    means = np.stack([feats[labels == k].mean(0) for k in classes])
-    cov, shrink = ledoit_wolf(feats - means[np.searchsorted(classes, labels)])
-    edited = add_distance(model, feature, means, np.linalg.inv(cov))
+    spatial = [
+        int(np.prod(v.shape[2:])) > 1 if v.ndim == 4 else False
+        for v in probe.run(features, image_only_feeds(probe, images[:1], n_fields))
+    ]
+    probs, logits, *feats = run(probe, images, ["probabilities", "logits", *features], n_fields)
+    fits = [
+        fit_layer(name, f, labels, pool)
+        for name, f, pool in zip(features, feats, spatial, strict=True)
+    ]
+    edited = add_distances(model, fits)
     check = ort.InferenceSession(edited.SerializeToString(), providers=["CPUExecutionProvider"])
     p2, l2, dist = run(check, images[:64], ["probabilities", "logits", OUTPUT], n_fields)
     if not (np.array_equal(p2, probs[:64]) and np.array_equal(l2, logits[:64])):
         raise RuntimeError("the edited graph changed the probabilities or logits")
-    expected = mahalanobis(feats[:64], means, np.linalg.inv(cov))
-    if not np.allclose(dist, expected, rtol=1e-3, atol=1e-3):
+    expected = np.stack(
+        [mahalanobis(f[:64], fit.means, fit.precision) for f, fit in zip(feats, fits, strict=True)],
+        axis=1,
+    )
+    if not np.allclose(dist.reshape(len(expected), -1), expected, rtol=1e-3, atol=1e-3):
         raise RuntimeError("the graph's distance disagrees with the numpy reference")
     onnx.save(edited, str(model_dir / "model.onnx"))
     info = {
         "output": OUTPUT,
-        "feature": feature,
-        "method": "Mahalanobis distance to the nearest class mean, shared covariance (Ledoit-Wolf)",
-        "fitted_on": {"split": "train", "n": len(labels), "shrinkage": round(shrink, 4)},
+        "feature": features[0],
+        "features": [layer_info(fit) for fit in fits],
+        "method": "Mahalanobis distance to the nearest class mean, shared covariance "
+        "(Ledoit-Wolf), one column per feature layer",
+        "fitted_on": {"split": "train", "n": len(labels), "shrinkage": round(fits[0].shrinkage, 4)},
     }
     raw = dict(manifest.raw, ood_embedding=info)
-    raw["outputs"] = [*manifest.raw.get("outputs", ["probabilities", "logits"]), OUTPUT]
+    outputs = [o for o in manifest.raw.get("outputs", ["probabilities", "logits"]) if o != OUTPUT]
+    raw["outputs"] = [*outputs, OUTPUT]
     onnx_bytes = (model_dir / "model.onnx").read_bytes()
     raw["files"] = {
         "model.onnx": {"sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)}
     }
     (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
     return info
+
+
+def layer_info(fit: LayerFit) -> dict[str, Any]:
+    return {
+        "tensor": fit.feature,
+        "dims": int(fit.means.shape[1]),
+        "pooled_in_graph": fit.pool,
+        "shrinkage": round(fit.shrinkage, 4),
+    }
 
 
 def mahalanobis(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@ Inputs of ``/v2/models/{m}/infer``:
 - ``tabular``: FP32 ``[N, F]`` in the manifest's field order (numbers in their units,
   categories as their index in the manifest's list), with ``tabular_mask`` FP32 ``[N, F]``
   (1 = present); without them every field is missing.
-Request parameters: ``timeout`` (microseconds, as tritonclient sends it), ``coverage``.
+Request parameters: ``timeout`` (microseconds, as tritonclient sends it), ``coverage``,
+``sets`` (``class`` or ``marginal``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from service import __version__
 from service.api.auth import require, require_health
 from service.api.oip_codec import InferRequest, Tensor, encode_response, parse_request
 from service.api.parsing import request_id_from
+from service.decision import SET_KINDS
 from service.errors import BadRequest, InvalidRequest, NotReady, ServiceError
 from service.pipeline import RawRequest, ServiceContext, predict
 from service.registry import ModelVersion
@@ -183,6 +185,9 @@ def to_raw_requests(req: InferRequest, mv: ModelVersion, request_id: str) -> lis
     coverage = req.parameters.get("coverage")
     if coverage is not None and not isinstance(coverage, (int, float)):
         raise InvalidRequest("parameter 'coverage' must be a number")
+    sets = req.parameters.get("sets")
+    if sets is not None and sets not in SET_KINDS:
+        raise InvalidRequest(f"parameter 'sets' must be one of {', '.join(SET_KINDS)}")
     rows = []
     for i in range(n):
         image = images[i] if images is not None else None
@@ -193,6 +198,7 @@ def to_raw_requests(req: InferRequest, mv: ModelVersion, request_id: str) -> lis
                 tabular=tabular[i] if tabular is not None else None,
                 request_id=f"{req.id or request_id}:{i}" if n > 1 else (req.id or request_id),
                 coverage=float(coverage) if coverage is not None else None,
+                sets=sets,
                 timeout_s=timeout_s,
             )
         )

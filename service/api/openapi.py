@@ -60,6 +60,7 @@ PREDICTION = {
         },
         "prediction_set": {"type": "array", "items": {"type": "string"}},
         "coverage": {"type": "number"},
+        "sets": {"type": "string", "enum": ["class", "marginal"]},
         "refer": {"type": "boolean"},
         "reason": {"type": ["string", "null"]},
         "ood": {
@@ -104,6 +105,7 @@ INFER_REQUEST = {
                     "properties": {
                         "timeout": {"type": "integer", "description": "microseconds"},
                         "coverage": {"type": "number"},
+                        "sets": {"type": "string", "enum": ["class", "marginal"]},
                         "binary_data_output": {"type": "boolean"},
                     },
                 },
@@ -300,6 +302,12 @@ def predict_operation(mv: ModelVersion, path: str) -> dict[str, Any]:
             "schema": coverage,
         }
     )
+    decision = manifest.decision
+    kinds = ["class", "marginal"] if decision is None or decision.marginal else ["class"]
+    sets = "Prediction set kind: class (every class covered at the level; the default) or "
+    sets += "marginal (covered on average over cases; smaller sets)"
+    schema = {"type": "string", "enum": kinds}
+    parameters.append({"name": "sets", "in": "query", "description": sets, "schema": schema})
     return {
         "tags": ["predict"],
         "summary": summary,

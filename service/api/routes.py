@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -19,6 +19,7 @@ log = logging.getLogger("service.api")
 router = APIRouter()
 PREDICT = [Depends(require("predict"))]
 READ = [Depends(require("models:read"))]
+SetKind = Literal["class", "marginal"]  # service.decision.SET_KINDS
 
 
 def _ctx(request: Request) -> ServiceContext:
@@ -26,7 +27,11 @@ def _ctx(request: Request) -> ServiceContext:
 
 
 async def _predict(
-    request: Request, name: str | None, version: str | None, coverage: float | None = None
+    request: Request,
+    name: str | None,
+    version: str | None,
+    coverage: float | None = None,
+    sets: SetKind | None = None,
 ) -> JSONResponse:
     ctx = _ctx(request)
     start = time.perf_counter()
@@ -36,7 +41,7 @@ async def _predict(
         if not ctx.ready:
             raise NotReady("models are not loaded yet")
         _refuse_unknown_query(
-            request, {"coverage"} if "name" in request.path_params else _DEFAULT_QUERY
+            request, {"coverage", "sets"} if "name" in request.path_params else _DEFAULT_QUERY
         )
         model = ctx.registry.get(name, version)
         model_label = model.name
@@ -44,6 +49,7 @@ async def _predict(
             raw = await decode_request(request)
             raw.request_id = request_id
             raw.coverage = coverage
+            raw.sets = sets
             body = await predict(ctx, raw, model)
     except ServiceError as exc:
         ctx.metrics.requests.labels(model_label, exc.code).inc()
@@ -58,7 +64,7 @@ async def _predict(
     return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
 
 
-_DEFAULT_QUERY = {"model", "coverage"}
+_DEFAULT_QUERY = {"model", "coverage", "sets"}
 
 
 def _refuse_unknown_query(request: Request, accepted: set[str]) -> None:
@@ -87,30 +93,44 @@ def _log_request(
 
 @router.post("/predict", tags=["predict"], dependencies=PREDICT)
 async def predict_default(
-    request: Request, model: str | None = None, coverage: float | None = None
+    request: Request,
+    model: str | None = None,
+    coverage: float | None = None,
+    sets: SetKind | None = None,
 ) -> JSONResponse:
     """Predict with the default model, or the newest version of ``model``. ``coverage``
-    picks the prediction set's level (one the manifest fitted, e.g. 0.8, 0.9, 0.95)."""
-    return await _predict(request, model, None, coverage)
+    picks the prediction set's level (one the manifest fitted, e.g. 0.8, 0.9, 0.95);
+    ``sets`` its kind (``class``: every class covered at the level; ``marginal``: on
+    average over cases)."""
+    return await _predict(request, model, None, coverage, sets)
 
 
 @router.post("/v1/predict", tags=["predict"], dependencies=PREDICT)
 async def predict_v1(
-    request: Request, model: str | None = None, coverage: float | None = None
+    request: Request,
+    model: str | None = None,
+    coverage: float | None = None,
+    sets: SetKind | None = None,
 ) -> JSONResponse:
-    return await _predict(request, model, None, coverage)
+    return await _predict(request, model, None, coverage, sets)
 
 
 @router.post("/models/{name}/predict", tags=["predict"], dependencies=PREDICT)
-async def predict_model(request: Request, name: str, coverage: float | None = None) -> JSONResponse:
-    return await _predict(request, name, None, coverage)
+async def predict_model(
+    request: Request, name: str, coverage: float | None = None, sets: SetKind | None = None
+) -> JSONResponse:
+    return await _predict(request, name, None, coverage, sets)
 
 
 @router.post("/models/{name}/versions/{version}/predict", tags=["predict"], dependencies=PREDICT)
 async def predict_version(
-    request: Request, name: str, version: str, coverage: float | None = None
+    request: Request,
+    name: str,
+    version: str,
+    coverage: float | None = None,
+    sets: SetKind | None = None,
 ) -> JSONResponse:
-    return await _predict(request, name, version, coverage)
+    return await _predict(request, name, version, coverage, sets)
 
 
 @router.get("/models", tags=["models"], dependencies=READ)

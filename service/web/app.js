@@ -48,6 +48,10 @@ async function loadSchema() {
   const levels = (schema.decision && schema.decision.levels) || [];
   $("coverage").replaceChildren(...levels.map((l) => new Option(`${Math.round(l * 100)} %`, l, false, l === 0.9)));
   $("coverage").disabled = levels.length === 0;
+  // Marginal sets exist only where the manifest fitted them.
+  const marginal = Boolean(schema.decision && schema.decision.marginal_thresholds);
+  if (!marginal) $("sets").value = "class";
+  $("sets").disabled = !marginal;
   const fields = (schema.tabular && schema.tabular.fields) || [];
   $("tabular").hidden = fields.length === 0;
   $("fields").replaceChildren(...fields.map(fieldInput));
@@ -93,7 +97,10 @@ function choose(file) {
 async function submit(event) {
   event.preventDefault();
   const model = encodeURIComponent($("model").value);
-  const query = $("coverage").disabled ? "" : `?coverage=${$("coverage").value}`;
+  const params = new URLSearchParams();
+  if (!$("coverage").disabled) params.set("coverage", $("coverage").value);
+  if (!$("sets").disabled) params.set("sets", $("sets").value);
+  const query = params.toString() ? `?${params}` : "";
   const tabular = tabularValues();
   let options;
   if (image) {
@@ -125,7 +132,9 @@ function show(result) {
     ? "Suggested (rare diagnoses weighted by their rarity)" : "Most probable";
   const set = result.prediction_set || [result.label];
   $("set").textContent = set.join(", ");
-  $("coverage-got").textContent = result.coverage ? `${Math.round(result.coverage * 100)} %` : "(not fitted)";
+  $("coverage-got").textContent = result.coverage
+    ? `${Math.round(result.coverage * 100)} %${result.sets === "marginal" ? " on average over cases" : " for every diagnosis"}`
+    : "(not fitted)";
   const flags = [];
   if (result.ood && result.ood.flagged) flags.push(["ood", "Out of distribution: not the kind of image the model was built for"]);
   if (result.refer) flags.push(["refer", `Refer to a clinician: ${result.reason}`]);

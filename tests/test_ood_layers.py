@@ -1,0 +1,130 @@
+"""Out-of-distribution distances from several feature layers, and which of them the score
+uses: graph edits checked against numpy, the capture-shift rule, the pass threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from training.ood import PASS_RATE, choose_signals, fit_thresholds, pass_threshold
+
+
+def _model_with_feature_map() -> onnx.ModelProto:
+    """The test model plus an NCHW view of its input: a feature map to pool in the graph."""
+    from tests.builders import build_model
+
+    model = build_model()
+    model.graph.node.append(helper.make_node("Transpose", ["img_f"], ["fmap"], perm=[0, 3, 1, 2]))
+    return model
+
+
+def test_two_layer_distances_match_numpy_and_strip_back_to_the_original(tmp_path) -> None:
+    import onnxruntime as ort
+
+    from service.decision import ood_signals
+    from service.engine import Batch, Engine
+    from service.manifest import parse_manifest
+    from tests.builders import build_manifest
+    from training.ood_embed import (
+        LayerFit,
+        add_distances,
+        mahalanobis,
+        run,
+        with_outputs,
+        without_distance,
+    )
+
+    model = _model_with_feature_map()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (7, 32, 32, 3)).astype(np.uint8)
+    probe = ort.InferenceSession(with_outputs(model, ["img_mean", "fmap"]).SerializeToString())
+    before, logits, pooled, fmap = run(
+        probe, images, ["probabilities", "logits", "img_mean", "fmap"], 0
+    )
+    assert fmap.shape == (7, 3)  # the map comes back spatially averaged
+    fits = []
+    for name, feats, pool in (("img_mean", pooled, False), ("fmap", fmap, True)):
+        means = feats[:3] + rng.normal(0, 5, (3, 3))
+        precision = np.linalg.inv(np.cov(rng.normal(size=(50, 3)).T) + np.eye(3))
+        fits.append(LayerFit(name, means, precision, pool))
+    edited = add_distances(model, fits)
+    session = ort.InferenceSession(edited.SerializeToString())
+    after, dist = session.run(["probabilities", "ood_distance"], {"image": images})
+    assert np.array_equal(before, after) and dist.shape == (7, 2)
+    for j, (fit, feats) in enumerate(zip(fits, (pooled, fmap), strict=True)):
+        assert np.allclose(dist[:, j], mahalanobis(feats, fit.means, fit.precision), rtol=1e-4)
+    # The engine carries both columns after the logits; the decision code names them.
+    (tmp_path / "model.onnx").write_bytes(edited.SerializeToString())
+    manifest = parse_manifest(build_manifest("endo", "1", 32, 32))
+    engine = Engine(tmp_path / "model.onnx", manifest, ["CPUExecutionProvider"])
+    _, row = engine.run_with_logits(Batch(images=images))
+    k = len(manifest.labels)
+    assert row.shape == (7, k + 2) and np.allclose(row[:, :k], logits)
+    signals = ood_signals(row, k)
+    assert np.allclose(signals["distance"], dist[:, 0])
+    assert np.allclose(signals["distance_1"], dist[:, 1])
+    # Refitting starts from the graph as it was.
+    stripped = without_distance(edited)
+    assert [n.output for n in stripped.graph.node] == [n.output for n in model.graph.node]
+    assert {i.name for i in stripped.graph.initializer} == {i.name for i in model.graph.initializer}
+    assert [o.name for o in stripped.graph.output] == [o.name for o in model.graph.output]
+
+
+def _rows(rng: np.random.Generator, n: int, shift: tuple[float, float]) -> np.ndarray:
+    """Three logits, then two distances: the second moves ``shift`` under capture change."""
+    logits = rng.normal(0, 1, (n, 3)) + np.array([3.0, 0, 0])
+    stable = rng.normal(10, 1, n) + shift[0]
+    fragile = rng.normal(10, 1, n) + shift[1]
+    return np.column_stack([logits, stable, fragile])
+
+
+def test_a_layer_that_reads_the_capture_is_left_out() -> None:
+    rng = np.random.default_rng(1)
+    val, shifted = _rows(rng, 400, (0, 0)), _rows(rng, 200, (0.0, 4.0))
+    chosen, rates = choose_signals(val, shifted, 3)
+    assert chosen == ["distance"]
+    assert rates["distance"] < 0.1 < rates["distance_1"]
+    block = fit_thresholds({"all": val}, 3, shifted, ["pooled", "middle"])
+    assert block["signals"] == ["distance"] and set(block["scale"]["all"]) == {"distance"}
+    assert "pooled" in block["score"] and "middle" not in block["score"]
+    assert block["capture_shift_flagged"]["middle"] > 0.5
+    # Energy is the score only where the graph has no distance.
+    assert choose_signals(val[:, :3], None, 3) == (["energy"], {})
+    assert fit_thresholds({"all": val[:, :3]}, 3)["score"] == "energy"
+    # If every layer moves, the least affected one stays.
+    both = _rows(rng, 200, (2.0, 4.0))
+    assert choose_signals(val, both, 3)[0] == ["distance"]
+
+
+@pytest.mark.parametrize("n", [19, 40, 300])
+def test_pass_threshold_lets_at_least_the_rate_of_new_inputs_through(n: int) -> None:
+    rng = np.random.default_rng(n)
+    fresh_pass, plain_pass = [], []
+    for _ in range(3000):
+        val = rng.normal(size=n)
+        fresh = rng.normal(size=1)[0]
+        fresh_pass.append(fresh <= pass_threshold(val))
+        plain_pass.append(fresh <= np.quantile(val, PASS_RATE))
+    assert np.mean(fresh_pass) >= PASS_RATE - 0.01  # guaranteed on average over draws
+    assert pass_threshold(np.arange(1.0, 101.0)) == 96.0  # ceil(101 * 0.95) = 96th smallest
+    if n < 40:
+        assert np.mean(plain_pass) < np.mean(fresh_pass)
+
+
+def test_int8_variant_leaves_out_what_is_refitted_on_its_own_outputs(tmp_path) -> None:
+    from training.quantize import variant_manifest
+
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    source = {
+        "name": "m", "version": "2", "labels": ["a", "b"],
+        "outputs": ["probabilities", "logits", "ood_distance"],
+        "decision": {"score": "lac"}, "ood_embedding": {"output": "ood_distance"},
+        "metrics": {"all": {}}, "files": {"model.onnx": {"sha256": "old"}},
+    }  # fmt: skip
+    raw = variant_manifest(source, tmp_path, "3", 16, 4)
+    assert raw["precision"] == "int8" and raw["version"] == "3"
+    assert raw["outputs"] == ["probabilities", "logits"]
+    assert not {"decision", "ood_embedding"} & set(raw)
+    assert raw["files"]["model.onnx"]["bytes"] == 5
