@@ -11,8 +11,10 @@ time. With a class confidence c, the rank is raised until the class's coverage r
 with probability c over the draw (a training-conditional guarantee, Vovk 2012): the coverage
 of the r-th smallest of n scores is Beta(r, n + 1 - r), so P(coverage >= 1 - a) =
 P(Binomial(n, 1 - a) <= r - 1). It is raised at most to the class's largest val score.
-LAC (1 - p_k) and APS (cumulative mass) are both fitted; the one with the smaller sets in
-2-fold cross-validation on val is kept. The thresholds go into the manifest's ``decision``
+Marginal thresholds (one for every class, the plain split-conformal rank over all val rows)
+are fitted beside them for requests that ask for ``sets=marginal``. LAC (1 - p_k) and APS
+(cumulative mass) are both fitted; the one with the smaller sets in 2-fold cross-validation
+on val is kept. The thresholds go into the manifest's ``decision``
 block; the test split measures coverage, set size, referral rate and accuracy on the cases
 not referred.
 """
