@@ -224,13 +224,11 @@ def quantize(
     """Write a static int8 variant of a model version (precision: int8 in its manifest), and
     fit its decision parameters on its own outputs."""
     _training()
-    from training import conformal, quantize
+    from service.manifest import load_manifest
+    from training import conformal, ood_embed, quantize
 
     dst = quantize.main(model_dir, version, calibration, keep_depthwise=not quantize_depthwise)
     typer.echo(f"wrote {dst}")
-    from service.manifest import load_manifest
-    from training import ood_embed
-
     source = load_manifest(model_dir / "manifest.json").raw.get("ood_embedding")
     if source:  # the same layers, fitted on the variant's own features
         layers = [f["tensor"] for f in source.get("features", [])] or [source["feature"]]

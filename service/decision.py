@@ -64,8 +64,8 @@ class DecisionParams:
     # as ``thresholds``, one value for every class: marginal sets (absent in older manifests)
     marginal: dict[str, dict[str, list[float]]] | None = None
     ood_thresholds: dict[str, float] | None = None  # pattern -> score threshold
-    # pattern -> signal ("energy", "distance") -> (val median, val 95 % quantile); absent: the
-    # score is the raw energy
+    # pattern -> signal ("energy", "distance", "distance_1", ...) -> (val median, val 95 %
+    # quantile): the signals the score combines; absent: the score is the raw energy
     ood_scale: dict[str, dict[str, tuple[float, float]]] | None = None
 
     @classmethod

@@ -132,9 +132,10 @@ function show(result) {
     ? "Suggested (rare diagnoses weighted by their rarity)" : "Most probable";
   const set = result.prediction_set || [result.label];
   $("set").textContent = set.join(", ");
+  const each = result.sets === "marginal" ? "on average over cases" : "for every diagnosis";
   $("coverage-got").textContent = result.coverage
-    ? `${Math.round(result.coverage * 100)} %${result.sets === "marginal" ? " on average over cases" : " for every diagnosis"}`
-    : "(not fitted)";
+    ? `${Math.round(result.coverage * 100)} % coverage ${each}`
+    : "coverage (not fitted)";
   const flags = [];
   if (result.ood && result.ood.flagged) flags.push(["ood", "Out of distribution: not the kind of image the model was built for"]);
   if (result.refer) flags.push(["refer", `Refer to a clinician: ${result.reason}`]);
