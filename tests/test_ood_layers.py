@@ -93,9 +93,12 @@ def test_a_layer_that_reads_the_capture_is_left_out() -> None:
     # Energy is the score only where the graph has no distance.
     assert choose_signals(val[:, :3], None, 3) == (["energy"], {})
     assert fit_thresholds({"all": val[:, :3]}, 3)["score"] == "energy"
-    # If every layer moves, the least affected one stays.
+    # If every layer moves, the model reads the capture: the energy score stands in.
     both = _rows(rng, 200, (2.0, 4.0))
-    assert choose_signals(val, both, 3)[0] == ["distance"]
+    assert choose_signals(val, both, 3)[0] == ["energy"]
+    fallback = fit_thresholds({"all": val}, 3, both)
+    assert fallback["score"].startswith("energy") and "scale" not in fallback
+    assert set(fallback["capture_shift_flagged"]) == {"distance", "distance_1"}
 
 
 @pytest.mark.parametrize("n", [19, 40, 300])

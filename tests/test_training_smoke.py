@@ -178,10 +178,15 @@ def test_manifest_contract(exported: tuple[Path, object]) -> None:
     decision = manifest["decision"]  # fitted at export, for every missingness pattern
     assert set(decision["thresholds"]) == {"all", "image_only", "tabular_only", "partial"}
     assert all(len(q) == len(manifest["labels"]) for q in decision["thresholds"]["all"].values())
+    assert set(decision["marginal_thresholds"]) == set(decision["thresholds"])
+    # The out-of-distribution distances are added at export too, and judged on val.
+    layers = [f["tensor"] for f in manifest["ood_embedding"]["features"]]
+    assert layers and set(decision["ood"]["capture_shift_flagged"]) == set(layers)
     import onnx
 
     model = onnx.load(str(model_dir / "model.onnx"))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert "ood_distance" in [o.name for o in model.graph.output]
 
 
 def test_manifest_records_the_preprocessing_version(exported: tuple[Path, object]) -> None:

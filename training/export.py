@@ -325,10 +325,13 @@ def main(run_dir: Path, models_dir: Path, version: str, label_rule: str = "argma
     manifest = build_manifest(cfg, schema, results, version, onnx_path, error, sizes, rule)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and manifest.json")
-    # Prediction-set thresholds are fitted on what was just exported; the report stays in the
-    # run directory (`endofuse decision` writes the published one to docs/models/).
+    # The out-of-distribution distances and the prediction-set thresholds are fitted on what
+    # was just exported; the report stays in the run directory (`endofuse decision` writes
+    # the published one to docs/models/).
     from training.conformal import main as fit_decision
+    from training.ood_embed import main as add_distances
 
+    add_distances(out)
     fit_decision(out, run_dir / "decision")
     print("fitted prediction-set thresholds into manifest.json")
     return out

@@ -53,7 +53,7 @@ def choose_signals(
     bundled models it added no separation from the other modality over the pooled distance,
     and on ham10000/2 lowered it (docs/training.md, "Out of distribution"). Each distance
     layer is kept when capture changes that carry no diagnosis leave it in range; if none
-    is, the least affected."""
+    is (a model that reads the capture), the energy score stands in, as without distances."""
     val = ood_signals(val_rows, n_labels)
     distances = [k for k in val if k.startswith("distance")]
     if not distances:
@@ -63,7 +63,7 @@ def choose_signals(
     shifted = ood_signals(shifted_rows, n_labels)
     rates = {k: float(np.mean(shifted[k] > pass_threshold(val[k]))) for k in distances}
     kept = [k for k in distances if rates[k] <= SHIFT_TOLERANCE]
-    return kept or [min(rates, key=rates.__getitem__)], rates
+    return kept or ["energy"], rates
 
 
 def fit_thresholds(
@@ -89,13 +89,13 @@ def fit_thresholds(
             }
         score = ood_score(signals, scale.get(pattern))
         block["thresholds"][pattern] = pass_threshold(score)
+    names = layer_names or []
+
+    def layer(key: str) -> str:
+        j = 0 if key == "distance" else int(key.split("_")[1])
+        return names[j] if j < len(names) else key
+
     if scale:
-        names = layer_names or []
-
-        def layer(key: str) -> str:
-            j = 0 if key == "distance" else int(key.split("_")[1])
-            return names[j] if j < len(names) else key
-
         block["score"] = (
             "largest scaled Mahalanobis distance of image features ("
             + ", ".join(layer(k) for k in chosen)
@@ -103,8 +103,10 @@ def fit_thresholds(
         )
         block["scale"] = scale
         block["signals"] = chosen
-        if rates:
-            block["capture_shift_flagged"] = {layer(k): round(v, 4) for k, v in rates.items()}
+    elif rates:
+        block["score"] = "energy (every feature distance moved under capture change)"
+    if rates:
+        block["capture_shift_flagged"] = {layer(k): round(v, 4) for k, v in rates.items()}
     return block
 
 
