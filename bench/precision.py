@@ -25,14 +25,17 @@ from bench.loadgen import load_cells, multipart_request  # noqa: E402
 from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import load_split, read_rows  # noqa: E402
+from training.ood_embed import image_only_feeds, input_names  # noqa: E402
 
 
 def model_frames(data: Path, model: str) -> list[bytes]:
     if not model.startswith("ham10000"):
         return frames(data)
-    rows = (data / "ham10000" / "metadata.csv").read_text().splitlines()[1:]
-    paths = sorted(r.split(",")[7] for r in rows if r.endswith(",test"))
-    return [(data / "ham10000" / p).read_bytes() for p in paths[:40]]
+    spec = load_config(REPO / "training" / "configs" / "ham10000.yaml").dataset
+    table = load_split(spec, "test", None, read_rows(spec))
+    return [p.read_bytes() for p in sorted(table.paths)[:40]]
 
 
 def describe_frames(model: str) -> str:
@@ -41,25 +44,15 @@ def describe_frames(model: str) -> str:
     return "the 40 full-resolution frames"
 
 
-def image_only_feeds(session: ort.InferenceSession, images: np.ndarray) -> dict[str, np.ndarray]:
-    """The image, and for a fusion model every tabular field missing."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    feeds = {"image": images}
-    if "tabular" in inputs:
-        zeros = np.zeros((len(images), inputs["tabular"].shape[1]), np.float32)
-        feeds |= {"tabular": zeros, "tabular_mask": zeros}
-    if "image_mask" in inputs:
-        feeds["image_mask"] = np.ones((len(images), 1), np.float32)
-    return feeds
-
-
 def per_image_ms(model_dir: Path, images: np.ndarray, batch: int, rounds: int = 20) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
                                    providers=["CPUExecutionProvider"])  # fmt: skip
-    feeds = image_only_feeds(session, images[:batch])
+    manifest = load_manifest(model_dir / "manifest.json")
+    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
+    feeds = image_only_feeds(input_names(session), images[:batch], n_fields)
     session.run(["probabilities"], feeds)
     times = []
     for _ in range(rounds):

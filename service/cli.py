@@ -224,15 +224,10 @@ def quantize(
     """Write a static int8 variant of a model version (precision: int8 in its manifest), and
     fit its decision parameters on its own outputs."""
     _training()
-    from service.manifest import load_manifest
-    from training import conformal, ood_embed, quantize
+    from training import conformal, quantize
 
     dst = quantize.main(model_dir, version, calibration, keep_depthwise=not quantize_depthwise)
     typer.echo(f"wrote {dst}")
-    source = load_manifest(model_dir / "manifest.json").raw.get("ood_embedding")
-    if source:  # the same layers, fitted on the variant's own features
-        layers = [f["tensor"] for f in source.get("features", [])] or [source["feature"]]
-        ood_embed.main(dst, layers)
     conformal.main(dst)
 
 

@@ -176,8 +176,13 @@ def add_distance(
     return add_distances(model, [LayerFit(feature, means, precision)])
 
 
-def image_only_feeds(session: Any, images: np.ndarray, n_fields: int) -> dict[str, np.ndarray]:
-    names = {i.name for i in session.get_inputs()}
+def input_names(session: Any) -> set[str]:
+    return {i.name for i in session.get_inputs()}
+
+
+def image_only_feeds(names: set[str], images: np.ndarray, n_fields: int) -> dict[str, np.ndarray]:
+    """Feeds for a picture posted alone to a graph with inputs ``names``: every tabular field
+    missing."""
     n = len(images)
     feeds = {"image": images}
     if "tabular" in names:
@@ -192,11 +197,10 @@ def run(session: Any, images: np.ndarray, outputs: list[str], n_fields: int) -> 
     """Each output over ``images`` (batches of 32); a feature map comes back spatially
     averaged, as ``GlobalAveragePool`` does in the graph."""
     parts: list[list[np.ndarray]] = [[] for _ in outputs]
+    names = input_names(session)
     for s in tqdm(range(0, len(images), 32), desc="features", unit="batch", leave=False):
-        for part, value in zip(
-            parts, session.run(outputs, image_only_feeds(session, images[s : s + 32], n_fields)),
-            strict=True,
-        ):  # fmt: skip
+        values = session.run(outputs, image_only_feeds(names, images[s : s + 32], n_fields))
+        for part, value in zip(parts, values, strict=True):
             if value.ndim == 4:
                 value = value.mean(axis=(2, 3))
             part.append(value.reshape(len(value), -1) if value.ndim > 1 else value)
@@ -232,7 +236,7 @@ def main(
     )
     spatial = [
         int(np.prod(v.shape[2:])) > 1 if v.ndim == 4 else False
-        for v in probe.run(features, image_only_feeds(probe, images[:1], n_fields))
+        for v in probe.run(features, image_only_feeds(input_names(probe), images[:1], n_fields))
     ]
     probs, logits, *feats = run(probe, images, ["probabilities", "logits", *features], n_fields)
     fits = [

@@ -32,8 +32,9 @@ import numpy as np
 import onnx
 
 from service.manifest import load_manifest
+from training import ood_embed
 from training.evaluate import evenly_sampled
-from training.ood_embed import OUTPUT, without_distance
+from training.ood_embed import OUTPUT, image_only_feeds, without_distance
 
 # Layers left in float, by name: the backbone's stem, the projection convolution of every
 # block and its head convolution (1x1 convs that narrow or widen the features: quantised,
@@ -87,14 +88,7 @@ def main(src: Path, version: str, calibration: int = 256, keep_depthwise: bool =
             start = next(self.batches, None)
             if start is None:
                 return None
-            images = frames[start : start + 16]
-            feeds = {"image": images}
-            if "tabular" in names:
-                feeds["tabular"] = np.zeros((len(images), n_fields), np.float32)
-                feeds["tabular_mask"] = np.zeros((len(images), n_fields), np.float32)
-            if "image_mask" in names:
-                feeds["image_mask"] = np.ones((len(images), 1), np.float32)
-            return feeds
+            return image_only_feeds(names, frames[start : start + 16], n_fields)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +111,11 @@ def main(src: Path, version: str, calibration: int = 256, keep_depthwise: bool =
     raw = variant_manifest(manifest.raw, dst, version, len(frames), len(keep), keep_depthwise)
     raw["quantization"]["seconds"] = round(time.perf_counter() - start, 1)
     (dst / "manifest.json").write_text(json.dumps(raw, indent=2))
+    source = manifest.raw.get("ood_embedding")
+    if source:  # the same layers, fitted on the variant's own features
+        ood_embed.main(
+            dst, [f["tensor"] for f in source.get("features", [])] or [source["feature"]]
+        )
     return dst
 
 

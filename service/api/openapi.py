@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.decision import SET_KINDS
 from service.registry import ModelVersion, Registry
 from service.tabular import FieldSpec
 
@@ -60,7 +61,7 @@ PREDICTION = {
         },
         "prediction_set": {"type": "array", "items": {"type": "string"}},
         "coverage": {"type": "number"},
-        "sets": {"type": "string", "enum": ["class", "marginal"]},
+        "sets": {"type": "string", "enum": list(SET_KINDS)},
         "refer": {"type": "boolean"},
         "reason": {"type": ["string", "null"]},
         "ood": {
@@ -105,7 +106,7 @@ INFER_REQUEST = {
                     "properties": {
                         "timeout": {"type": "integer", "description": "microseconds"},
                         "coverage": {"type": "number"},
-                        "sets": {"type": "string", "enum": ["class", "marginal"]},
+                        "sets": {"type": "string", "enum": list(SET_KINDS)},
                         "binary_data_output": {"type": "boolean"},
                     },
                 },
@@ -303,7 +304,7 @@ def predict_operation(mv: ModelVersion, path: str) -> dict[str, Any]:
         }
     )
     decision = manifest.decision
-    kinds = ["class", "marginal"] if decision is None or decision.marginal else ["class"]
+    kinds = list(SET_KINDS) if decision is None or decision.marginal else ["class"]
     sets = "Prediction set kind: class (every class covered at the level; the default) or "
     sets += "marginal (covered on average over cases; smaller sets)"
     schema = {"type": "string", "enum": kinds}

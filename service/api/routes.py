@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.auth import require, require_health, require_metrics
 from service.api.parsing import decode_request, request_id_from
+from service.decision import SET_KINDS
 from service.errors import InvalidRequest, NotReady, ServiceError
 from service.pipeline import ServiceContext, predict
 from service.registry import ModelVersion
@@ -19,7 +20,7 @@ log = logging.getLogger("service.api")
 router = APIRouter()
 PREDICT = [Depends(require("predict"))]
 READ = [Depends(require("models:read"))]
-SetKind = Literal["class", "marginal"]  # service.decision.SET_KINDS
+SetKind = Literal[SET_KINDS]
 
 
 def _ctx(request: Request) -> ServiceContext:
