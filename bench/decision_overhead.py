@@ -1,8 +1,8 @@
 """What decision support costs in throughput: each default model version served with its
 decision parameters (prediction sets, referral, and the OOD flag from the graph's
 ``ood_distance`` columns) and as it was before them (no ``decision`` block, the graph without
-the distances), in one server, same frames, same load generator, two rounds in opposite
-orders.
+the distances), in one server, same frames, same load generator, in paired intervals that
+alternate between the two copies.
 
     python bench/decision_overhead.py --out docs/performance.md
 """
@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,8 @@ def without_decision(src: Path, dst: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--repeats", type=int, default=6, help="Pairs of intervals per point")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -72,24 +74,36 @@ def main() -> None:
     )  # fmt: skip
     rows = []
     try:
-        for round_ in (1, 2):
-            order = names if round_ == 1 else list(reversed(names))
-            results: dict[tuple[str, int], float] = {}
-            for name in order:
-                bodies = [
-                    multipart_request("127.0.0.1", port, f"/models/{name}/predict", im)
+        for name in pairs:
+            bodies = {
+                n: [
+                    multipart_request("127.0.0.1", port, f"/models/{n}/predict", im)
                     for im in images
                 ]
-                for c in args.concurrency:
-                    r = asyncio.run(run_load("127.0.0.1", port, bodies, c, args.seconds))
-                    assert set(r.statuses) == {200}, r.statuses
-                    results[(name, c)] = r.throughput
-            for name in pairs:
-                for c in args.concurrency:
-                    full, plain = results[(name, c)], results[(f"{name}-plain", c)]
-                    rows.append(f"| {round_} | {name} | {c} | {full:.1f} | {plain:.1f} | "
-                                f"{100 * (full / plain - 1):+.1f} % |")  # fmt: skip
-                    print(rows[-1], flush=True)
+                for n in (name, f"{name}-plain")
+            }
+            for c in args.concurrency:
+                # Paired, alternating short intervals (ABBA...): the machine's drift from one
+                # minute to the next falls on both copies alike.
+                done = {n: 0.0 for n in bodies}
+                changes = []
+                for rep in range(args.repeats):
+                    order = list(bodies) if rep % 2 == 0 else list(reversed(bodies))
+                    pair = {}
+                    for n in order:
+                        r = asyncio.run(run_load("127.0.0.1", port, bodies[n], c, args.seconds))
+                        assert set(r.statuses) == {200}, r.statuses
+                        pair[n] = r.throughput
+                        done[n] += r.throughput
+                    changes.append(pair[name] / pair[f"{name}-plain"] - 1)
+                full, plain = done[name] / args.repeats, done[f"{name}-plain"] / args.repeats
+                change = 100 * (full / plain - 1)
+                rows.append(
+                    f"| {name} | {c} | {full:.1f} | {plain:.1f} | {change:+.1f} % "
+                    f"| {100 * float(np.median(changes)):+.1f} % | "
+                    f"{100 * min(changes):+.1f} to {100 * max(changes):+.1f} % |"
+                )
+                print(rows[-1], flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -100,12 +114,13 @@ def main() -> None:
         [
             "One server, both versions of each model loaded with the same engine layout (batch "
             "profile off, batch limit 1, as the profile chooses on this CPU), the 40 "
-            f"full-resolution frames as multipart, {args.seconds:g} s per point, two rounds "
-            "in opposite orders.",
+            f"full-resolution frames as multipart; per model and concurrency, {args.repeats} "
+            f"pairs of {args.seconds:g} s intervals, the two copies alternating (ABBA...). "
+            "Change: of the mean req/s, and the median and range of the paired changes.",
             "",
-            "| round | model | concurrency | with decision support, req/s | without, req/s | "
-            "change |",
-            "|---|---|---|---|---|---|",
+            "| model | concurrency | with decision support, req/s | without, req/s | "
+            "change | median paired change | range |",
+            "|---|---|---|---|---|---|---|",
             *rows,
         ],
         "bench/decision_overhead.py",

@@ -237,6 +237,25 @@ def test_channel_std_from_the_histogram_is_numpy_std(spread: int) -> None:
     np.testing.assert_allclose(channel_std(image), want, rtol=1e-9, atol=1e-9)
 
 
+def test_the_subsample_shortcut_gives_the_full_answer() -> None:
+    from service.decision import UNIFORM_STD, channel_std, is_uniform
+
+    rng = np.random.default_rng(5)
+    cases = [rng.integers(0, 255, (224, 224, 3)).astype(np.uint8)]
+    for spread in (1, 2, 3, 4, 6, 12, 24):  # around the threshold, where the shortcut ends
+        cases.append((rng.integers(0, spread + 1, (224, 224, 3)) + 100).astype(np.uint8))
+    # Flat except the pixels the subsample reads (and the reverse): the subsample alone
+    # would answer wrongly both times.
+    on_grid = np.full((224, 224, 3), 120, np.uint8)
+    on_grid[::4, ::4] = rng.integers(0, 255, (56, 56, 3))
+    off_grid = rng.integers(0, 255, (224, 224, 3)).astype(np.uint8)
+    off_grid[::4, ::4] = 120
+    cases += [on_grid, off_grid, np.zeros((5, 3, 3), np.uint8)]
+    for image in cases:
+        assert is_uniform(image) == bool(channel_std(image).max() < UNIFORM_STD)
+    assert not is_uniform(on_grid) and not is_uniform(off_grid)
+
+
 def test_combined_ood_score_and_flat_images() -> None:
     from service.decision import decide, is_uniform, ood_score, ood_signals
 

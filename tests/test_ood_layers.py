@@ -101,6 +101,36 @@ def test_a_layer_that_reads_the_capture_is_left_out() -> None:
     assert set(fallback["capture_shift_flagged"]) == {"distance", "distance_1"}
 
 
+def test_the_narrowest_layer_that_passes_is_the_one_read() -> None:
+    rng = np.random.default_rng(2)
+    val, steady = _rows(rng, 400, (0, 0)), _rows(rng, 200, (0.0, 0.0))
+    # Both layers pass the capture test: the narrower one (column 1 here) is the score.
+    chosen, rates = choose_signals(val, steady, 3, dims=[1280, 112])
+    assert chosen == ["distance_1"] and set(rates) == {"distance", "distance_1"}
+    assert choose_signals(val, steady, 3, dims=[64, 112])[0] == ["distance"]
+    # A narrow layer that reads the capture is never preferred.
+    fragile_narrow = _rows(rng, 200, (0.0, 4.0))
+    assert choose_signals(val, fragile_narrow, 3, dims=[1280, 112])[0] == ["distance"]
+    # Without widths, every layer that passes is kept (as for a graph fitted before).
+    assert choose_signals(val, steady, 3)[0] == ["distance", "distance_1"]
+    block = fit_thresholds({"all": val}, 3, steady, ["pooled", "middle"], [1280, 112])
+    assert block["signals"] == ["distance_1"]
+    assert block["unused"] == {"pooled": "a narrower layer passes the capture test"}
+    block = fit_thresholds({"all": val}, 3, fragile_narrow, ["pooled", "middle"], [1280, 112])
+    assert block["unused"] == {"middle": "moves under capture change"}
+
+
+def test_a_scratch_copy_does_not_overwrite_the_published_decision_report(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from training.conformal import REPO, report_dir
+
+    manifest = SimpleNamespace(name="hyperkvasir-lgi", version="2")
+    bundled = REPO / "models" / "hyperkvasir-lgi" / "2"
+    assert report_dir(bundled, manifest) == REPO / "docs/models/hyperkvasir-lgi/2"
+    assert report_dir(tmp_path / "2", manifest) == tmp_path / "2" / "decision-report"
+
+
 @pytest.mark.parametrize("n", [19, 40, 300])
 def test_pass_threshold_lets_at_least_the_rate_of_new_inputs_through(n: int) -> None:
     rng = np.random.default_rng(n)

@@ -180,13 +180,19 @@ def test_manifest_contract(exported: tuple[Path, object]) -> None:
     assert all(len(q) == len(manifest["labels"]) for q in decision["thresholds"]["all"].values())
     assert set(decision["marginal_thresholds"]) == set(decision["thresholds"])
     # The out-of-distribution distances are added at export too, and judged on val.
+    # Every layer is judged; the graph keeps only those the score reads.
     layers = [f["tensor"] for f in manifest["ood_embedding"]["features"]]
-    assert layers and set(decision["ood"]["capture_shift_flagged"]) == set(layers)
+    unused = set(decision["ood"].get("unused", {}))
+    assert layers and not unused & set(layers)
+    assert set(decision["ood"]["capture_shift_flagged"]) == set(layers) | unused
+    assert any(k.startswith("/image_proj/") for k in [*layers, *unused])  # the image token
     import onnx
 
     model = onnx.load(str(model_dir / "model.onnx"))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert "ood_distance" in [o.name for o in model.graph.output]
+    if decision["ood"].get("signals"):
+        assert len(decision["ood"]["signals"]) == len(layers)
 
 
 def test_manifest_records_the_preprocessing_version(exported: tuple[Path, object]) -> None:

@@ -226,7 +226,14 @@ def main(
     out: Path | None = None,
     ood_study: bool = True,
     class_confidence: float | None = CLASS_CONFIDENCE,
+    prune: bool = True,
+    first_fit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Fit the decision block into ``model_dir``'s manifest and write its report to ``out``
+    (default: ``docs/models/<name>/<version>`` for a version under the repository's
+    ``models/``, else ``<model_dir>/decision-report``). With ``prune``, distance layers
+    the out-of-distribution score does not read are taken out of the graph, and the fit is
+    redone on it (``first_fit``: the first fit's record of every layer)."""
     val_scored, test_scored = pattern_probs(model_dir, "val"), pattern_probs(model_dir, "test")
     manifest, session = val_scored.manifest, val_scored.session
     val_out, val_labels = val_scored.out, val_scored.labels
@@ -234,6 +241,7 @@ def main(
     val = {p: probs for p, (probs, _) in val_out.items()}
     test = {p: probs for p, (probs, _) in test_out.items()}
     pooled = np.concatenate(list(val.values()))
+    layers = manifest.raw.get("ood_embedding", {}).get("features", [])
     kind = choose_score(pooled, np.concatenate([val_labels] * len(val)))
     block = {
         "method": "split conformal, class-conditional (Mondrian), per missingness pattern",
@@ -254,9 +262,16 @@ def main(
             {p: logits for p, (_, logits) in val_out.items()},
             len(manifest.labels),
             shifted_val_rows(manifest, session, val_scored.table, val_out),
-            [f["tensor"] for f in manifest.raw.get("ood_embedding", {}).get("features", [])],
+            [f["tensor"] for f in layers],
+            [f["dims"] for f in layers],
         ),
     }
+    if prune and block["ood"].get("unused"):
+        prune_layers(model_dir, list(block["ood"]["unused"]))
+        return main(model_dir, out, ood_study, class_confidence, False, block["ood"])
+    if first_fit:
+        block["ood"]["capture_shift_flagged"] = first_fit.get("capture_shift_flagged", {})
+        block["ood"]["unused"] = first_fit["unused"]
     if manifest.tabular is None:  # image-only: one pattern; the others never occur
         for key in ("thresholds", "marginal_thresholds"):
             block[key] = {p: block[key]["all"] for p in PATTERN_NAMES}
@@ -282,7 +297,9 @@ def main(
         # posted the same way.
         pattern = "image_only" if manifest.tabular is not None else "all"
         report["ood"] = {
-            k: block["ood"][k] for k in ("score", "capture_shift_flagged") if k in block["ood"]
+            k: block["ood"][k]
+            for k in ("score", "capture_shift_flagged", "unused")
+            if k in block["ood"]
         }
         report["ood"] |= ood.study(
             session, manifest, test_out[pattern][1], test_scored.uniform,
@@ -292,9 +309,30 @@ def main(
         )  # fmt: skip
     raw = dict(manifest.raw, decision=block)
     (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
-    out = out or Path("docs/models") / manifest.name / manifest.version
-    write_report(report, out)
+    write_report(report, out or report_dir(model_dir, manifest))
     return report
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def report_dir(model_dir: Path, manifest: Any) -> Path:
+    """Where a version's decision report goes by default: beside its evaluation report for a
+    bundled version, beside the model for any other (a scratch copy must not overwrite the
+    published report)."""
+    if model_dir.resolve().is_relative_to((REPO / "models").resolve()):
+        return REPO / "docs" / "models" / manifest.name / manifest.version
+    return model_dir / "decision-report"
+
+
+def prune_layers(model_dir: Path, unused: list[str]) -> None:
+    """Refit ``model_dir``'s distances without the layers ``unused`` (the others come out
+    the same: the same train frames, the same fit)."""
+    from training import ood_embed
+
+    embedding = load_manifest(model_dir / "manifest.json").raw["ood_embedding"]
+    keep = [f["tensor"] for f in embedding["features"] if f["tensor"] not in unused]
+    ood_embed.main(model_dir, keep, embedding["fitted_on"]["n"], replace=True)
 
 
 HEAVY_SHIFT = ("letterbox 1920x1080 (16:9)", "JPEG quality 40")

@@ -29,8 +29,17 @@ def _shift_text(ood_report: dict[str, Any]) -> str:
     return (
         " Each feature layer's share of 200 val frames flagged at its own val threshold once "
         f"re-captured (16:9 letterbox + JPEG 40): {listed}; a layer above "
-        f"{100 * ood.SHIFT_TOLERANCE:.0f} % reads the capture and is left out of the score."
+        f"{100 * ood.SHIFT_TOLERANCE:.0f} % reads the capture and is left out of the score; "
+        "of the layers that pass, the narrowest is used (the cheapest to compute)."
+        + _unused_text(ood_report.get("unused", {}))
     )
+
+
+def _unused_text(unused: dict[str, str]) -> str:
+    if not unused:
+        return ""
+    listed = "; ".join(f"`{k}`: {why}" for k, why in unused.items())
+    return f" Taken out of the graph: {listed}."
 
 
 def _sets_table(report: dict[str, Any], measured: dict[str, Any]) -> list[str]:

@@ -43,8 +43,16 @@ def pass_threshold(scores: np.ndarray, rate: float = PASS_RATE) -> float:
     return float(np.sort(scores)[k - 1])
 
 
+def column(key: str) -> int:
+    """The ``ood_distance`` column a signal name reads: ``distance`` -> 0, ``distance_j`` -> j."""
+    return 0 if key == "distance" else int(key.split("_")[1])
+
+
 def choose_signals(
-    val_rows: np.ndarray, shifted_rows: np.ndarray | None, n_labels: int
+    val_rows: np.ndarray,
+    shifted_rows: np.ndarray | None,
+    n_labels: int,
+    dims: list[int] | None = None,
 ) -> tuple[list[str], dict[str, float]]:
     """The signals the score combines, and each distance's share of capture-shifted val
     frames above its own val 95 % quantile.
@@ -53,17 +61,28 @@ def choose_signals(
     bundled models it added no separation from the other modality over the pooled distance,
     and on ham10000/2 lowered it (docs/training.md, "Out of distribution"). Each distance
     layer is kept when capture changes that carry no diagnosis leave it in range; if none
-    is (a model that reads the capture), the energy score stands in, as without distances."""
+    is (a model that reads the capture), the energy score stands in, as without distances.
+
+    With the layers' widths ``dims``, only the narrowest layer that passes is used: the
+    distance reads a D x D matrix for every image, and at D = 1,280 (the final pooling)
+    that is 6.5 MB and about 3 % of a batch-1 CPU inference (``bench/ood_cost.py``), while
+    on hyperkvasir-lgi/2 the 112 channels of stage 5 alone told every out-of-distribution
+    set apart as well (docs/training.md)."""
     val = ood_signals(val_rows, n_labels)
     distances = [k for k in val if k.startswith("distance")]
     if not distances:
         return ["energy"], {}
-    if shifted_rows is None:
-        return distances, {}
-    shifted = ood_signals(shifted_rows, n_labels)
-    rates = {k: float(np.mean(shifted[k] > pass_threshold(val[k]))) for k in distances}
-    kept = [k for k in distances if rates[k] <= SHIFT_TOLERANCE]
-    return kept or ["energy"], rates
+    rates: dict[str, float] = {}
+    kept = distances
+    if shifted_rows is not None:
+        shifted = ood_signals(shifted_rows, n_labels)
+        rates = {k: float(np.mean(shifted[k] > pass_threshold(val[k]))) for k in distances}
+        kept = [k for k in distances if rates[k] <= SHIFT_TOLERANCE]
+    if not kept:
+        return ["energy"], rates
+    if dims:
+        kept = [min(kept, key=lambda k: dims[column(k)])]
+    return kept, rates
 
 
 def fit_thresholds(
@@ -71,14 +90,17 @@ def fit_thresholds(
     n_labels: int,
     shifted_rows: np.ndarray | None = None,
     layer_names: list[str] | None = None,
+    layer_dims: list[int] | None = None,
 ) -> dict[str, Any]:
     """Per pattern, the score threshold that 95 % of val passes. With the graph's distances
     (on patterns that carry an image), each chosen signal (``choose_signals``, judged on
     ``shifted_rows``: image-only val frames under heavy capture shift) is first scaled by
-    its val median and 95 % quantile, and the score is the largest (``ood_score``)."""
+    its val median and 95 % quantile, and the score is the largest (``ood_score``). Layers
+    the score does not read are listed under ``unused`` (``training.conformal.main`` takes them
+    out of the graph)."""
     block: dict[str, Any] = {"score": "energy", "pass_rate": PASS_RATE, "thresholds": {}}
     image_pattern = "image_only" if "image_only" in val_logits else "all"
-    chosen, rates = choose_signals(val_logits[image_pattern], shifted_rows, n_labels)
+    chosen, rates = choose_signals(val_logits[image_pattern], shifted_rows, n_labels, layer_dims)
     scale: dict[str, dict[str, list[float]]] = {}
     for pattern, rows in val_logits.items():
         signals = ood_signals(rows, n_labels)
@@ -92,7 +114,7 @@ def fit_thresholds(
     names = layer_names or []
 
     def layer(key: str) -> str:
-        j = 0 if key == "distance" else int(key.split("_")[1])
+        j = column(key)
         return names[j] if j < len(names) else key
 
     if scale:
@@ -103,6 +125,14 @@ def fit_thresholds(
         )
         block["scale"] = scale
         block["signals"] = chosen
+        columns = [k for k in ood_signals(val_logits[image_pattern], n_labels) if k != "energy"]
+        block["unused"] = {
+            layer(k): "moves under capture change"
+            if rates.get(k, 0.0) > SHIFT_TOLERANCE
+            else "a narrower layer passes the capture test"
+            for k in columns
+            if k not in chosen
+        }
     elif rates:
         block["score"] = "energy (every feature distance moved under capture change)"
     if rates:

@@ -7,7 +7,9 @@ class means and one shared covariance (Ledoit-Wolf shrinkage: up to 1,280 dimens
 few thousand images) are fitted on the train split. The final pooled features carry what the
 classifier reads; a middle stage's (spatially averaged) features also carry texture and
 colour statistics that tell one imaging modality from another, and the decision fit keeps
-such a layer only where it ignores capture changes (``training.ood.fit_thresholds``). The
+such a layer only where it ignores capture changes (``training.ood.fit_thresholds``), and
+of those the narrowest: the image token the fusion reads (128 channels, a projection of the
+pooling) costs a hundredth of the pooling's 1,280 x 1,280 matrix. The
 graph gains an ``ood_distance`` output, [N] for one layer or [N, layers], and its
 probabilities and logits stay exactly as they were (checked before the file is replaced).
 
@@ -68,9 +70,23 @@ def pooled_feature(model: onnx.ModelProto) -> str:
     raise ValueError("no global pooling node: name the feature tensor explicitly")
 
 
+def image_token(model: onnx.ModelProto) -> str | None:
+    """The image token the fusion reads (``image_proj``'s output: pooled features projected
+    to the model width, 128 channels), where the graph names it."""
+    outputs = [o for n in model.graph.node if n.name.startswith("/image_proj/") for o in n.output]
+    return outputs[-1] if outputs else None
+
+
 def default_features(model: onnx.ModelProto) -> list[str]:
+    """The candidate layers: the final pooling, the middle stage and the image token, those
+    the graph has (the decision fit keeps the narrowest that ignores capture changes)."""
     produced = {out for node in model.graph.node for out in node.output}
-    return [pooled_feature(model), *(f for f in MID_FEATURES if f in produced)]
+    token = image_token(model)
+    return [
+        pooled_feature(model),
+        *(f for f in MID_FEATURES if f in produced),
+        *([token] if token else []),
+    ]
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
