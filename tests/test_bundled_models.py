@@ -233,6 +233,19 @@ def test_out_of_distribution_flag_on_the_dermoscopy_model(
     assert r["ood"]["flagged"] and "flat colour" in r["reason"]
 
 
+def _unnamed_and_int8(client: TestClient, name: str, frames: list[Path]) -> list[tuple]:
+    """Each frame posted to ``name`` without a version (answered by the fp32 version 2) and
+    to its int8 version 3: the two responses, their versions checked."""
+    pairs = []
+    for frame in frames:
+        files = {"image": ("f", frame.read_bytes())}
+        unnamed = client.post(f"/models/{name}/predict", files=files).json()
+        int8 = client.post(f"/models/{name}/versions/3/predict", files=files).json()
+        assert unnamed["model"]["version"] == "2" and int8["model"]["version"] == "3"
+        pairs.append((unnamed, int8))
+    return pairs
+
+
 def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
     client: TestClient, fullres_frames: list[Path]
 ) -> None:
@@ -241,13 +254,8 @@ def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
     bundled("hyperkvasir-lgi", "3")
     meta = client.get("/models/hyperkvasir-lgi/versions/3").json()
     assert meta["precision"] == "int8" and meta["quantization"]["source"] == "hyperkvasir-lgi/2"
-    same = 0
-    for frame in fullres_frames:
-        files = {"image": ("f", frame.read_bytes())}
-        default = client.post("/models/hyperkvasir-lgi/predict", files=files).json()
-        int8 = client.post("/models/hyperkvasir-lgi/versions/3/predict", files=files).json()
-        assert default["model"]["version"] == "2" and int8["model"]["version"] == "3"
-        same += default["label"] == int8["label"]
+    pairs = _unnamed_and_int8(client, "hyperkvasir-lgi", fullres_frames)
+    same = sum(default["label"] == int8["label"] for default, int8 in pairs)
     assert same >= len(fullres_frames) - 1, f"{same}/{len(fullres_frames)} labels agree"
     registry = Registry.load(
         MODELS,
@@ -271,12 +279,7 @@ def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(client: TestCli
 
     spec = load_config(REPO / "training" / "configs" / "ham10000.yaml").dataset
     paths = sorted(load_split(spec, "test", None, read_rows(spec)).paths)[::37][:40]
-    same = 0
-    for path in paths:
-        files = {"image": ("f", path.read_bytes())}
-        fp32 = client.post("/models/ham10000/predict", files=files).json()
-        int8 = client.post("/models/ham10000/versions/3/predict", files=files).json()
-        assert fp32["model"]["version"] == "2" and int8["model"]["version"] == "3"
-        assert int8["label"] in int8["prediction_set"] and "ood" in int8
-        same += fp32["label"] == int8["label"]
+    pairs = _unnamed_and_int8(client, "ham10000", paths)
+    assert all(int8["label"] in int8["prediction_set"] and "ood" in int8 for _, int8 in pairs)
+    same = sum(fp32["label"] == int8["label"] for fp32, int8 in pairs)
     assert same >= 0.9 * len(paths), f"{same}/{len(paths)} labels agree"

@@ -234,14 +234,28 @@ def main(
     ``models/``, else ``<model_dir>/decision-report``). With ``prune``, distance layers
     the out-of-distribution score does not read are taken out of the graph, and the fit is
     redone on it (``first_fit``: the first fit's record of every layer)."""
-    val_scored, test_scored = pattern_probs(model_dir, "val"), pattern_probs(model_dir, "test")
+    val_scored = pattern_probs(model_dir, "val")
     manifest, session = val_scored.manifest, val_scored.session
     val_out, val_labels = val_scored.out, val_scored.labels
+    layers = manifest.raw.get("ood_embedding", {}).get("features", [])
+    ood_block = ood.fit_thresholds(
+        {p: logits for p, (_, logits) in val_out.items()},
+        len(manifest.labels),
+        shifted_val_rows(manifest, session, val_scored.table, val_out),
+        [f["tensor"] for f in layers],
+        [f["dims"] for f in layers],
+    )
+    if prune and ood_block.get("unused"):  # before the test split is scored on this graph
+        prune_layers(model_dir, list(ood_block["unused"]))
+        return main(model_dir, out, ood_study, class_confidence, False, ood_block)
+    if first_fit:
+        ood_block["capture_shift_flagged"] = first_fit.get("capture_shift_flagged", {})
+        ood_block["unused"] = first_fit["unused"]
+    test_scored = pattern_probs(model_dir, "test")
     test_out, test_labels, test_table = test_scored.out, test_scored.labels, test_scored.table
     val = {p: probs for p, (probs, _) in val_out.items()}
     test = {p: probs for p, (probs, _) in test_out.items()}
     pooled = np.concatenate(list(val.values()))
-    layers = manifest.raw.get("ood_embedding", {}).get("features", [])
     kind = choose_score(pooled, np.concatenate([val_labels] * len(val)))
     block = {
         "method": "split conformal, class-conditional (Mondrian), per missingness pattern",
@@ -258,20 +272,8 @@ def main(
             p: fit_marginal(val[p], val_labels, kind, forced(val[p], manifest.label_rule))
             for p in val
         },
-        "ood": ood.fit_thresholds(
-            {p: logits for p, (_, logits) in val_out.items()},
-            len(manifest.labels),
-            shifted_val_rows(manifest, session, val_scored.table, val_out),
-            [f["tensor"] for f in layers],
-            [f["dims"] for f in layers],
-        ),
+        "ood": ood_block,
     }
-    if prune and block["ood"].get("unused"):
-        prune_layers(model_dir, list(block["ood"]["unused"]))
-        return main(model_dir, out, ood_study, class_confidence, False, block["ood"])
-    if first_fit:
-        block["ood"]["capture_shift_flagged"] = first_fit.get("capture_shift_flagged", {})
-        block["ood"]["unused"] = first_fit["unused"]
     if manifest.tabular is None:  # image-only: one pattern; the others never occur
         for key in ("thresholds", "marginal_thresholds"):
             block[key] = {p: block[key]["all"] for p in PATTERN_NAMES}
@@ -365,7 +367,6 @@ def shifted_val_rows(
 
 
 def ood_inputs(manifest: Any, test_table: Any) -> dict[str, list[bytes]]:
-
     other = "ham10000" if manifest.name.startswith("hyperkvasir") else "hyperkvasir-lgi"
     spec = load_config(Path(__file__).parent / "configs" / f"{other}.yaml").dataset
     heavy = heavily_shifted([p.read_bytes() for p in test_table.paths[:100]])
