@@ -62,6 +62,7 @@ bench: install
 	$(PY) bench/overload.py --out docs/performance.md
 	$(PY) bench/edge.py --out docs/performance.md
 	$(PY) bench/decision_overhead.py --out docs/performance.md
+	$(PY) bench/decision_cost.py --out docs/performance.md
 	$(PY) bench/ood_cost.py --out docs/performance.md
 	$(PY) bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 3 --out docs/performance.md
 	$(PY) bench/precision.py --model ham10000 --fp32 2 --int8 3 --out docs/performance.md

@@ -46,6 +46,8 @@ class LoadResult:
     # Latencies of 200 answers only, and 503 answers that lacked Retry-After.
     ok_latencies: list[float] = field(default_factory=list)
     shed_without_retry_after: int = 0
+    # Every answer, warm-up and drain included: what the server did while the load ran.
+    answered: int = 0
 
     @property
     def throughput(self) -> float:
@@ -98,6 +100,7 @@ async def run_load(
                 i += concurrency
                 status, retry_after = await _read_response(reader)
                 done = time.perf_counter()
+                result.answered += 1
                 if sent >= measure_from:
                     result.latencies.append(done - sent)
                     result.statuses[status] = result.statuses.get(status, 0) + 1

@@ -204,12 +204,18 @@ def evaluate(
     audit_frames: int | None = typer.Option(
         None, "--audit-frames", help="Audit a stratified subset of this many frames (default all)"
     ),
+    group_column: str | None = typer.Option(
+        None,
+        "--group-column",
+        help="CSV column whose equal values are one lesion (the ECE floor draws one label per "
+        "lesion); default: the training config's dataset.group_column",
+    ),
 ) -> None:
     """Evaluate an exported model (ONNX Runtime) on a data split, per missingness pattern,
     with its capture-shift audit."""
     from training.evaluate import main
 
-    main(model_dir, split, out, audit, service, baseline, audit_frames)
+    main(model_dir, split, out, audit, service, baseline, audit_frames, group_column)
 
 
 @app.command()

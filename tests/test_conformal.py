@@ -4,12 +4,15 @@ every class, and the service turns a manifest's thresholds into sets and referra
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.decision import DecisionParams, decide, nonconformity, pattern_of
 from training.conformal import LEVELS, choose_score, class_thresholds, confident_rank, fit
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def probabilities(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +253,9 @@ def test_the_subsample_shortcut_gives_the_full_answer() -> None:
     on_grid[::4, ::4] = rng.integers(0, 255, (56, 56, 3))
     off_grid = rng.integers(0, 255, (224, 224, 3)).astype(np.uint8)
     off_grid[::4, ::4] = 120
-    cases += [on_grid, off_grid, np.zeros((5, 3, 3), np.uint8)]
+    on_coarse_grid = np.full((150, 200, 3), 120, np.uint8)  # read by the 1-in-64 tier only
+    on_coarse_grid[::8, ::8] = rng.integers(0, 255, (19, 25, 3))
+    cases += [on_grid, off_grid, on_coarse_grid, np.zeros((5, 3, 3), np.uint8)]
     for image in cases:
         assert is_uniform(image) == bool(channel_std(image).max() < UNIFORM_STD)
     assert not is_uniform(on_grid) and not is_uniform(off_grid)
@@ -281,6 +286,31 @@ def test_combined_ood_score_and_flat_images() -> None:
     assert decide(params, ("a", "b", "c"), probs, "all", 0.9, 0.0, rows[1])["ood"]["flagged"]
     blank = decide(params, ("a", "b", "c"), probs, "all", 0.9, 0.0, rows[0], uniform_image=True)
     assert blank["ood"]["flagged"] and "flat colour" in blank["reason"]
+
+
+@pytest.mark.parametrize("name", ["hyperkvasir-lgi/1", "hyperkvasir-lgi/2", "ham10000/2"])
+def test_the_per_request_ood_score_is_the_vectorised_one(name: str) -> None:
+    from service.decision import ood_score, ood_signals, request_ood_score
+    from service.manifest import load_manifest
+
+    manifest = load_manifest(REPO / "models" / name / "manifest.json")
+    params, k = manifest.decision, len(manifest.labels)
+    width = k + len(manifest.raw.get("ood_embedding", {}).get("features", []))
+    rows = np.random.default_rng(0).normal(size=(50, width)).astype(np.float32) * 3
+    for pattern in params.ood_thresholds:
+        scale = params.ood_scale.get(pattern) if params.ood_scale else None
+        expected = ood_score(ood_signals(rows, k), scale)
+        got = [request_ood_score(row, k, params, pattern) for row in rows]
+        assert np.array_equal(got, expected), pattern
+    # A scale that names the energy beside a distance (manifests fitted before it was dropped).
+    both = DecisionParams.from_manifest({
+        "score": "lac", "levels": [0.9], "thresholds": {"all": {"0.9": [0.5, 0.5, 0.5]}},
+        "ood": {"thresholds": {"all": 1.0}, "scale": {"all": {"energy": [-2.5, -2.0],
+                                                               "distance": [1.0, 3.0]}}},
+    })  # fmt: skip
+    rows = np.array([[2.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 9.0], [-9.0, -9.0, -9.0, 0.0]])
+    expected = ood_score(ood_signals(rows, 3), both.ood_scale["all"])
+    assert [request_ood_score(r, 3, both, "all") for r in rows] == list(expected)
 
 
 def test_referral_curve_and_roc_points() -> None:

@@ -146,6 +146,44 @@ def test_pass_threshold_lets_at_least_the_rate_of_new_inputs_through(n: int) -> 
         assert np.mean(plain_pass) < np.mean(fresh_pass)
 
 
+@pytest.mark.parametrize("n", [60, 300])
+def test_confident_threshold_lets_the_rate_through_for_most_val_draws(n: int) -> None:
+    rng = np.random.default_rng(n)
+    plain, confident = [], []
+    for _ in range(2000):
+        # Uniform scores: a threshold t lets exactly the share t of new inputs through.
+        val = rng.random(n)
+        plain.append(pass_threshold(val))
+        confident.append(pass_threshold(val, confidence=0.8))
+    plain, confident = np.array(plain), np.array(confident)
+    assert np.mean(plain < PASS_RATE) > 0.3  # the plain rank: many draws fall short
+    assert np.mean(confident < PASS_RATE) <= 0.2 + 0.03
+    assert (confident >= plain).all()
+
+
+def test_a_refit_keeps_the_record_of_layers_an_earlier_fit_took_out() -> None:
+    from types import SimpleNamespace
+
+    from training.conformal import removed_earlier
+
+    earlier = {
+        "unused": {"pool": "a narrower layer passes the capture test", "stage5": "moves"},
+        "capture_shift_flagged": {"pool": 0.045, "stage5": 0.5, "token": 0.04},
+    }
+    manifest = SimpleNamespace(raw={"decision": {"ood": earlier}})
+    now = {"capture_shift_flagged": {"token": 0.035}}
+    kept = removed_earlier(manifest, now, [{"tensor": "token", "dims": 128}])
+    assert kept == {
+        "capture_shift_flagged": {"pool": 0.045, "stage5": 0.5, "token": 0.035},
+        "unused": earlier["unused"],
+    }
+    assert list(kept["capture_shift_flagged"]) == ["pool", "stage5", "token"]  # first fit's order
+    # Layers back in the graph (a fresh ood-distance) are judged again, not carried over.
+    layers = [{"tensor": t, "dims": 1} for t in ("pool", "stage5", "token")]
+    assert removed_earlier(manifest, now, layers) is None
+    assert removed_earlier(SimpleNamespace(raw={}), now, layers[2:]) is None
+
+
 def test_int8_variant_leaves_out_what_is_refitted_on_its_own_outputs(tmp_path) -> None:
     from training.quantize import variant_manifest
 

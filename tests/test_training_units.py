@@ -112,6 +112,26 @@ def test_missing_tokens_are_missing_and_stats_come_from_train(tmp_path: Path) ->
     assert test.mask.tolist() == [[0, 0], [1, 1]], "NaN and unseen category are missing"
 
 
+def test_group_column_ties_a_lesions_images_together(tmp_path: Path) -> None:
+    base = {"label": "a", "age": "1", "sex": "male"}
+    write_csv(
+        tmp_path / "labels.csv",
+        [
+            {**base, "path": "1.jpg", "split": "test", "lesion": "L7"},
+            {**base, "path": "2.jpg", "split": "train", "lesion": "L1"},
+            {**base, "path": "3.jpg", "split": "test", "lesion": "L2"},
+            {**base, "path": "4.jpg", "split": "test", "lesion": "L7"},
+        ],
+    )
+    spec = spec_for(tmp_path, group_column="lesion")
+    test = load_split(spec, "test", None, read_rows(spec))
+    assert test.groups is not None
+    assert test.groups[0] == test.groups[2] != test.groups[1]
+    assert load_split(spec_for(tmp_path), "test", None, read_rows(spec)).groups is None
+    with pytest.raises(DatasetError, match="column 'patient' missing"):
+        read_rows(spec_for(tmp_path, group_column="patient"))
+
+
 def test_temperature_lowers_ece_on_overconfident_model() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 4000)
@@ -137,6 +157,19 @@ def test_ece_floor_is_what_a_calibrated_model_measures_and_shrinks_with_n() -> N
     assert ece(probs[:500], labels[:500]) <= small[1]
     # A miscalibrated model stands out from the floor.
     assert ece(softmax(logits * 3), labels) > 3 * large[1]
+
+
+def test_ece_floor_counts_a_lesion_once_however_many_images_it_has() -> None:
+    rng = np.random.default_rng(3)
+    probs = softmax(rng.normal(size=(800, 5)) * 1.5)
+    # Each lesion photographed three times with one diagnosis: 2,400 images, 800 labels.
+    tripled, lesion = np.repeat(probs, 3, axis=0), np.repeat(np.arange(800), 3)
+    alone = ece_floor(probs)
+    grouped = ece_floor(tripled, groups=lesion)
+    independent = ece_floor(tripled)
+    assert abs(grouped[0] - alone[0]) < 0.15 * alone[0], (grouped, alone)
+    assert grouped[0] > 1.4 * independent[0], (grouped, independent)
+    assert grouped[1] > independent[1]
 
 
 def test_per_pattern_temperatures_differ_when_confidence_does() -> None:

@@ -22,7 +22,6 @@ not referred.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from training.config import load_config
 from training.decision_report import write_report
 from training.evaluate import decode_all, manifest_split, run_session
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns
+from training.ranks import confident_rank, conformal_rank
 
 LEVELS = (0.8, 0.9, 0.95)
 # Served sets: each class covered at the stated level with this probability over the val draw.
@@ -44,22 +44,6 @@ CLASS_CONFIDENCE = 0.8
 SCORES = ("lac", "aps")
 _ALWAYS = 2.0  # above every score: the class is always in the set
 _FREE = -1.0  # below every score: a case whose true class the set holds anyway
-
-
-def confident_rank(n: int, level: float, confidence: float) -> int:
-    """The smallest rank r whose r-th smallest of n scores covers ``level`` with probability
-    ``confidence`` over the calibration draw (n + 1 when no rank does)."""
-    below = 0.0  # P(Binomial(n, level) <= r - 1), accumulated term by term
-    log_p, log_q = math.log(level), math.log1p(-level)
-    for r in range(1, n + 1):
-        k = r - 1  # in log space: the binomial coefficient overflows a float past n ~ 1000
-        below += math.exp(
-            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-            + k * log_p + (n - k) * log_q
-        )  # fmt: skip
-        if below >= confidence:
-            return r
-    return n + 1
 
 
 def class_thresholds(
@@ -74,8 +58,7 @@ def class_thresholds(
     out = []
     for k in range(n_classes):
         s = np.sort(scores[labels == k, k])
-        # (n + 1) * level can land a hair above an integer in floating point (70 * 0.9).
-        rank = math.ceil((len(s) + 1) * level - 1e-9)
+        rank = conformal_rank(len(s), level)
         if confidence and rank <= len(s):
             # Raised at most to the largest val score: a class the plain rank can certify is
             # never put in every set for want of cases (impacted stool, 19 val frames, at 0.95).
@@ -114,7 +97,7 @@ def fit_marginal(
     true = np.sort(scores[np.arange(len(labels)), labels])
     out = {}
     for level in LEVELS:
-        rank = math.ceil((len(true) + 1) * level - 1e-9)
+        rank = conformal_rank(len(true), level)
         q = float(true[rank - 1]) if rank <= len(true) else _ALWAYS
         out[f"{level:g}"] = [q] * probs.shape[1]
     return out
@@ -248,6 +231,7 @@ def main(
     if prune and ood_block.get("unused"):  # before the test split is scored on this graph
         prune_layers(model_dir, list(ood_block["unused"]))
         return main(model_dir, out, ood_study, class_confidence, False, ood_block)
+    first_fit = first_fit or removed_earlier(manifest, ood_block, layers)
     if first_fit:
         ood_block["capture_shift_flagged"] = first_fit.get("capture_shift_flagged", {})
         ood_block["unused"] = first_fit["unused"]
@@ -300,7 +284,7 @@ def main(
         pattern = "image_only" if manifest.tabular is not None else "all"
         report["ood"] = {
             k: block["ood"][k]
-            for k in ("score", "capture_shift_flagged", "unused")
+            for k in ("score", "pass_confidence", "capture_shift_flagged", "unused")
             if k in block["ood"]
         }
         report["ood"] |= ood.study(
@@ -325,6 +309,28 @@ def report_dir(model_dir: Path, manifest: Any) -> Path:
     if model_dir.resolve().is_relative_to((REPO / "models").resolve()):
         return REPO / "docs" / "models" / manifest.name / manifest.version
     return model_dir / "decision-report"
+
+
+def removed_earlier(
+    manifest: Any, ood_block: dict[str, Any], layers: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """A refit of a graph an earlier fit pruned: the layers it took out, and why, stay on
+    record beside this fit's (None when nothing was taken out)."""
+    earlier = manifest.raw.get("decision", {}).get("ood", {})
+    present = {f["tensor"] for f in layers}
+    gone = {k: v for k, v in earlier.get("unused", {}).items() if k not in present}
+    if not gone:
+        return None
+    now = ood_block.get("capture_shift_flagged", {})
+    rates = earlier.get("capture_shift_flagged", {})
+    return {
+        # in the first fit's order, this fit's rates where it measured them
+        "capture_shift_flagged": {
+            k: now.get(k, v) for k, v in rates.items() if k in gone or k in now
+        }
+        | now,
+        "unused": gone | ood_block.get("unused", {}),
+    }
 
 
 def prune_layers(model_dir: Path, unused: list[str]) -> None:

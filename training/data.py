@@ -37,6 +37,9 @@ class DatasetSpec:
     path_column: str = "path"
     label_column: str = "label"
     split_column: str = "split"
+    # Cases sharing a value here are one patient's lesion (HAM10000's lesion_id): their labels
+    # are not independent, which widens what a calibration estimate can tell apart.
+    group_column: str = ""
     labels: tuple[str, ...] = ()  # fixed order; empty = sorted labels of the CSV
     tabular: tuple[ColumnSpec, ...] = ()
     missing_tokens: tuple[str, ...] = ("", "unknown", "nan")
@@ -64,6 +67,7 @@ class Table:
     tabular: np.ndarray  # float32 [N,F]: numeric raw value or category index
     mask: np.ndarray  # float32 [N,F]
     label_names: tuple[str, ...] = field(default_factory=tuple)
+    groups: np.ndarray | None = None  # int64 [N]: equal ids = one lesion; None = independent
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -82,7 +86,7 @@ def read_rows(spec: DatasetSpec) -> list[dict[str, str]]:
         columns = set(reader.fieldnames or [])
         rows = list(reader)
     needed = [spec.path_column, spec.label_column, spec.split_column]
-    needed += [c.name for c in spec.tabular]
+    needed += [c.name for c in spec.tabular] + ([spec.group_column] if spec.group_column else [])
     for column in needed:
         if column not in columns:
             raise DatasetError(f"dataset '{spec.name}': column '{column}' missing from {path}")
@@ -169,10 +173,14 @@ def load_split(
                 continue  # a category never seen in training is treated as missing
             mask[i, j] = 1.0
     root = spec.root_dir()
+    groups = None
+    if spec.group_column:
+        _, groups = np.unique([r[spec.group_column] for r in chosen], return_inverse=True)
     return Table(
         paths=[root / r[spec.path_column] for r in chosen],
         labels=np.array([index[r[spec.label_column]] for r in chosen], np.int64),
         tabular=tab,
         mask=mask,
         label_names=names,
+        groups=None if groups is None else groups.astype(np.int64),
     )

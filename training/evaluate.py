@@ -5,6 +5,7 @@ requests to a running endofuse service."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ def evenly_sampled(manifest: Any, split: str, n: int) -> tuple[np.ndarray, np.nd
         tabular=table.tabular[pick],
         mask=table.mask[pick],
         label_names=table.label_names,
+        groups=None if table.groups is None else table.groups[pick],
     )
     return decode_all(sample, manifest), sample.labels
 
@@ -147,6 +149,7 @@ def stratified(table: Table, limit: int | None, seed: int = 0) -> Table:
         tabular=table.tabular[idx],
         mask=table.mask[idx],
         label_names=table.label_names,
+        groups=None if table.groups is None else table.groups[idx],
     )
 
 
@@ -179,11 +182,14 @@ def evaluate_model_dir(
     audit: bool = True,
     service_url: str | None = None,
     audit_frames: int | None = None,
+    group_column: str | None = None,
 ) -> dict[str, Any]:
     import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
     cfg = from_dict(manifest.raw["training"]["config"])
+    if group_column is not None:  # a model trained before its config named the column
+        cfg = replace(cfg, dataset=replace(cfg.dataset, group_column=group_column))
     rows = read_rows(cfg.dataset)
     table = load_split(cfg.dataset, split, manifest.tabular, rows)
     images = decode_all(table, manifest)
@@ -206,7 +212,7 @@ def evaluate_model_dir(
         )
         raw = summarize(softmax(logits), table.labels, manifest.labels)
         calibrated["ece_15_before_temperature"] = raw["ece_15"]
-        calibrated["ece_15_floor"] = ece_floor(probs)
+        calibrated["ece_15_floor"] = ece_floor(probs, groups=table.groups)
         calibrated["reliability"] = reliability(probs, table.labels)
         calibrated["reliability_before_temperature"] = reliability(softmax(logits), table.labels)
         results["patterns"][pattern] = calibrated
@@ -221,6 +227,7 @@ def evaluate_model_dir(
         results["audit"]["scored_by"] = (
             "HTTP requests to a running endofuse service" if service_url else "ONNX Runtime"
         )
+    results["ece_floor_groups"] = cfg.dataset.group_column or None
     results["preprocessing"] = manifest.image.to_manifest()["preprocessing"]
     results["label_rule"] = manifest.label_rule.kind
     return results
@@ -234,16 +241,18 @@ def main(
     service_url: str | None = None,
     baseline: Path | None = None,
     audit_frames: int | None = None,
+    group_column: str | None = None,
 ) -> dict[str, Any]:
     from training.report import write_report
 
-    results = evaluate_model_dir(model_dir, split, audit, service_url, audit_frames)
+    results = evaluate_model_dir(model_dir, split, audit, service_url, audit_frames, group_column)
     results["command"] = " ".join(
         [f"endofuse evaluate {model_dir} --split {split}"]
         + ([f"--service {service_url}"] if service_url else [])
         + ([] if audit else ["--no-audit"])
         + ([f"--audit-frames {audit_frames}"] if audit_frames else [])
         + ([f"--baseline {baseline}"] if baseline else [])
+        + ([f"--group-column {group_column}"] if group_column is not None else [])
     )
     out = out or Path("docs/models") / model_dir.parent.name / model_dir.name
     write_report(results, out, load_manifest(model_dir / "manifest.json"), baseline)

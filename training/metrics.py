@@ -27,17 +27,30 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
 
 
 def ece_floor(
-    probs: np.ndarray, bins: int = 15, draws: int = 200, seed: int = 0
+    probs: np.ndarray,
+    bins: int = 15,
+    draws: int = 200,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """The ECE a perfectly calibrated model with these probabilities would show on this many
     cases (mean and 95th percentile over label draws). The binned estimator is biased upward,
     most where the confidence sits in 0.3-0.9 and cases are few: a measured ECE near this
-    floor cannot be told from perfect calibration."""
+    floor cannot be told from perfect calibration.
+
+    ``groups`` (equal ids = images of one lesion) draws one uniform per group, so a lesion's
+    images get one diagnosis, as they do in the data: fewer independent labels, a higher
+    floor. Where a group's images carry identical probabilities (no image: the tabular-only
+    pattern) they then share their label exactly."""
     rng = np.random.default_rng(seed)
     cum = probs.cumsum(axis=1)
     found = []
     for _ in range(draws):
-        labels = (cum < rng.random((len(probs), 1)) * cum[:, -1:]).sum(axis=1)
+        if groups is None:
+            u = rng.random((len(probs), 1))
+        else:
+            u = rng.random(int(groups.max()) + 1)[groups][:, None]
+        labels = (cum < u * cum[:, -1:]).sum(axis=1)
         found.append(ece(probs, np.minimum(labels, probs.shape[1] - 1), bins))
     return float(np.mean(found)), float(np.percentile(found, 95))
 

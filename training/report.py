@@ -230,7 +230,13 @@ def write_report(
         "`partial` = a random half of each row's recorded fields withheld. "
         "*ECE if perfectly calibrated*: the mean (and 95th percentile) ECE of labels drawn "
         "from the model's own probabilities, the estimator's floor at this n "
-        "(`training.metrics.ece_floor`).",
+        "(`training.metrics.ece_floor`)"
+        + (
+            f"; labels drawn once per `{results['ece_floor_groups']}`, as a lesion's images "
+            "share one diagnosis (fewer independent labels, a higher floor)."
+            if results.get("ece_floor_groups")
+            else "."
+        ),
         "",
         "![confusion matrix](confusion.png)",
         "",

@@ -1,0 +1,35 @@
+"""Split-conformal ranks, shared by the prediction sets (``training.conformal``) and the
+out-of-distribution threshold (``training.ood``). Torch-free.
+
+The r-th smallest of n exchangeable calibration scores covers a new score with probability
+r / (n + 1) on average over calibration draws; for one given draw its coverage is
+Beta(r, n + 1 - r), so P(coverage >= level) = P(Binomial(n, level) <= r - 1)
+(a training-conditional guarantee, Vovk 2012).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def conformal_rank(n: int, level: float) -> int:
+    """ceil((n + 1) level): the rank that covers ``level`` on average (n + 1 when n is too
+    small for it)."""
+    # (n + 1) * level can land a hair above an integer in floating point (70 * 0.9).
+    return min(math.ceil((n + 1) * level - 1e-9), n + 1)
+
+
+def confident_rank(n: int, level: float, confidence: float) -> int:
+    """The smallest rank r whose r-th smallest of n scores covers ``level`` with probability
+    ``confidence`` over the calibration draw (n + 1 when no rank does)."""
+    below = 0.0  # P(Binomial(n, level) <= r - 1), accumulated term by term
+    log_p, log_q = math.log(level), math.log1p(-level)
+    for r in range(1, n + 1):
+        k = r - 1  # in log space: the binomial coefficient overflows a float past n ~ 1000
+        below += math.exp(
+            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+            + k * log_p + (n - k) * log_q
+        )  # fmt: skip
+        if below >= confidence:
+            return r
+    return n + 1
