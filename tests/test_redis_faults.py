@@ -141,9 +141,11 @@ def api_metric(client: TestClient, name: str) -> float:
 
 def test_kill_9_mid_batch_loses_nothing(deploy, redis_server, slow_registry) -> None:
     client, (a, b) = deploy(n_workers=2)
+    b.signal(signal.SIGSTOP)  # A reads the requests and surely holds a batch (as below)
     futures = fire(client, range(40))
     stop_mid_batch(a, redis_server)
     a.signal(signal.SIGKILL)
+    b.signal(signal.SIGCONT)
     check_all_answered(futures, range(40), slow_registry)
     # A's unacknowledged entries are taken over (answered again if A had already replied:
     # the API drops those duplicates) and nothing is left behind.
@@ -153,8 +155,12 @@ def test_kill_9_mid_batch_loses_nothing(deploy, redis_server, slow_registry) -> 
 
 def test_stopped_worker_late_replies_are_ignored(deploy, redis_server, slow_registry) -> None:
     client, (a, b) = deploy(n_workers=2, reclaim_idle_ms=800)
+    # B paused while the requests arrive: A reads them, so A surely holds a batch to be
+    # stopped in (with both reading, a busy machine could let B read all 24 first).
+    b.signal(signal.SIGSTOP)
     futures = fire(client, range(24))
     stop_mid_batch(a, redis_server)
+    b.signal(signal.SIGCONT)
     check_all_answered(futures, range(24), slow_registry)
     wait_for(lambda: b.metric("endofuse_reclaimed_total") > 0, 10, "B to take over")
     a.signal(signal.SIGCONT)

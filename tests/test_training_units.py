@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="training tests need the 'train' ext
 from training.backbone import EfficientNetLite0, checkpoint_path, load_pretrained  # noqa: E402
 from training.calibrate import fit_per_pattern, fit_temperature, softmax  # noqa: E402
 from training.data import ColumnSpec, DatasetError, DatasetSpec, fit_schema, load_split, read_rows  # noqa: E402
-from training.metrics import classwise_ece, ece, ece_floor, summarize  # noqa: E402
+from training.metrics import calibrated_eces, classwise_ece, ece, ece_floor, summarize  # noqa: E402
 from training.patterns import (  # noqa: E402
     ALL,
     IMAGE_ONLY,
@@ -170,6 +170,20 @@ def test_ece_floor_counts_a_lesion_once_however_many_images_it_has() -> None:
     assert abs(grouped[0] - alone[0]) < 0.15 * alone[0], (grouped, alone)
     assert grouped[0] > 1.4 * independent[0], (grouped, independent)
     assert grouped[1] > independent[1]
+
+
+def test_calibrated_draws_give_a_p_value_that_rejects_only_miscalibration() -> None:
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(1000, 5)) * 1.5
+    probs = softmax(logits)
+    null = calibrated_eces(probs, draws=300)
+    p_values = []
+    for _ in range(20):  # test splits labelled by a perfectly calibrated world
+        labels = (probs.cumsum(1) < rng.random((1000, 1))).sum(1)
+        p_values.append(np.mean(null >= ece(probs, labels)))
+    assert np.mean(np.array(p_values) < 0.05) <= 0.2, p_values
+    overconfident = softmax(logits * 3)
+    assert np.mean(calibrated_eces(overconfident, draws=300) >= ece(overconfident, labels)) == 0
 
 
 def test_per_pattern_temperatures_differ_when_confidence_does() -> None:
