@@ -18,7 +18,7 @@ from training.audit import CHANGES, Predict, counterfactual, metadata_risk
 from training.calibrate import softmax
 from training.config import from_dict
 from training.data import Table, load_split, read_rows
-from training.metrics import calibrated_eces, reliability, summarize
+from training.metrics import calibrated_eces, floor_of, reliability, summarize
 from training.patterns import apply_eval_pattern, eval_patterns
 
 
@@ -213,7 +213,7 @@ def evaluate_model_dir(
         raw = summarize(softmax(logits), table.labels, manifest.labels)
         calibrated["ece_15_before_temperature"] = raw["ece_15"]
         null = calibrated_eces(probs, draws=1000, groups=table.groups)
-        calibrated["ece_15_floor"] = [float(np.mean(null)), float(np.percentile(null, 95))]
+        calibrated["ece_15_floor"] = list(floor_of(null))
         # How often a perfectly calibrated model measures at least this ECE here: a p-value.
         calibrated["ece_15_calibrated_at_least"] = float(np.mean(null >= calibrated["ece_15"]))
         calibrated["reliability"] = reliability(probs, table.labels)

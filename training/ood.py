@@ -55,9 +55,6 @@ def pass_threshold(
     return float(np.sort(scores)[k - 1])
 
 
-column = signal_column  # the ``ood_distance`` column a signal name reads
-
-
 def choose_signals(
     val_rows: np.ndarray,
     shifted_rows: np.ndarray | None,
@@ -91,7 +88,7 @@ def choose_signals(
     if not kept:
         return ["energy"], rates
     if dims:
-        kept = [min(kept, key=lambda k: dims[column(k)])]
+        kept = [min(kept, key=lambda k: dims[signal_column(k)])]
     return kept, rates
 
 
@@ -130,7 +127,7 @@ def fit_thresholds(
     names = layer_names or []
 
     def layer(key: str) -> str:
-        j = column(key)
+        j = signal_column(key)
         return names[j] if j < len(names) else key
 
     if scale:
