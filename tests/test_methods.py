@@ -137,6 +137,21 @@ def test_mask_input_hides_the_requested_share() -> None:
     assert abs((vec == 0).float().mean().item() - 0.25) < 0.05
 
 
+def test_mask_pixels_hides_whole_patches() -> None:
+    from training.reconstruction import PATCH, mask_pixels
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.full((64, 40, 50, 3), 200.0)  # not a multiple of the patch size
+    masked = mask_pixels(pixels, 0.5, gen)
+    assert masked.shape == pixels.shape
+    hidden = masked[..., 0] == 0
+    assert torch.equal(hidden, masked[..., 2] == 0), "every channel of a pixel"
+    assert abs(hidden.float().mean().item() - 0.5) < 0.06
+    # Constant inside each patch: a patch is hidden whole or not at all.
+    corner = hidden[:, :PATCH, :PATCH]
+    assert torch.equal(corner.all(dim=(1, 2)), corner.any(dim=(1, 2)))
+
+
 def _tiny_model(tabular: bool) -> FusionModel:
     schema = None
     if tabular:

@@ -3,6 +3,8 @@ uses: graph edits checked against numpy, the capture-shift rule, the pass thresh
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -159,6 +161,33 @@ def test_confident_threshold_lets_the_rate_through_for_most_val_draws(n: int) ->
     assert np.mean(plain < PASS_RATE) > 0.3  # the plain rank: many draws fall short
     assert np.mean(confident < PASS_RATE) <= 0.2 + 0.03
     assert (confident >= plain).all()
+
+
+def test_flagged_count_tail_matches_simulated_val_and_test_draws() -> None:
+    """The chance of a test split flagging k or more, given the val fit, agrees with drawing
+    val and test from one distribution many times, and with scipy's beta-binomial."""
+    from training.ood import against_val
+    from training.ranks import exceed_tail
+
+    n, m, k = 60, 50, 6
+    rng = np.random.default_rng(5)
+    hits, draws = 0, 10000
+    for _ in range(draws):
+        val = rng.random(n)
+        t = pass_threshold(val)
+        assert np.sum(val <= t) == 58  # ceil(61 * 0.95): the same rank whatever the draw
+        hits += np.sum(rng.random(m) > t) >= k
+    assert abs(hits / draws - exceed_tail(n, 58, m, k)) < 0.02
+    stats = pytest.importorskip("scipy.stats")
+    assert exceed_tail(300, 289, 298, 18) == pytest.approx(stats.betabinom(298, 12, 289).sf(17))
+    assert exceed_tail(300, 289, 298, 0) == 1.0
+    tails = [exceed_tail(300, 289, 298, j) for j in range(0, 40)]
+    assert all(a >= b for a, b in itertools.pairwise(tails))
+    # against_val counts val rows above the threshold on the served score.
+    rows = np.column_stack([np.zeros((10, 3)), np.arange(10.0)])  # energy-free: distance only
+    out = against_val(rows, 3, 6.5, {"distance": (0.0, 1.0)}, flagged=2, n_in=10)
+    assert out["val_above"] == 3 and out["n_val"] == 10
+    assert out["p_as_many_flagged"] == pytest.approx(exceed_tail(10, 7, 10, 2))
 
 
 def test_a_refit_keeps_the_record_of_layers_an_earlier_fit_took_out() -> None:

@@ -285,3 +285,40 @@ def test_curriculum_scores_difficulty_on_the_whole_backbone(tmp_path: Path) -> N
     assert (run / "results.json").is_file()
     assert len(seen) == 1 and len(seen[0]) == 6 * 7  # one epoch, every labelled training row
     assert np.all((seen[0] >= 0) & (seen[0] <= 1))
+
+
+@pytest.mark.parametrize("name", ["ham2", "hk2"])
+def test_mics_pretraining_runs_over_pixels_on_the_whole_backbone(tmp_path: Path, name: str) -> None:
+    """MICS on a full fine-tune, with tabular fields and without: the label-free stage draws
+    augmented views of each training frame through the whole backbone, moves the backbone's
+    weights, then the fine-tune starts from them and completes."""
+    from training import pretrain, train
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "CACHE_DIR", tmp_path / "cache")
+    moved: list[float] = []
+    original = pretrain.pretrain_pixels
+
+    def recorded(model, *args, **kwargs):
+        before = [p.detach().clone() for p in model.tail.parameters()]
+        history = original(model, *args, **kwargs)
+        after = list(model.tail.parameters())
+        moved.append(max((a - b).abs().max().item() for a, b in zip(after, before, strict=True)))
+        return history
+
+    mp.setattr(train, "pretrain_pixels", recorded)
+    try:
+        config = smoke_config(tmp_path, name)
+        raw = yaml.safe_load(config.read_text())
+        raw["methods"] = {"pretrain": {"enabled": True, "epochs": 2}}
+        config.write_text(yaml.safe_dump(raw))
+        run = train.main(config, tmp_path / "run")
+    finally:
+        mp.undo()
+    assert (run / "results.json").is_file()
+    assert len(moved) == 1 and moved[0] > 0
+    history = json.loads((run / "pretrain.json").read_text())
+    assert len(history) == 2
+    for epoch in history:
+        assert set(epoch) == {"consistency", "reconstruction", "alignment"}
+        assert all(np.isfinite(v) and v > 0 for v in epoch.values())

@@ -287,12 +287,17 @@ def main(
             for k in ("score", "pass_confidence", "capture_shift_flagged", "unused")
             if k in block["ood"]
         }
+        threshold = block["ood"]["thresholds"][pattern]
+        scale = params.ood_scale.get(pattern) if params.ood_scale else None
         report["ood"] |= ood.study(
             session, manifest, test_out[pattern][1], test_scored.uniform,
-            ood_inputs(manifest, test_table),
-            block["ood"]["thresholds"][pattern],
-            params.ood_scale.get(pattern) if params.ood_scale else None,
+            ood_inputs(manifest, test_table), threshold, scale,
         )  # fmt: skip
+        n_in = report["ood"]["n_in"]
+        flagged = round(report["ood"]["in_distribution_flagged"] * n_in)
+        report["ood"] |= ood.against_val(
+            val_out[pattern][1], len(manifest.labels), threshold, scale, flagged, n_in
+        )
     raw = dict(manifest.raw, decision=block)
     (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
     write_report(report, out or report_dir(model_dir, manifest))

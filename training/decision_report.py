@@ -35,6 +35,17 @@ def _threshold_text(confidence: float | None) -> str:
     )
 
 
+def _against_val_text(o: dict[str, Any]) -> str:
+    if "p_as_many_flagged" not in o:
+        return ""
+    return (
+        f" On val, {o['val_above']} of {o['n_val']} lie above the threshold; were the test "
+        f"inputs drawn as val was, {100 * o['in_distribution_flagged']:.1f} % or more would be "
+        f"flagged with probability {100 * o['p_as_many_flagged']:.0f} % (beta-binomial: the "
+        "threshold's own pass rate varies with the val draw)."
+    )
+
+
 def _shift_text(ood_report: dict[str, Any]) -> str:
     rates = ood_report.get("capture_shift_flagged")
     if not rates:
@@ -116,7 +127,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             + " "
             "AUROC: in-distribution test inputs against each set (1.0 = always told apart). "
             f"In-distribution test inputs flagged: {100 * o['in_distribution_flagged']:.1f} % "
-            f"(n = {o['n_in']}).{_shift_text(o)}",
+            f"(n = {o['n_in']}).{_against_val_text(o)}{_shift_text(o)}",
             "",
             "| inputs | n | AUROC | flagged |",
             "|---|---|---|---|",

@@ -47,6 +47,15 @@ class BackboneTail(nn.Module):
         return F.relu6(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
 
 
+def set_tail_mode(model: FusionModel) -> None:
+    """Train the tail's weights but keep its BatchNorm statistics from ImageNet: batches of
+    a few dozen images estimate them worse than the pretrained running averages."""
+    if model.tail is not None:
+        for m in model.tail.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+
+
 class TabularEncoder(nn.Module):
     def __init__(self, schema: TabularSchema, dim: int) -> None:
         super().__init__()

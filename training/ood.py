@@ -26,7 +26,7 @@ from training.data import DatasetSpec, load_split, read_rows
 from training.decision_plots import roc_points
 from training.evaluate import run_session
 from training.metrics import auroc
-from training.ranks import confident_rank, conformal_rank
+from training.ranks import confident_rank, conformal_rank, exceed_tail
 
 PASS_RATE = 0.95
 # P(the served threshold lets PASS_RATE of new in-distribution inputs through) over the val
@@ -157,6 +157,26 @@ def separation(inside: np.ndarray, outside: np.ndarray) -> float:
     """AUROC: P(score of an outside input > score of an inside one), ties counted half."""
     positive = np.r_[np.zeros(len(inside), bool), np.ones(len(outside), bool)]
     return auroc(np.concatenate([inside, outside]), positive)
+
+
+def against_val(
+    val_rows: np.ndarray,
+    n_labels: int,
+    threshold: float,
+    scale: dict[str, tuple[float, float]] | None,
+    flagged: int,
+    n_in: int,
+) -> dict[str, Any]:
+    """How many val inputs lie above the threshold, and the probability that ``flagged`` or
+    more of ``n_in`` in-distribution inputs would be flagged were they drawn as val was (a
+    test share above the nominal 5 % is a fact about the test draw when that is large)."""
+    above = int(np.sum(ood_score(ood_signals(val_rows, n_labels), scale) > threshold))
+    n = len(val_rows)
+    return {
+        "val_above": above,
+        "n_val": n,
+        "p_as_many_flagged": exceed_tail(n, n - above, n_in, flagged),
+    }
 
 
 def _jpeg(image: Image.Image) -> bytes:

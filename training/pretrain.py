@@ -17,6 +17,10 @@ not use) that trains the image path, the tabular encoder and the projector with
 
 With cluster-guided negatives on, both InfoNCE terms use them (``training.negatives``) and the
 reconstruction decoder is cross-modal.
+
+On a full fine-tune (``model.finetune_from_block: 0``) the stage runs over pixels
+(``pretrain_pixels``): the views are two draws of the training augmentation and the
+reconstruction hides square patches of the image.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from tqdm import tqdm
 from training.config import Config
 from training.data import Table
 from training.features import FeatureSet
-from training.model import FusionModel, contrastive_loss
+from training.images import AugmentedImages
+from training.model import FusionModel, contrastive_loss, set_tail_mode
 from training.negatives import ClusterGuide, weighted_infonce
 from training.objectives import make_decoder, make_guide
 from training.reconstruction import Reconstructor, reconstruction_loss
@@ -37,7 +42,8 @@ from training.reconstruction import Reconstructor, reconstruction_loss
 
 def perturb(x: torch.Tensor, noise: float, drop: float = 0.0) -> torch.Tensor:
     """Feature-space augmentation: multiplicative Gaussian noise and channel dropout."""
-    x = x * (1 + noise * torch.randn_like(x))
+    if noise > 0:
+        x = x * (1 + noise * torch.randn_like(x))
     return F.dropout(x, drop) if drop > 0 else x
 
 
@@ -58,11 +64,19 @@ def pretrain_step(
     values: torch.Tensor | None,
     mask: torch.Tensor | None,
     guide: ClusterGuide | None,
+    noise: float | None = None,
+    xc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step's loss and its parts. ``noise``: the views' feature noise (default the
+    config's; 0 where the views are augmented pixels already). ``xc``: a third augmented
+    view of ``xa``'s images, the second "modality" of image-only data over pixels (feature
+    noise and channel dropout are no augmentation of pixels)."""
     pc = cfg.methods.pretrain
+    noise = pc.feature_noise if noise is None else noise
     ones = torch.ones(len(xa), 1)
-    ea = model.encode(model.image_features(perturb(xa, pc.feature_noise)), values, mask, ones)
-    eb = model.image_features(perturb(xb, pc.feature_noise))
+    pa = model.image_features(perturb(xa, noise))
+    ea = model.encode(pa, values, mask, ones)
+    eb = model.image_features(perturb(xb, noise))
     za = model.projector(ea["image"])
     zb = model.projector(model.image_proj(eb))
     consistency = info_nce(za, zb, pc.temperature, guide)
@@ -72,7 +86,10 @@ def pretrain_step(
             za[present], model.projector(ea["tabular"][present]), pc.temperature, None
         )
     else:
-        photometric = model.image_features(perturb(xa, pc.feature_noise, drop=0.2))
+        if xc is None:
+            photometric = model.image_features(perturb(xa, pc.feature_noise, drop=0.2))
+        else:
+            photometric = model.image_features(xc)
         alignment = info_nce(
             za, model.projector(model.image_proj(photometric)), pc.temperature, None
         )
@@ -84,6 +101,7 @@ def pretrain_step(
         pc.mask_ratio,
         values if cross else None,
         mask if cross else None,
+        unmasked=pa if noise == 0 else None,
     )
     loss = (
         pc.consistency_weight * consistency
@@ -135,6 +153,60 @@ def pretrain(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
             optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx) / n
+        history.append(sums)
+        print(f"pretrain {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+    return history
+
+
+def pretrain_pixels(
+    model: FusionModel,
+    cfg: Config,
+    images: AugmentedImages,
+    table: Table,
+    rng: np.random.Generator,
+) -> list[dict[str, float]]:
+    """The label-free stage over pixels, for a full fine-tune: the two views of an image are
+    two independent draws of the training augmentation (crops, colour, overlays) through the
+    whole backbone, and the reconstruction masks square patches of the first view. The
+    backbone learns at the fine-tune's backbone rate (the head's rate would wash out the
+    ImageNet weights), its BatchNorm statistics stay ImageNet's, as in fine-tuning. A step
+    runs the backbone three times with gradients (four without tabular fields)."""
+    pc, tc = cfg.methods.pretrain, cfg.train
+    has_tab = model.tabular is not None
+    decoder = make_decoder(model, cross_modal=cfg.methods.negatives.enabled)
+    guide = make_guide(cfg)
+    tail = list(model.tail.parameters()) if model.tail is not None else []
+    tail_ids = {id(p) for p in tail}
+    head = [p for p in model.parameters() if id(p) not in tail_ids] + list(decoder.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": head, "lr": pc.lr}, {"params": tail, "lr": tc.backbone_lr}],
+        weight_decay=tc.weight_decay,
+    )
+    n, history = len(table), []
+    for epoch in range(pc.epochs):
+        model.train()
+        set_tail_mode(model)
+        order = rng.permutation(n)
+        sums: dict[str, float] = {}
+        steps = range(0, n - 1, tc.batch_size)
+        bar = tqdm(steps, desc=f"pretrain {epoch + 1}/{pc.epochs}", unit="step")
+        for s in bar:
+            idx = order[s : s + tc.batch_size]
+            if len(idx) < 2:
+                continue
+            xa = torch.from_numpy(images.batch(idx, rng))
+            xb = torch.from_numpy(images.batch(idx, rng))
+            values = torch.from_numpy(table.tabular[idx]) if has_tab else None
+            mask = torch.from_numpy(table.mask[idx]) if has_tab else None
+            xc = None if has_tab else torch.from_numpy(images.batch(idx, rng))
+            loss, parts = pretrain_step(model, decoder, cfg, xa, xb, values, mask, guide, 0.0, xc)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head + tail, 5.0)
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx) / n
         history.append(sums)

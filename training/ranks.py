@@ -33,3 +33,26 @@ def confident_rank(n: int, level: float, confidence: float) -> int:
         if below >= confidence:
             return r
     return n + 1
+
+
+def exceed_tail(n: int, passed: int, m: int, k: int) -> float:
+    """P(at least ``k`` of ``m`` new inputs land above a threshold that ``passed`` of ``n``
+    calibration scores were at or below), where the new and the calibration scores are
+    exchangeable (distinct scores). The threshold's pass rate is Beta(passed, n + 1 - passed)
+    over the calibration draw, so the count above it is beta-binomial: a new split's flagged
+    share, judged against what the calibration split's own draw allows."""
+    a, b = n + 1 - passed, passed  # Beta parameters of the share above the threshold
+    if k <= 0:
+        return 1.0
+
+    def log_beta(x: float, y: float) -> float:
+        return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
+
+    base = log_beta(a, b)
+    total = 0.0
+    for x in range(k, m + 1):
+        total += math.exp(
+            math.lgamma(m + 1) - math.lgamma(x + 1) - math.lgamma(m - x + 1)
+            + log_beta(x + a, m - x + b) - base
+        )  # fmt: skip
+    return min(total, 1.0)

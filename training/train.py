@@ -25,10 +25,10 @@ from training.curriculum import curriculum_order, difficulty, progress, sample_o
 from training.data import Table, fit_schema, load_split, read_rows
 from training.features import FeatureSet, cached_features
 from training.images import AugmentedImages, pixel_set
-from training.model import BackboneTail, FusionModel
+from training.model import BackboneTail, FusionModel, set_tail_mode
 from training.objectives import Auxiliary, build_auxiliary, make_batch, train_step
 from training.patterns import PATTERN_NAMES
-from training.pretrain import pretrain
+from training.pretrain import pretrain, pretrain_pixels
 from training.scoring import (
     collect_logits,
     evaluate,
@@ -51,15 +51,6 @@ def build_model(cfg: Config, n_classes: int, schema: Any) -> FusionModel:
     if cfg.model.finetune_from_block is not None:
         tail = BackboneTail(load_pretrained(), cfg.model.finetune_from_block)
     return FusionModel(n_classes, schema, cfg.model, tail)
-
-
-def set_tail_mode(model: FusionModel) -> None:
-    # Fine-tune the tail's weights but keep its BatchNorm statistics from ImageNet: batches of
-    # a few dozen images estimate them worse than the pretrained running averages.
-    if model.tail is not None:
-        for m in model.tail.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.eval()
 
 
 @dataclass
@@ -184,10 +175,9 @@ def fit(
         model.load_state_dict(warm["model"])
         print(f"starting from {tc.init_from} (its epoch {warm['epoch']})")
     elif cfg.methods.pretrain.enabled:
-        if isinstance(feats["train"], AugmentedImages):
-            raise SystemExit("methods.pretrain needs cached features (finetune_from_block > 0)")
         # --- label-free stage over every training image, labelled or not
-        losses = pretrain(model, cfg, feats["train"], train, rng)
+        stage = pretrain_pixels if isinstance(feats["train"], AugmentedImages) else pretrain
+        losses = stage(model, cfg, feats["train"], train, rng)
         (run_dir / "pretrain.json").write_text(json.dumps(losses, indent=2))
 
     # --- training loop
