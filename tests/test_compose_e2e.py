@@ -196,11 +196,24 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     headers = {"X-API-Key": d.key}
     frames = [f.read_bytes() for f in fullres_frames[:12]]
 
-    # Ready through the gateway only once a worker serves every model.
-    wait_until(lambda: httpx.get(f"{base}/readyz", timeout=3).status_code == 200, 240, "ready")
+    # Ready through the gateway only once a worker serves every model. The gateway spreads
+    # requests over 2 API replicas of 2 processes each, and each process sees a new worker
+    # at its own next look at the heartbeats (every second): one ready answer says that one
+    # process is. Ready is 8 answers in a row, and again 2 s later, when every process that
+    # answered has looked at least once since.
+    def ready_everywhere() -> bool:
+        answers = [httpx.get(f"{base}/readyz", timeout=3) for _ in range(8)]
+        return all(
+            r.status_code == 200
+            and r.json()["workers"]
+            and all(n >= 1 for n in r.json()["workers"].values())
+            for r in answers
+        )
+
+    wait_until(ready_everywhere, 240, "ready on every API process")
     print(f"ready through the gateway {time.monotonic() - d.started:.1f} s after `up`")
-    ready = httpx.get(f"{base}/readyz", timeout=3).json()
-    assert all(n >= 1 for n in ready["workers"].values()), ready
+    time.sleep(2)
+    assert ready_everywhere(), httpx.get(f"{base}/readyz", timeout=3).json()
     assert len(d.containers("api")) == 2 and len(d.containers("worker")) == 2
 
     # Real frames through the gateway; without a key, 401.
