@@ -72,6 +72,17 @@ class Table:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def rows(self, idx: np.ndarray) -> Table:
+        """The rows ``idx`` (in that order), every per-row field taken alike."""
+        return Table(
+            paths=[self.paths[i] for i in idx],
+            labels=self.labels[idx],
+            tabular=self.tabular[idx],
+            mask=self.mask[idx],
+            label_names=self.label_names,
+            groups=None if self.groups is None else self.groups[idx],
+        )
+
 
 class DatasetError(ValueError):
     pass

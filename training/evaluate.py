@@ -41,14 +41,7 @@ def evenly_sampled(manifest: Any, split: str, n: int) -> tuple[np.ndarray, np.nd
     service decodes them, and their label indices."""
     table = manifest_split(manifest, split)
     pick = np.linspace(0, len(table) - 1, min(n, len(table))).astype(int)
-    sample = Table(
-        paths=[table.paths[i] for i in pick],
-        labels=table.labels[pick],
-        tabular=table.tabular[pick],
-        mask=table.mask[pick],
-        label_names=table.label_names,
-        groups=None if table.groups is None else table.groups[pick],
-    )
+    sample = table.rows(pick)
     return decode_all(sample, manifest), sample.labels
 
 
@@ -142,15 +135,7 @@ def stratified(table: Table, limit: int | None, seed: int = 0) -> Table:
         rows = np.flatnonzero(table.labels == k)
         n = min(len(rows), max(5, round(limit * len(rows) / len(table))))
         keep.append(np.sort(rng.choice(rows, n, replace=False)))
-    idx = np.sort(np.concatenate(keep))
-    return Table(
-        paths=[table.paths[i] for i in idx],
-        labels=table.labels[idx],
-        tabular=table.tabular[idx],
-        mask=table.mask[idx],
-        label_names=table.label_names,
-        groups=None if table.groups is None else table.groups[idx],
-    )
+    return table.rows(np.sort(np.concatenate(keep)))
 
 
 def capture_audit(

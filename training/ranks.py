@@ -12,6 +12,11 @@ from __future__ import annotations
 import math
 
 
+def _log_comb(n: int, k: int) -> float:
+    # In log space: the binomial coefficient overflows a float past n ~ 1000.
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
 def conformal_rank(n: int, level: float) -> int:
     """ceil((n + 1) level): the rank that covers ``level`` on average (n + 1 when n is too
     small for it)."""
@@ -25,11 +30,8 @@ def confident_rank(n: int, level: float, confidence: float) -> int:
     below = 0.0  # P(Binomial(n, level) <= r - 1), accumulated term by term
     log_p, log_q = math.log(level), math.log1p(-level)
     for r in range(1, n + 1):
-        k = r - 1  # in log space: the binomial coefficient overflows a float past n ~ 1000
-        below += math.exp(
-            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-            + k * log_p + (n - k) * log_q
-        )  # fmt: skip
+        k = r - 1
+        below += math.exp(_log_comb(n, k) + k * log_p + (n - k) * log_q)
         if below >= confidence:
             return r
     return n + 1
@@ -51,8 +53,5 @@ def exceed_tail(n: int, passed: int, m: int, k: int) -> float:
     base = log_beta(a, b)
     total = 0.0
     for x in range(k, m + 1):
-        total += math.exp(
-            math.lgamma(m + 1) - math.lgamma(x + 1) - math.lgamma(m - x + 1)
-            + log_beta(x + a, m - x + b) - base
-        )  # fmt: skip
+        total += math.exp(_log_comb(m, x) + log_beta(x + a, m - x + b) - base)
     return min(total, 1.0)
