@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from bench.serving import data_dir, frames, publish  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
+from service.sessions import open_session  # noqa: E402
 
 
 def session(model: Path, threads: int) -> ort.InferenceSession:
@@ -30,7 +31,7 @@ def session(model: Path, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return open_session(model, options)
 
 
 def throughput(model: Path, images: np.ndarray, sessions: int, threads: int, batch: int,

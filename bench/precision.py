@@ -3,8 +3,8 @@ sizes 1, 8 and 16, and end to end through one server holding both versions (the 
 load generator and server, two rounds in opposite orders). Each model gets frames of its own
 kind: the 40 full-resolution endoscopy frames, or 40 dermoscopy images of the test split.
 
-    python bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 3 --out docs/performance.md
-    python bench/precision.py --model ham10000 --fp32 2 --int8 3 --out docs/performance.md
+    python bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 4 --out docs/performance.md
+    python bench/precision.py --model ham10000 --fp32 2 --int8 4 --out docs/performance.md
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from bench.loadgen import load_cells, multipart_request  # noqa: E402
 from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
+from service.sessions import open_session  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_split, read_rows  # noqa: E402
 from training.ood_embed import image_only_feeds, input_names  # noqa: E402
@@ -44,31 +45,45 @@ def describe_frames(model: str) -> str:
     return "the 40 full-resolution frames"
 
 
-def per_image_ms(model_dir: Path, images: np.ndarray, batch: int, rounds: int = 20) -> float:
+def session(model_dir: Path) -> tuple[ort.InferenceSession, int]:
+    """One single-threaded session, as each engine instance runs on a CPU, spinning off."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    sess = open_session(model_dir / "model.onnx", options)
     manifest = load_manifest(model_dir / "manifest.json")
-    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
-    feeds = image_only_feeds(input_names(session), images[:batch], n_fields)
-    session.run(["probabilities"], feeds)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        session.run(["probabilities"], feeds)
-        times.append((time.perf_counter() - start) / batch * 1e3)
-    return statistics.median(times)
+    return sess, len(manifest.tabular.fields) if manifest.tabular else 0
+
+
+def per_image_ms(
+    dirs: dict[str, Path], images: np.ndarray, batch: int, rounds: int = 10, runs: int = 5
+) -> dict[str, float]:
+    """Median ms per image of each version at ``batch``, the versions interleaved round by
+    round (in opposite orders) so that a noisy neighbour slows both alike."""
+    times: dict[str, list[float]] = {kind: [] for kind in dirs}
+    loaded = {kind: session(d) for kind, d in dirs.items()}
+    feeds = {k: image_only_feeds(input_names(s), images[:batch], n) for k, (s, n) in loaded.items()}
+    for kind, (sess, _) in loaded.items():
+        sess.run(["probabilities"], feeds[kind])
+    for round_ in range(rounds):
+        order = list(loaded.items()) if round_ % 2 == 0 else list(reversed(loaded.items()))
+        for kind, (sess, _) in order:
+            for _ in range(runs):
+                start = time.perf_counter()
+                sess.run(["probabilities"], feeds[kind])
+                times[kind].append((time.perf_counter() - start) / batch * 1e3)
+    return {kind: statistics.median(t) for kind, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="hyperkvasir-lgi")
     parser.add_argument("--fp32", default="2")
-    parser.add_argument("--int8", default="3")
+    parser.add_argument("--int8", default="4")
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-http", action="store_true", help="in-process cost only")
     args = parser.parse_args()
     data = data_dir()
     raw = model_frames(data, args.model)
@@ -76,10 +91,17 @@ def main() -> None:
     dirs = {k: REPO / "models" / args.model / v for k, v in versions.items()}
     spec = load_manifest(dirs["fp32"] / "manifest.json").image
     images = np.stack([decode_image(f, spec) for f in raw[:16]])
+    batches = (1, 8, 16)
+    cost = {b: per_image_ms(dirs, images, b) for b in batches}
     rows = ["| in process, ms per image | batch 1 | batch 8 | batch 16 |", "|---|---|---|---|"]
-    for kind, d in dirs.items():
-        cells = [f"{per_image_ms(d, images, b):.2f}" for b in (1, 8, 16)]
+    for kind in dirs:
+        cells = [f"{cost[b][kind]:.2f}" for b in batches]
         rows.append(f"| {kind} (version {versions[kind]}) | " + " | ".join(cells) + " |")
+    speedup = [f"**{cost[b]['fp32'] / cost[b]['int8']:.2f}×**" for b in batches]
+    rows.append("| fp32 ÷ int8 | " + " | ".join(speedup) + " |")
+    print("\n".join(rows), flush=True)
+    if args.no_http:
+        return
     port = free_port()
     proc = start_server(REPO / "models", args.model, port, spinning=False)
     http = ["| round | version | c=1 req/s | c=1 p50 ms | c=8 req/s | c=32 req/s |",
@@ -101,8 +123,9 @@ def main() -> None:
         f"int8 against fp32: {args.model}",
         [
             f"`{args.model}` version {args.fp32} (fp32) and its int8 variant, version "
-            f"{args.int8}; in process: ONNX Runtime, 2 intra-op threads, spinning off, median "
-            f"of 20 runs; end to end: {describe_frames(args.model)} as multipart, "
+            f"{args.int8}; in process: ONNX Runtime, one single-threaded session per version (as "
+            "each engine instance on a CPU), spinning off, median of 50 runs interleaved with "
+            f"the other version's; end to end: {describe_frames(args.model)} as multipart, "
             f"{args.seconds:g} s per point.",
             "",
             *rows,

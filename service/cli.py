@@ -223,8 +223,11 @@ def quantize(
     model_dir: Path = typer.Argument(..., exists=True, help="An fp32 version, e.g. models/m/2"),
     version: str = typer.Option(..., "--version", help="Version of the int8 variant"),
     calibration: int = typer.Option(256, help="Training frames the ranges are calibrated on"),
-    quantize_depthwise: bool = typer.Option(
-        False, help="Quantise the depthwise convolutions too (faster, less accurate)"
+    probe: int = typer.Option(
+        256, help="Val frames each layer's cost in int8 is measured on, no labels (0: none)"
+    ),
+    target_kl: float = typer.Option(
+        0.005, help="Put layers back in float until int8's KL to fp32 on them is at most this"
     ),
 ) -> None:
     """Write a static int8 variant of a model version (precision: int8 in its manifest), and
@@ -232,7 +235,7 @@ def quantize(
     _training()
     from training import conformal, quantize
 
-    dst = quantize.main(model_dir, version, calibration, keep_depthwise=not quantize_depthwise)
+    dst = quantize.main(model_dir, version, calibration, probe, target_kl)
     typer.echo(f"wrote {dst}")
     conformal.main(dst)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from service.errors import InferenceFailed, ManifestError
 from service.manifest import Manifest, check_against_graph
+from service.sessions import open_session
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,7 @@ class Engine:
             "session.intra_op.allow_spinning", "1" if spinning else "0"
         )
         try:
-            self.session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=providers
-            )
+            self.session = open_session(model_path, options, providers)
         except Exception as exc:
             raise ManifestError(f"{model_path}: ONNX Runtime could not load it ({exc})") from exc
         self.manifest = manifest

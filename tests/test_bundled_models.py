@@ -235,13 +235,13 @@ def test_out_of_distribution_flag_on_the_dermoscopy_model(
 
 def _unnamed_and_int8(client: TestClient, name: str, frames: list[Path]) -> list[tuple]:
     """Each frame posted to ``name`` without a version (answered by the fp32 version 2) and
-    to its int8 version 3: the two responses, their versions checked."""
+    to its int8 version 4: the two responses, their versions checked."""
     pairs = []
     for frame in frames:
         files = {"image": ("f", frame.read_bytes())}
         unnamed = client.post(f"/models/{name}/predict", files=files).json()
-        int8 = client.post(f"/models/{name}/versions/3/predict", files=files).json()
-        assert unnamed["model"]["version"] == "2" and int8["model"]["version"] == "3"
+        int8 = client.post(f"/models/{name}/versions/4/predict", files=files).json()
+        assert unnamed["model"]["version"] == "2" and int8["model"]["version"] == "4"
         pairs.append((unnamed, int8))
     return pairs
 
@@ -249,10 +249,10 @@ def _unnamed_and_int8(client: TestClient, name: str, frames: list[Path]) -> list
 def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
     client: TestClient, fullres_frames: list[Path]
 ) -> None:
-    """hyperkvasir-lgi/3 is the int8 variant of /2: requests that name no version keep
-    getting /2 (ENDOFUSE_PRECISION=fp32, the default); named, /3 answers like /2."""
-    bundled("hyperkvasir-lgi", "3")
-    meta = client.get("/models/hyperkvasir-lgi/versions/3").json()
+    """hyperkvasir-lgi/4 is the int8 variant of /2: requests that name no version keep
+    getting /2 (ENDOFUSE_PRECISION=fp32, the default); named, /4 answers like /2."""
+    bundled("hyperkvasir-lgi", "4")
+    meta = client.get("/models/hyperkvasir-lgi/versions/4").json()
     assert meta["precision"] == "int8" and meta["quantization"]["source"] == "hyperkvasir-lgi/2"
     pairs = _unnamed_and_int8(client, "hyperkvasir-lgi", fullres_frames)
     same = sum(default["label"] == int8["label"] for default, int8 in pairs)
@@ -264,14 +264,14 @@ def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
         only=["hyperkvasir-lgi"],
         precision="int8",
     )
-    assert registry.get("hyperkvasir-lgi").version == "3"
+    assert registry.get("hyperkvasir-lgi").version == "4"
 
 
 def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(client: TestClient) -> None:
-    """ham10000/3 is the int8 variant of /2, with its own decision fit: requests that name
-    no version keep getting /2; named, /3 names the same diagnosis for nearly every image."""
-    bundled("ham10000", "3")
-    meta = client.get("/models/ham10000/versions/3").json()
+    """ham10000/4 is the int8 variant of /2, with its own decision fit: requests that name
+    no version keep getting /2; named, /4 names the same diagnosis for nearly every image."""
+    bundled("ham10000", "4")
+    meta = client.get("/models/ham10000/versions/4").json()
     assert meta["precision"] == "int8" and meta["quantization"]["source"] == "ham10000/2"
     require_data("ham10000")
     from training.config import load_config

@@ -223,8 +223,9 @@ def test_int8_variant_leaves_out_what_is_refitted_on_its_own_outputs(tmp_path) -
         "decision": {"score": "lac"}, "ood_embedding": {"output": "ood_distance"},
         "metrics": {"all": {}}, "files": {"model.onnx": {"sha256": "old"}},
     }  # fmt: skip
-    raw = variant_manifest(source, tmp_path, "3", 16, 4)
+    raw = variant_manifest(source, tmp_path, "3", 16, {"layers": 49, "kept_in_float": {}})
     assert raw["precision"] == "int8" and raw["version"] == "3"
+    assert raw["quantization"]["layers"] == 49 and raw["quantization"]["source"] == "m/2"
     assert raw["outputs"] == ["probabilities", "logits"]
     assert not {"decision", "ood_embedding"} & set(raw)
     assert raw["files"]["model.onnx"]["bytes"] == 5

@@ -328,24 +328,3 @@ def test_augment_params_override_a_recipe_and_unknown_fields_fail_early() -> Non
     assert load_config(config).image.augment_params == {"crop_scale": [0.75, 1.0]}
     with pytest.raises(ValueError, match="unknown fields"):
         load_config(config, {"image.augment_params": {"crop_sclae": [0.5, 1.0]}})
-
-
-def test_quantisation_keeps_depthwise_and_named_layers_in_float() -> None:
-    from onnx import helper
-
-    from training.quantize import float_nodes
-
-    nodes = [
-        helper.make_node("Conv", ["x", "w0"], ["a"], name="/tail/_conv_stem/Conv"),
-        helper.make_node("Conv", ["a", "w1"], ["b"], name="/tail/blocks.1/dw/Conv", group=32),
-        helper.make_node("Conv", ["b", "w2"], ["c"], name="/tail/blocks.1/_project_conv/Conv"),
-        helper.make_node("MatMul", ["c", "w3"], ["d"], name="/head/MatMul"),
-    ]
-    graph = helper.make_graph(nodes, "g", [], [])
-    model = helper.make_model(graph)
-    every = [n.name for n in nodes]
-    assert float_nodes(model) == every
-    assert float_nodes(model, depthwise=False) == [every[0], every[2], every[3]]
-    expand = helper.make_node("Conv", ["d", "w4"], ["e"], name="/tail/blocks.2/_expand_conv/Conv")
-    graph.node.append(expand)
-    assert "/tail/blocks.2/_expand_conv/Conv" not in float_nodes(helper.make_model(graph))

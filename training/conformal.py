@@ -31,6 +31,7 @@ import numpy as np
 from service.decision import DecisionParams, is_uniform, nonconformity
 from service.label_rule import LabelRule
 from service.manifest import load_manifest
+from service.sessions import open_session
 from training import decision_plots, ood
 from training.config import load_config
 from training.decision_report import write_report
@@ -184,14 +185,11 @@ class Scored:
 def pattern_probs(model_dir: Path, split: str) -> Scored:
     """Calibrated probabilities and logits of the exported graph on ``split``, per evaluation
     pattern, with what else the decision fit needs from the same decoded frames."""
-    import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
     table = manifest_split(manifest, split)
     images = decode_all(table, manifest)
-    session = ort.InferenceSession(
-        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = open_session(model_dir / "model.onnx")
     out = {}
     for pattern in eval_patterns(manifest.tabular is not None):
         image_mask, tab_mask = apply_eval_pattern(

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from service.manifest import load_manifest
 from service.preprocess import decode_image
+from service.sessions import open_session
 from training.audit import CHANGES, Predict, counterfactual, metadata_risk
 from training.calibrate import softmax
 from training.config import from_dict
@@ -169,7 +170,6 @@ def evaluate_model_dir(
     audit_frames: int | None = None,
     group_column: str | None = None,
 ) -> dict[str, Any]:
-    import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
     cfg = from_dict(manifest.raw["training"]["config"])
@@ -178,9 +178,7 @@ def evaluate_model_dir(
     rows = read_rows(cfg.dataset)
     table = load_split(cfg.dataset, split, manifest.tabular, rows)
     images = decode_all(table, manifest)
-    session = ort.InferenceSession(
-        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = open_session(model_dir / "model.onnx")
     patterns = eval_patterns(manifest.tabular is not None)
     results: dict[str, Any] = {
         "model": f"{manifest.name}/{manifest.version}",

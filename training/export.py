@@ -19,6 +19,7 @@ from torch import nn
 
 from service.label_rule import LabelRule
 from service.preprocess import ImageSpec
+from service.sessions import open_session
 from service.tabular import TabularSchema
 from training.backbone import EfficientNetLite0, load_pretrained, normalise_uint8_nhwc
 from training.config import Config, from_dict
@@ -161,9 +162,8 @@ def _export(graph: ServingGraph, inputs: tuple, path: Path, names: list, dynamic
 
 def parity(graph: ServingGraph, path: Path, inputs: tuple) -> float:
     """Max |p_torch - p_onnx| on the given (real) inputs, under several masks."""
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path)
     names = [i.name for i in session.get_inputs()]
     worst = 0.0
     variants = [inputs]

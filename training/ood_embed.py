@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from service.manifest import load_manifest
+from service.sessions import open_session
 from training.evaluate import evenly_sampled
 
 OUTPUT = "ood_distance"
@@ -236,7 +237,6 @@ def main(
     fit_frames: int = 3000,
     replace: bool = False,
 ) -> dict[str, Any]:
-    import onnxruntime as ort
 
     manifest = load_manifest(model_dir / "manifest.json")
     model = onnx.load(str(model_dir / "model.onnx"))
@@ -247,9 +247,7 @@ def main(
     features = features or default_features(model)
     images, labels = evenly_sampled(manifest, "train", fit_frames)
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
-    probe = ort.InferenceSession(
-        with_outputs(model, features).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
+    probe = open_session(with_outputs(model, features).SerializeToString())
     spatial = [
         int(np.prod(v.shape[2:])) > 1 if v.ndim == 4 else False
         for v in probe.run(features, image_only_feeds(input_names(probe), images[:1], n_fields))
@@ -260,7 +258,7 @@ def main(
         for name, f, pool in zip(features, feats, spatial, strict=True)
     ]
     edited = add_distances(model, fits)
-    check = ort.InferenceSession(edited.SerializeToString(), providers=["CPUExecutionProvider"])
+    check = open_session(edited.SerializeToString())
     p2, l2, dist = run(check, images[:64], ["probabilities", "logits", OUTPUT], n_fields)
     if not (np.array_equal(p2, probs[:64]) and np.array_equal(l2, logits[:64])):
         raise RuntimeError("the edited graph changed the probabilities or logits")

@@ -1,22 +1,33 @@
 """An int8 variant of an exported model: static quantisation (QDQ) with ONNX Runtime's tooling,
 calibrated on training frames, written as a new model version with ``precision: int8``.
 
-EfficientNet-Lite was designed for integer inference (ReLU6, no squeeze-excite). What int8
-runs here: the blocks' expansion convolutions, quantised per channel. Kept in float:
-- the stem convolution: it sees the normalised pixels, where int8 loses the most;
-- each block's projection and the head convolution (``KEEP_FLOAT``): quantising them too made
-  ham10000 1.5x faster than fp32 at batch 1 but cost 1.6 points of balanced accuracy;
-- the depthwise convolutions (one filter per channel: int8 costs them the most accuracy for
-  the least speed): quantised, ham10000 lost 1.0 point of balanced accuracy against 0.3 with
-  them in float, for 1.38x against 1.27x the fp32 speed at batch 1 (``--quantize-depthwise``
-  quantises them);
-- the small image-projection, fusion and head layers: cheap, and where the calibrated logits
-  are formed.
-Activation ranges are the 99.99th percentile of the calibration activations: plain min/max
-lets a few outliers stretch the range, and cost 4 points of macro-F1 on hyperkvasir-lgi in a
-first try.
+EfficientNet-Lite was designed for integer inference (ReLU6, no squeeze-excite). Three things
+decide whether int8 is faster here, each measured (docs/training.md, "int8 variants"):
 
-    endofuse quantize models/ham10000/2 --version 3
+- **The whole backbone stays in int8.** Every float island costs a DequantizeLinear and a
+  QuantizeLinear over the activations around it, and the expanded activations are the
+  largest tensors of the network. So the ReLU6 clips and the residual adds are quantised with
+  the convolutions (ONNX Runtime then drops the clips into the convolutions' output ranges and
+  runs the adds as ``QLinearAdd``), and the explicit ``Pad`` of the TF-style SAME padding is
+  folded into each convolution's own ``pads`` (``fold_pads``: exact, the same zeros), since a
+  float ``Pad`` between two int8 convolutions kept a DQ/Q pair around every depthwise layer.
+- **Layers are kept in float by measurement, not by kind.** Quantising a layer costs accuracy
+  very unevenly: on ham10000/2, keeping one of its 49 convolutions (block 0's projection) in
+  float removed 93 % of the int8 model's divergence from fp32. ``sensitivity`` quantises the
+  whole backbone, then each convolution alone is left in float and the divergence (KL of the
+  probabilities against fp32) on probe frames is re-measured. Then layers go back to float,
+  the costliest first, until the divergence is at most ``TARGET_KL`` (``keep_until``).
+- **Ranges at the 99.99th percentile** of the calibration activations: plain min/max lets a
+  few outliers stretch the range, and cost 4 points of macro-F1 on hyperkvasir-lgi in a first
+  try.
+
+The probe frames are val frames, and no label is used: the measure is how far int8 moves
+the probabilities, not accuracy (training frames, which the model fits closely, understate
+it: on hyperkvasir-lgi/2 a rule measured on them cost 1.4 points of val macro-F1). The
+layers outside the image backbone (tabular branch, image projection, fusion, head) stay in
+float: they are cheap, and where the calibrated logits are formed.
+
+    endofuse quantize models/ham10000/2 --version 4
 """
 
 from __future__ import annotations
@@ -25,41 +36,142 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
+from tqdm import tqdm
 
 from service.manifest import load_manifest
+from service.sessions import DISABLED_OPTIMIZERS, open_session
 from training import ood_embed
 from training.evaluate import evenly_sampled
 from training.ood_embed import OUTPUT, image_only_feeds, without_distance
 
-# Layers left in float, by name: the backbone's stem, the projection convolution of every
-# block and its head convolution (1x1 convs that narrow or widen the features: quantised,
-# they cost the most accuracy of the pointwise layers), and the image projection, fusion and
-# classifier head. What int8 runs: the blocks' expansion convolutions.
-KEEP_FLOAT = ("_conv_stem", "_project_conv", "_conv_head", "image_proj", "fusion", "head")
+BACKBONE = "/tail/"  # the exported image backbone's node names (training.model's ``tail``)
+QUANTISED_OPS = ("Conv", "Clip", "Add")
+TARGET_KL = 0.005  # nats, mean over the probe frames
+MAX_FLOAT = 16
 PERCENTILE = 99.99
+# For whoever runs the graph outside endofuse (service/sessions.py does this for every session).
+RUNTIME_NOTE = (
+    f"open with ONNX Runtime's {', '.join(DISABLED_OPTIMIZERS)} pass disabled "
+    "(InferenceSession(..., disabled_optimizers=[...])): with it on, ONNX Runtime gives the "
+    "layers kept in float int8 weights of its own, and the variant "
+    "loses accuracy (hyperkvasir-lgi/4: 5.7 % of val answers changed)"
+)
 
 
-def is_depthwise(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+def fold_pads(model: onnx.ModelProto) -> int:
+    """Fold each constant zero ``Pad`` over the spatial axes that feeds only a ``Conv`` into
+    that convolution's ``pads`` (in place; the same output). Returns how many were folded."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    folded = []
+    for pad in (n for n in graph.node if n.op_type == "Pad"):
+        conv = users.get(pad.output[0], [])
+        amounts = _spatial_zero_pad(pad, inits)
+        if amounts is None or len(conv) != 1 or conv[0].op_type != "Conv":
+            continue
+        attrs = {a.name: a for a in conv[0].attribute}
+        if "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET"):
+            continue
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0, 0, 0, 0]
+        pads = [o + a for o, a in zip(old, amounts, strict=True)]
+        kept = [a for a in conv[0].attribute if a.name != "pads"]
+        del conv[0].attribute[:]
+        conv[0].attribute.extend([*kept, helper.make_attribute("pads", pads)])
+        conv[0].input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return len(folded)
 
 
-def float_nodes(model: onnx.ModelProto, depthwise: bool = True) -> list[str]:
-    """Layers left in float: those KEEP_FLOAT names, and with ``depthwise`` every depthwise
-    convolution."""
+def _spatial_zero_pad(pad: onnx.NodeProto, inits: dict) -> list[int] | None:
+    """(top, left, bottom, right) of a constant-zero NCHW ``Pad`` that pads only H and W."""
+    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant" or len(pad.input) < 2 or pad.input[1] not in inits:
+        return None
+    if len(pad.input) > 2 and pad.input[2]:
+        value = inits.get(pad.input[2])
+        if value is None or numpy_helper.to_array(value).any():
+            return None
+    p = numpy_helper.to_array(inits[pad.input[1]]).tolist()
+    if len(p) != 8 or any(p[i] for i in (0, 1, 4, 5)) or min(p) < 0:
+        return None
+    return [p[2], p[3], p[6], p[7]]
+
+
+def backbone_convs(model: onnx.ModelProto) -> list[str]:
+    """The image backbone's convolutions, the candidates for int8."""
+    nodes = model.graph.node
+    convs = [n.name for n in nodes if n.op_type == "Conv" and n.name.startswith(BACKBONE)]
+    if not convs:
+        raise ValueError(f"no convolution named {BACKBONE}* in the graph: not an image backbone")
+    return convs
+
+
+def outside_backbone(model: onnx.ModelProto) -> list[str]:
+    """Nodes of a quantised op type outside the image backbone: they stay in float."""
     return [
         n.name
         for n in model.graph.node
-        if (n.op_type in ("Conv", "Gemm", "MatMul") and any(k in n.name for k in KEEP_FLOAT))
-        or (depthwise and is_depthwise(n))
+        if n.op_type in (*QUANTISED_OPS, "MatMul", "Gemm") and not n.name.startswith(BACKBONE)
     ]
 
 
-def main(src: Path, version: str, calibration: int = 256, keep_depthwise: bool = True) -> Path:
+def kl_to(reference: np.ndarray, probs: np.ndarray) -> float:
+    """Mean KL(reference || probs) over rows: how far int8 moved the probabilities."""
+    eps = 1e-9
+    return float(np.mean(np.sum(reference * (np.log(reference + eps) - np.log(probs + eps)), 1)))
+
+
+def sensitivity(
+    candidates: list[str], divergence: Callable[[list[str]], float]
+) -> tuple[float, dict[str, float]]:
+    """The whole backbone's divergence in int8 and, per candidate, how much of it keeping that
+    layer alone in float removes (``divergence(kept_in_float)`` quantises and measures)."""
+    whole = divergence([])
+    gains = {}
+    for name in tqdm(candidates, desc="sensitivity", unit="layer"):
+        gains[name] = whole - divergence([name])
+    return whole, gains
+
+
+def keep_until(
+    whole: float,
+    gains: dict[str, float],
+    divergence: Callable[[list[str]], float],
+    target: float = TARGET_KL,
+    limit: int = MAX_FLOAT,
+) -> tuple[list[str], float]:
+    """Layers kept in float, the largest gain first, until ``divergence`` of the set is at
+    most ``target`` (or ``limit`` layers are float); the set and its divergence."""
+    ranked = sorted(gains, key=lambda name: -gains[name])[:limit]
+    keep: list[str] = []
+    reached = whole
+    for name in ranked:
+        if reached <= target:
+            break
+        keep.append(name)
+        reached = divergence(keep)
+    return keep, reached
+
+
+def main(
+    src: Path, version: str, calibration: int = 256, probe: int = 256, target: float = TARGET_KL
+) -> Path:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -76,6 +188,7 @@ def main(src: Path, version: str, calibration: int = 256, keep_depthwise: bool =
     if dst.exists():
         raise ValueError(f"{dst} exists already")
     frames, _ = evenly_sampled(manifest, "train", calibration)
+    probe_frames = evenly_sampled(manifest, "val", probe)[0] if probe else frames[:0]
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
     names = {i.name for i in onnx.load(str(src / "model.onnx")).graph.input}
 
@@ -98,17 +211,50 @@ def main(src: Path, version: str, calibration: int = 256, keep_depthwise: bool =
         onnx.save(without_distance(onnx.load(str(src / "model.onnx"))), str(plain))
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
-        keep = float_nodes(onnx.load(str(prepared)), keep_depthwise)
+        graph = onnx.load(str(prepared))
+        n_folded = fold_pads(graph)
+        onnx.save(graph, str(prepared))
+        candidates, outside = backbone_convs(graph), outside_backbone(graph)
+
+        def quantise(keep: list[str], out: Path) -> Path:
+            quantize_static(
+                str(prepared), str(out), Frames(),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=keep + outside,
+                calibrate_method=CalibrationMethod.Percentile,
+                extra_options={"CalibPercentile": PERCENTILE},
+                calibration_cache_path=str(Path(tmp) / "ranges.json"),
+            )  # fmt: skip
+            return out
+
+        reference = _probabilities(plain, probe_frames, n_fields) if probe else None
+
+        def divergence(keep: list[str]) -> float:
+            trial = quantise(keep, Path(tmp) / "trial.onnx")
+            return kl_to(reference, _probabilities(trial, probe_frames, n_fields))
+
+        # Without probe frames: the whole backbone in int8, unmeasured.
+        whole, gains = sensitivity(candidates, divergence) if probe else (0.0, {})
+        keep, _ = keep_until(whole, gains, divergence, target) if probe else ([], 0.0)
         dst.mkdir(parents=True)
-        quantize_static(
-            str(prepared), str(dst / "model.onnx"), Frames(),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=keep,
-            calibrate_method=CalibrationMethod.Percentile,
-            extra_options={"CalibPercentile": PERCENTILE},
-        )  # fmt: skip
-    raw = variant_manifest(manifest.raw, dst, version, len(frames), len(keep), keep_depthwise)
+        quantise(keep, dst / "model.onnx")
+        probs = _probabilities(dst / "model.onnx", probe_frames, n_fields) if probe else None
+    report = {
+        "layers": len(candidates),
+        "pads_folded": n_folded,
+        "probe": {"split": "val", "frames": len(probe_frames), "labels_used": False},
+        "target_kl": target,
+        "kl_to_fp32": None
+        if probs is None
+        else {"whole_backbone_int8": round(whole, 6), "shipped": round(kl_to(reference, probs), 6)},
+        "label_changes": None
+        if probs is None
+        else round(float(np.mean(probs.argmax(1) != reference.argmax(1))), 4),
+        # each layer kept in float: the share of the whole backbone's KL it removes alone
+        "kept_in_float": {name: round(gains[name] / whole, 4) for name in keep},
+    }
+    raw = variant_manifest(manifest.raw, dst, version, len(frames), report)
     raw["quantization"]["seconds"] = round(time.perf_counter() - start, 1)
     (dst / "manifest.json").write_text(json.dumps(raw, indent=2))
     source = manifest.raw.get("ood_embedding")
@@ -119,17 +265,24 @@ def main(src: Path, version: str, calibration: int = 256, keep_depthwise: bool =
     return dst
 
 
+def _probabilities(path: Path, images: np.ndarray, n_fields: int) -> np.ndarray:
+    session = open_session(path)
+    names = ood_embed.input_names(session)
+    batches = range(0, len(images), 32)
+    feeds = (image_only_feeds(names, images[s : s + 32], n_fields) for s in batches)
+    return np.concatenate([session.run(["probabilities"], f)[0] for f in feeds])
+
+
 def variant_manifest(
     source: dict[str, Any],
     dst: Path,
     version: str,
     n_frames: int,
-    n_float: int,
-    depthwise_float: bool = True,
+    report: dict[str, Any],
 ) -> dict[str, Any]:
     """The source manifest, as the int8 version: its own files, no fitted decision block or
-    out-of-distribution distance (both refitted on the variant's own outputs), and its
-    metrics left to its evaluation."""
+    out-of-distribution distance (both refitted on the variant's own outputs), its metrics
+    left to its evaluation, and ``report`` (what ``main`` measured) in its quantisation block."""
     drop = ("decision", "metrics", "files", "ood_embedding")
     raw = {k: v for k, v in source.items() if k not in drop}
     if "outputs" in raw:
@@ -142,13 +295,15 @@ def variant_manifest(
         files={"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
         quantization={
             "source": f"{source['name']}/{source['version']}",
-            "method": "ONNX Runtime static quantisation, QDQ, int8 weights per channel, uint8 "
-            f"activations at the {PERCENTILE}th percentile of the calibration activations",
+            "method": "ONNX Runtime static quantisation, QDQ: the image backbone's convolutions, "
+            "ReLU6 clips and residual adds, int8 weights per channel, uint8 activations at the "
+            f"{PERCENTILE}th percentile of the calibration activations; SAME padding folded "
+            "into the convolutions; layers put back in float, those whose float alone removes "
+            "the most of the whole backbone's KL to fp32 on the probe frames first, until the "
+            "KL is at most the target",
             "calibration": {"split": "train", "frames": n_frames},
-            "kept_in_float": f"{n_float} layers: the stem convolution, "
-            + ("the depthwise convolutions, " if depthwise_float else "")
-            + "each block's projection convolution, the head convolution, and the image "
-            "projection, fusion and classifier layers",
+            **report,
+            "runtime": RUNTIME_NOTE,
         },
         metrics={"see": f"docs/models/{source['name']}/{version}/"},
     )

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from service.manifest import load_manifest
+from service.sessions import open_session
 from training.evaluate import decode_all, manifest_split
 from training.metrics import summarize
 
@@ -54,7 +55,6 @@ def nearest(query: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def audit(model_dir: Path, split: str = "test") -> dict[str, Any]:
     """Twins of ``split``'s frames in train; with the model's answers, when its labels
     disagree, and the scores without those frames."""
-    import onnxruntime as ort
 
     from training.evaluate import run_session
 
@@ -64,9 +64,7 @@ def audit(model_dir: Path, split: str = "test") -> dict[str, Any]:
     best, corr = nearest(signatures(test_images), signatures(decode_all(train, manifest)))
     twin = corr > TWIN_CORRELATION
     conflict = twin & (train.labels[best] != test.labels)
-    session = ort.InferenceSession(
-        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = open_session(model_dir / "model.onnx")
     ones = np.ones((len(test), 1), np.float32)
     probs = run_session(session, test_images, test.tabular, test.mask, ones)[0]
     predicted = manifest.label_rule.pick(probs)
