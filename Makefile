@@ -24,14 +24,15 @@ browser:
 		$$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
 # The compose end-to-end test builds its images from Debian packages (mmdebstrap) and runs
-# them on podman (runc; netavark + aardvark-dns resolve service names).
+# them on podman (runc; netavark + aardvark-dns resolve service names; netavark sets up the
+# containers' network with iptables, which Debian's netavark does not depend on).
 containers:
 	@{ command -v podman >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 \
-		&& command -v runc >/dev/null 2>&1; } || { \
+		&& command -v runc >/dev/null 2>&1 && [ -x /usr/sbin/iptables ]; } || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		$$SUDO apt-get install -y -qq podman runc mmdebstrap \
-			netavark aardvark-dns uidmap ca-certificates; }
+			netavark aardvark-dns iptables uidmap ca-certificates; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
