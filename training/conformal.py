@@ -185,7 +185,6 @@ class Scored:
 def pattern_probs(model_dir: Path, split: str) -> Scored:
     """Calibrated probabilities and logits of the exported graph on ``split``, per evaluation
     pattern, with what else the decision fit needs from the same decoded frames."""
-
     manifest = load_manifest(model_dir / "manifest.json")
     table = manifest_split(manifest, split)
     images = decode_all(table, manifest)

@@ -170,7 +170,6 @@ def evaluate_model_dir(
     audit_frames: int | None = None,
     group_column: str | None = None,
 ) -> dict[str, Any]:
-
     manifest = load_manifest(model_dir / "manifest.json")
     cfg = from_dict(manifest.raw["training"]["config"])
     if group_column is not None:  # a model trained before its config named the column

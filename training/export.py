@@ -162,7 +162,6 @@ def _export(graph: ServingGraph, inputs: tuple, path: Path, names: list, dynamic
 
 def parity(graph: ServingGraph, path: Path, inputs: tuple) -> float:
     """Max |p_torch - p_onnx| on the given (real) inputs, under several masks."""
-
     session = open_session(path)
     names = [i.name for i in session.get_inputs()]
     worst = 0.0

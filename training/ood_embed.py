@@ -237,7 +237,6 @@ def main(
     fit_frames: int = 3000,
     replace: bool = False,
 ) -> dict[str, Any]:
-
     manifest = load_manifest(model_dir / "manifest.json")
     model = onnx.load(str(model_dir / "model.onnx"))
     if OUTPUT in {o.name for o in model.graph.output}:

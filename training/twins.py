@@ -55,7 +55,6 @@ def nearest(query: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def audit(model_dir: Path, split: str = "test") -> dict[str, Any]:
     """Twins of ``split``'s frames in train; with the model's answers, when its labels
     disagree, and the scores without those frames."""
-
     from training.evaluate import run_session
 
     manifest = load_manifest(model_dir / "manifest.json")
