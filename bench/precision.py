@@ -21,11 +21,11 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.instances import session as instance_session  # noqa: E402
 from bench.loadgen import load_cells, multipart_request  # noqa: E402
 from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
-from service.sessions import open_session  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_split, read_rows  # noqa: E402
 from training.ood_embed import image_only_feeds, input_names  # noqa: E402
@@ -46,14 +46,11 @@ def describe_frames(model: str) -> str:
 
 
 def session(model_dir: Path) -> tuple[ort.InferenceSession, int]:
-    """One single-threaded session, as each engine instance runs on a CPU, spinning off."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = open_session(model_dir / "model.onnx", options)
+    """One single-threaded session, as each engine instance runs on a CPU, and the number of
+    tabular fields its graph takes."""
     manifest = load_manifest(model_dir / "manifest.json")
-    return sess, len(manifest.tabular.fields) if manifest.tabular else 0
+    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
+    return instance_session(model_dir / "model.onnx", 1), n_fields
 
 
 def per_image_ms(

@@ -271,11 +271,7 @@ def main(
 
 
 def _probabilities(path: Path, images: np.ndarray, n_fields: int) -> np.ndarray:
-    session = open_session(path)
-    names = ood_embed.input_names(session)
-    batches = range(0, len(images), 32)
-    feeds = (image_only_feeds(names, images[s : s + 32], n_fields) for s in batches)
-    return np.concatenate([session.run(["probabilities"], f)[0] for f in feeds])
+    return ood_embed.run(open_session(path), images, ["probabilities"], n_fields)[0]
 
 
 def variant_manifest(
