@@ -322,3 +322,36 @@ def test_mics_pretraining_runs_over_pixels_on_the_whole_backbone(tmp_path: Path,
     for epoch in history:
         assert set(epoch) == {"consistency", "reconstruction", "alignment"}
         assert all(np.isfinite(v) and v > 0 for v in epoch.values())
+
+
+def test_run_stopped_inside_pretraining_resumes_it(tmp_path: Path) -> None:
+    """MICS over pixels is the longest stage of a run and saves its state every epoch: a run
+    stopped after its first pretraining epoch resumes at the second, not from scratch, and
+    ends with the weights of a run never stopped (same seed, augmentation included)."""
+    from training import train
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "CACHE_DIR", tmp_path / "cache")
+    try:
+        config = smoke_config(tmp_path, "hk2")
+        raw = yaml.safe_load(config.read_text())
+        raw["methods"] = {"pretrain": {"enabled": True, "epochs": 2}}
+        config.write_text(yaml.safe_dump(raw))
+        straight = train.main(config, tmp_path / "straight")
+        resumed = train.main(config, tmp_path / "resumed", stop_after=1)
+        assert not (resumed / "pretrain.json").exists()
+        assert not (resumed / "ckpt_last.pt").exists()
+        stage = torch.load(resumed / "ckpt_pretrain.pt", weights_only=False)
+        assert stage["epoch"] == 1 and len(stage["history"]) == 1
+        train.main(config, resumed)
+    finally:
+        mp.undo()
+    a = json.loads((straight / "pretrain.json").read_text())
+    b = json.loads((resumed / "pretrain.json").read_text())
+    assert len(b) == 2
+    for ea, eb in zip(a, b, strict=True):
+        assert ea == pytest.approx(eb, rel=1e-5)
+    wa = torch.load(straight / "ckpt_last.pt", weights_only=False)["model"]
+    wb = torch.load(resumed / "ckpt_last.pt", weights_only=False)["model"]
+    for key, value in wa.items():
+        torch.testing.assert_close(wb[key], value, rtol=0, atol=1e-6, msg=key)

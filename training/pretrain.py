@@ -25,6 +25,8 @@ reconstruction hides square patches of the image.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -115,14 +117,63 @@ def pretrain_step(
     }
 
 
+class StageCheckpoint:
+    """The label-free stage's state after each epoch: weights, decoder, optimiser and both
+    random generators, so that a run interrupted mid-stage resumes at the next epoch and
+    draws exactly what an uninterrupted one would have. Without a path it does nothing."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        model: FusionModel,
+        decoder: Reconstructor,
+        optimizer: torch.optim.Optimizer,
+        rng: np.random.Generator,
+    ) -> None:
+        self.path, self.model, self.decoder = path, model, decoder
+        self.optimizer, self.rng = optimizer, rng
+
+    def load(self) -> tuple[int, list[dict[str, float]]]:
+        """-> (the first epoch still to run, the losses of those already run)."""
+        if self.path is None or not self.path.is_file():
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.decoder.load_state_dict(state["decoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resuming pretraining at epoch {state['epoch'] + 1}")
+        return state["epoch"], state["history"]
+
+    def save(self, epochs_done: int, history: list[dict[str, float]]) -> None:
+        if self.path is None:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "decoder": self.decoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epochs_done,
+            "history": history,
+        }
+        partial = self.path.with_suffix(".tmp")
+        torch.save(state, partial)
+        partial.replace(self.path)  # a kill mid-write leaves the previous epoch's state
+
+
 def pretrain(
     model: FusionModel,
     cfg: Config,
     feats: FeatureSet,
     table: Table,
     rng: np.random.Generator,
-) -> list[dict[str, float]]:
-    """Run the label-free stage in place on ``model``; returns the mean losses per epoch."""
+    checkpoint: Path | None = None,
+    stop_after: int | None = None,
+) -> list[dict[str, float]] | None:
+    """Run the label-free stage in place on ``model``; returns the mean losses per epoch,
+    or None when ``stop_after`` epochs are done and more remain (``checkpoint`` holds them)."""
     pc, tc = cfg.methods.pretrain, cfg.train
     has_tab = model.tabular is not None
     decoder = make_decoder(model, cross_modal=cfg.methods.negatives.enabled)
@@ -131,9 +182,12 @@ def pretrain(
     optimizer = torch.optim.AdamW(params, lr=pc.lr, weight_decay=tc.weight_decay)
     source = feats.mid if model.tail is not None else feats.pooled
     n_views, n = source.shape[0], len(table)
-    history = []
+    saved = StageCheckpoint(checkpoint, model, decoder, optimizer, rng)
+    start, history = saved.load()
     model.train()
-    for epoch in range(pc.epochs):
+    for epoch in range(start, pc.epochs):
+        if stop_after is not None and epoch >= stop_after:
+            return None
         order = rng.permutation(n)
         va = rng.integers(0, n_views, n)
         # A different view for the second branch whenever there is more than one.
@@ -157,6 +211,7 @@ def pretrain(
                 sums[k] = sums.get(k, 0.0) + v * len(idx) / n
         history.append(sums)
         print(f"pretrain {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+        saved.save(epoch + 1, history)
     return history
 
 
@@ -166,13 +221,16 @@ def pretrain_pixels(
     images: AugmentedImages,
     table: Table,
     rng: np.random.Generator,
-) -> list[dict[str, float]]:
+    checkpoint: Path | None = None,
+    stop_after: int | None = None,
+) -> list[dict[str, float]] | None:
     """The label-free stage over pixels, for a full fine-tune: the two views of an image are
     two independent draws of the training augmentation (crops, colour, overlays) through the
     whole backbone, and the reconstruction masks square patches of the first view. The
     backbone learns at the fine-tune's backbone rate (the head's rate would wash out the
     ImageNet weights), its BatchNorm statistics stay ImageNet's, as in fine-tuning. A step
-    runs the backbone three times with gradients (four without tabular fields)."""
+    runs the backbone three times with gradients (four without tabular fields).
+    ``checkpoint`` and ``stop_after`` as in :func:`pretrain`."""
     pc, tc = cfg.methods.pretrain, cfg.train
     has_tab = model.tabular is not None
     decoder = make_decoder(model, cross_modal=cfg.methods.negatives.enabled)
@@ -184,8 +242,12 @@ def pretrain_pixels(
         [{"params": head, "lr": pc.lr}, {"params": tail, "lr": tc.backbone_lr}],
         weight_decay=tc.weight_decay,
     )
-    n, history = len(table), []
-    for epoch in range(pc.epochs):
+    n = len(table)
+    saved = StageCheckpoint(checkpoint, model, decoder, optimizer, rng)
+    start, history = saved.load()
+    for epoch in range(start, pc.epochs):
+        if stop_after is not None and epoch >= stop_after:
+            return None
         model.train()
         set_tail_mode(model)
         order = rng.permutation(n)
@@ -211,4 +273,5 @@ def pretrain_pixels(
                 sums[k] = sums.get(k, 0.0) + v * len(idx) / n
         history.append(sums)
         print(f"pretrain {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+        saved.save(epoch + 1, history)
     return history

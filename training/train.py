@@ -133,7 +133,8 @@ def fit(
     cfg: Config, data: Data, run_dir: Path, stop_after: int | None = None
 ) -> dict[str, Any] | None:
     """Train (resuming from ``run_dir`` if it holds a checkpoint), calibrate, report.
-    ``stop_after`` ends the session after that many epochs in all (None: train to the end)."""
+    ``stop_after`` ends the session after that many epochs in all, the label-free stage's
+    included (None: train to the end)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     if tc.threads:
@@ -177,14 +178,20 @@ def fit(
     elif cfg.methods.pretrain.enabled:
         # --- label-free stage over every training image, labelled or not
         stage = pretrain_pixels if isinstance(feats["train"], AugmentedImages) else pretrain
-        losses = stage(model, cfg, feats["train"], train, rng)
+        losses = stage(
+            model, cfg, feats["train"], train, rng, run_dir / "ckpt_pretrain.pt", stop_after
+        )
+        if losses is None:
+            return None  # checkpointed mid-stage; the same call resumes there
         (run_dir / "pretrain.json").write_text(json.dumps(losses, indent=2))
 
     # --- training loop
     n_views = feats["train"].n_views
     metric = tc.select_metric
+    # ``stop_after`` counts the label-free stage's epochs first, then the fine-tune's.
+    before = cfg.methods.pretrain.epochs if cfg.methods.pretrain.enabled and not tc.init_from else 0
     for epoch in range(start_epoch, tc.epochs):
-        if stop_after is not None and epoch >= stop_after:
+        if stop_after is not None and before + epoch >= stop_after:
             return None  # checkpointed; the same call resumes here
         # Every epoch's randomness comes from (seed, epoch) alone: a resumed run draws exactly
         # what an uninterrupted one would have.
