@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,12 +110,50 @@ def stacks(
     }
 
 
-def measure(port: int, images: list[bytes], seconds: float) -> dict[int, LoadResult]:
+def tree_cpu_s(roots: list[int]) -> float:
+    """CPU seconds (user + system) spent so far by ``roots`` and their live descendants
+    (LitServe's inference workers, a server's own children), read from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, int]] = {}  # pid -> (parent, ticks)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:  # the command name may hold spaces and parentheses: split after the last ")"
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        table[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    members, frontier = set(roots), list(roots)
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+        frontier += [c for c in children if c not in members]
+        members.update(children)
+    return sum(table[pid][1] for pid in members if pid in table) / tick
+
+
+@dataclass
+class Point:
+    """One concurrency level: the load generator's record and the CPU each side spent."""
+
+    load: LoadResult
+    server_cpu_s: float  # every process of the stack, redis-server and workers included
+    loadgen_cpu_s: float  # this process, which runs the load generator
+
+    def cpu_ms_per_ok(self) -> tuple[float, float]:
+        n = max(len(self.load.ok_latencies), 1)
+        return self.server_cpu_s * 1e3 / n, self.loadgen_cpu_s * 1e3 / n
+
+
+def measure(port: int, images: list[bytes], seconds: float, procs: Started) -> dict[int, Point]:
     requests = [multipart_request("127.0.0.1", port, "/predict", im) for im in images]
+    roots = [p.pid for p in procs]
     out = {}
     for c in CONCURRENCY:
-        out[c] = asyncio.run(run_load("127.0.0.1", port, requests, c, seconds))
-        assert set(out[c].statuses) <= {200, 503}, out[c].statuses
+        server, loadgen = tree_cpu_s(roots), time.process_time()
+        load = asyncio.run(run_load("127.0.0.1", port, requests, c, seconds))
+        out[c] = Point(load, tree_cpu_s(roots) - server, time.process_time() - loadgen)
+        assert set(load.statuses) <= {200, 503}, load.statuses
     return out
 
 
@@ -161,7 +200,7 @@ def main() -> None:
     if args.only:
         wanted = args.only.split(",")
         table = {k: v for k, v in table.items() if any(k.startswith(w) for w in wanted)}
-    results: dict[str, list[dict[int, LoadResult]]] = {name: [] for name in table}
+    results: dict[str, list[dict[int, Point]]] = {name: [] for name in table}
     for round_ in range(args.rounds):
         order = list(table.items()) if round_ % 2 == 0 else list(reversed(table.items()))
         for name, start in order:
@@ -169,10 +208,10 @@ def main() -> None:
             procs = start(port)
             try:
                 time.sleep(1.0)  # behind Redis: the API has read the worker's heartbeat
-                results[name].append(measure(port, images, args.seconds))
+                results[name].append(measure(port, images, args.seconds, procs))
             finally:
                 stop(procs)
-            r = results[name][-1]
+            r = {c: point.load for c, point in results[name][-1].items()}
             print(
                 f"round {round_ + 1} {name}: "
                 + ", ".join(f"c={c} {ok_rate(r[c]):.1f} req/s" for c in CONCURRENCY)
@@ -183,8 +222,12 @@ def main() -> None:
 
 
 def report(
-    results: dict[str, list[dict[int, LoadResult]]], args: argparse.Namespace, model_dir: Path
+    points: dict[str, list[dict[int, Point]]], args: argparse.Namespace, model_dir: Path
 ) -> list[str]:
+    results = {
+        name: [{c: point.load for c, point in run.items()} for run in runs]
+        for name, runs in points.items()
+    }
     shipped = next(iter(results))
     peers = [n for n in results if not n.startswith(("endofuse", "("))]
     lines = [
@@ -213,6 +256,29 @@ def report(
             rates = {p: max(ok_rate(results[p][i][c]) for c in CONCURRENCY) for p in peers}
             top = max(rates, key=rates.get)
             lines.append(f"| {i + 1} | **{ours / rates[top]:.2f}** | {top} |")
+    return lines + cpu_table(points, args.rounds)
+
+
+def cpu_table(points: dict[str, list[dict[int, Point]]], rounds: int) -> list[str]:
+    """Where the box's CPU went at c=32: with server and load generator on the same cores,
+    req/s at saturation is about cores ÷ (server + load generator CPU per request)."""
+    lines = [
+        "",
+        "CPU per answered request at c=32 (user + system, every process of the stack; the "
+        "load generator is the benchmark's own process):",
+        "",
+        "| round | stack | server ms | load generator ms | cores ÷ total, req/s | measured req/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i in range(rounds):
+        for name, runs in points.items():
+            point = runs[i][32]
+            server, loadgen = point.cpu_ms_per_ok()
+            ceiling = (os.cpu_count() or 1) * 1e3 / max(server + loadgen, 1e-9)
+            lines.append(
+                f"| {i + 1} | {name} | {server:.2f} | {loadgen:.2f} | {ceiling:.1f} | "
+                f"{ok_rate(point.load):.1f} |"
+            )
     return lines
 
 

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     reply_ttl_s: int = Field(60, ge=5)
     heartbeat_s: float = Field(1.0, gt=0)
     worker_block_ms: int = Field(200, ge=1)
+    # Batches a worker reads beyond those its sessions are running, so that a session that
+    # finishes finds its next batch in hand rather than behind a Redis round trip; 0 reads
+    # only when a session is free.
+    worker_read_ahead: int = Field(2, ge=0)
     worker_port: int = 8001
     # Seconds between looks at the model repository for versions added or removed (hot
     # reload, service/reload.py); 0 turns it off.

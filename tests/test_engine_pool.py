@@ -22,6 +22,7 @@ from service.manifest import parse_manifest
 from service.queue import WorkItem
 from service.queue.batcher import DynamicBatcher
 from service.registry import Registry
+from service.worker.consumer import spread
 from tests.builders import write_slow_model_dir
 from tests.conftest import make_settings
 
@@ -237,3 +238,23 @@ def test_a_bad_serving_file_stops_the_load_with_its_reason(
     (vdir / "serving.json").write_text(content)
     with pytest.raises(ManifestError, match=r"serving\.json"):
         Registry.load(tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0)
+
+
+@pytest.mark.parametrize(
+    ("n", "limit", "lanes", "sizes"),
+    [
+        (2, 16, 2, [1, 1]),  # two free sessions: two batches of 1, not one of 2
+        (3, 16, 2, [2, 1]),
+        (5, 1, 2, [1] * 5),  # never above the limit
+        (20, 8, 2, [7, 7, 6]),
+        (4, 16, 1, [4]),  # one session (a GPU): one batch
+        (0, 4, 2, []),
+    ],
+)
+def test_worker_spreads_what_it_read_over_its_sessions(
+    n: int, limit: int, lanes: int, sizes: list[int]
+) -> None:
+    entries = [(str(i).encode(), {b"i": str(i).encode()}) for i in range(n)]
+    batches = spread(entries, limit, lanes)
+    assert [len(b) for b in batches] == sizes
+    assert [e for b in batches for e in b] == entries  # each once, in stream order

@@ -292,3 +292,46 @@ def test_backlog_past_its_deadline_is_never_run(deploy, redis_server) -> None:
     wait_for(lambda: redis_server.client().xlen(STREAM) == 0, 10, "the backlog to be dropped")
     assert w.metric('endofuse_worker_items_total{model="slow",outcome="expired"}') == 6
     assert w.metric('endofuse_worker_items_total{model="slow",outcome="ok"}') == 0
+
+
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_worker_reads_ahead_of_its_sessions(deploy, redis_server, slow_registry, read_ahead):
+    """With one session and ``worker_read_ahead`` = 2 the worker holds up to 3 entries (one
+    running, two in hand for when it ends); with 0 it holds only the one running (and,
+    for a moment, one whose reply is on its way). Every answer is still its own."""
+    client, (w,) = deploy(
+        n_workers=1,
+        engine_instances=1,
+        solo_session=False,
+        profile_batches=False,
+        max_batch_size=1,
+        worker_read_ahead=read_ahead,
+    )
+    futures = fire(client, range(12))
+    held = []
+    deadline = time.monotonic() + 60
+    while not all(f.done() for f in futures) and time.monotonic() < deadline:
+        held.append(consumer_pending(redis_server, w.proc.pid))
+    check_all_answered(futures, range(12), slow_registry)
+    if read_ahead:
+        assert max(held) >= 1 + read_ahead, held
+    else:
+        assert max(held) <= 2, held
+
+
+def test_stopping_worker_runs_what_it_read_ahead(deploy, redis_server, slow_registry) -> None:
+    """SIGTERM while batches wait in a worker's hands: it runs them before it exits, so
+    none is left pending for another worker to reclaim after the idle timeout."""
+    client, (a, b) = deploy(
+        n_workers=2, engine_instances=1, solo_session=False, profile_batches=False,
+        max_batch_size=1, worker_read_ahead=2, reclaim_idle_ms=5000,
+    )  # fmt: skip
+    b.signal(signal.SIGSTOP)  # A reads first
+    futures = fire(client, range(8))
+    wait_for(lambda: consumer_pending(redis_server, a.proc.pid) >= 3, 20, "A to read ahead")
+    a.signal(signal.SIGTERM)
+    b.signal(signal.SIGCONT)
+    a.proc.wait(20)
+    check_all_answered(futures, range(8), slow_registry)
+    assert consumer_pending(redis_server, a.proc.pid) == 0
+    assert b.metric("endofuse_reclaimed_total") == 0

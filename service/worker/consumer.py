@@ -1,10 +1,14 @@
 """An inference worker on the Redis request streams.
 
-Loop: ``XREADGROUP`` (up to one batch per session of the version's instance group, short
-block) -> drop entries past their deadline (acknowledged, never run) -> run the batches, one
-per session at once (a failing item fails alone) -> **reply, then XACK + XDEL**. A crash
-between reply and acknowledgement gives a duplicate reply (the API drops it), never a lost
-one. An entry that cannot be handled is left pending.
+A reader and one lane per session of the largest instance group. The reader
+``XREADGROUP``s (short block) whole batches into a local buffer, up to
+``worker_read_ahead`` batches beyond those running; each lane takes the next batch, drops
+entries past their deadline (acknowledged, never run), runs it on a free session (a failing
+item fails alone) and hands it to a reply task: **reply, then XACK + XDEL**. A session that
+finishes thus finds its next batch in hand, and the Redis round trips overlap inference.
+A crash between reply and acknowledgement gives a duplicate reply (the API drops it), never
+a lost one. An entry that cannot be handled is left pending; what was read but not run
+when the worker stops is run before it exits.
 
 Recovery: entries idle past ``reclaim_idle_ms`` belong to a dead or stuck consumer and are
 claimed (``XPENDING`` + ``XCLAIM``) and handled one by one, so one bad entry cannot sink its
@@ -64,6 +68,7 @@ class Worker:
         }
         metrics.serving.publish(registry.all())
         self._rates: dict[str, float] = {}
+        self._replying: set[asyncio.Task[None]] = set()
         sessions = [mv.engine.size for mv in registry.all() if mv.engine is not None]
         self._executor = ThreadPoolExecutor(max(sessions, default=1), thread_name_prefix="infer")
         self._stopping = asyncio.Event()
@@ -141,9 +146,36 @@ class Worker:
     # --- the consume loop -----------------------------------------------------------------
 
     async def _consume_loop(self) -> None:
+        lanes = self._lanes()
+        batches: asyncio.Queue[tuple[str, list[Entry]] | None] = asyncio.Queue()
+        # One slot per batch read and not yet run: what the reader may hold ahead.
+        slots = asyncio.Semaphore(lanes + self.settings.worker_read_ahead)
+        running = [
+            asyncio.create_task(self._lane(batches, slots), name=f"lane-{i}") for i in range(lanes)
+        ]
+        try:
+            await self._read_loop(batches, slots)
+        finally:
+            for _ in running:
+                batches.put_nowait(None)  # after what was read: the lanes run it first
+            ended = await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.gather(*self._replying, return_exceptions=True)
+        for outcome in ended:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _read_loop(
+        self, batches: asyncio.Queue[tuple[str, list[Entry]] | None], slots: asyncio.Semaphore
+    ) -> None:
         s = self.settings
         need_groups = True
+        lanes = self._lanes()
         while not self._stopping.is_set():
+            await slots.acquire()
+            taken = 1
+            while taken < lanes + s.worker_read_ahead and not slots.locked():
+                await slots.acquire()  # free now: read as many batches at once as there is room
+                taken += 1
             try:
                 if need_groups:
                     await self.ensure_groups()
@@ -152,7 +184,7 @@ class Worker:
                     self.streams.group,
                     self.consumer,
                     {stream: ">" for stream in self.models},
-                    count=self._read_count(),
+                    count=taken * self._read_count(),
                     block=s.worker_block_ms,
                 )
                 if not self.ready:
@@ -164,15 +196,46 @@ class Worker:
                 need_groups = "NOGROUP" in str(exc)
                 if not need_groups:
                     raise
-                continue
+                got = None
             except RedisError:
                 self.ready = False
                 self.metrics.queue_up.set(0)
                 need_groups = True
+                got = None
                 await asyncio.sleep(0.2)
-                continue
             for stream, entries in got or []:
-                await self.handle(_text(stream), entries)
+                stream = _text(stream)
+                for batch in spread(entries, self._batch_limit(self.models[stream]), lanes):
+                    if taken == 0:
+                        await slots.acquire()  # several streams answered: wait for room
+                        taken = 1
+                    batches.put_nowait((stream, batch))
+                    taken -= 1
+            for _ in range(taken):
+                slots.release()
+
+    async def _lane(
+        self, batches: asyncio.Queue[tuple[str, list[Entry]] | None], slots: asyncio.Semaphore
+    ) -> None:
+        """Run batches as they come, one at a time; the reply goes on in the background."""
+        try:
+            while (batch := await batches.get()) is not None:
+                stream, entries = batch
+                try:
+                    replies, ids = await self._run_entries(stream, entries)
+                finally:
+                    slots.release()
+                task = asyncio.create_task(self._reply_and_ack(stream, replies, ids))
+                self._replying.add(task)
+                task.add_done_callback(self._replying.discard)
+        except BaseException:
+            self._stopping.set()  # a lane that cannot go on stops the worker, as a crash would
+            raise
+
+    def _lanes(self) -> int:
+        """Batches run at once: one per session of the largest instance group."""
+        sizes = [mv.engine.size for mv in self.models.values() if mv.engine is not None]
+        return max(sizes, default=1)
 
     def _batch_limit(self, mv: ModelVersion) -> int:
         """The version's batch limit: measured at load, else the configured one."""
@@ -180,16 +243,19 @@ class Worker:
         return mv.engine.max_batch_size or self.settings.max_batch_size
 
     def _read_count(self) -> int:
-        """Entries per read: enough for every session of the largest group to run a batch."""
-        counts = [
-            mv.engine.size * self._batch_limit(mv)
-            for mv in self.models.values()
-            if mv.engine is not None
-        ]
-        return max(counts, default=self.settings.max_batch_size)
+        """Entries per batch slot: the largest batch limit of the versions served."""
+        limits = [self._batch_limit(mv) for mv in self.models.values() if mv.engine is not None]
+        return max(limits, default=self.settings.max_batch_size)
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
-        """Expire, run, reply, acknowledge one batch read from ``stream``."""
+        """Expire, run, reply, acknowledge entries read from ``stream`` (reclaimed ones)."""
+        replies, ids = await self._run_entries(stream, entries)
+        await self._reply_and_ack(stream, replies, ids)
+
+    async def _run_entries(
+        self, stream: str, entries: list[Entry]
+    ) -> tuple[list[tuple[str, dict]], list[bytes]]:
+        """-> (replies, the entry ids to acknowledge once they are sent)."""
         mv = self.models[stream]
         now = time.time()
         done: list[bytes] = []
@@ -212,20 +278,19 @@ class Worker:
         replies: list[tuple[str, dict]] = []
         if live:
             replies = await self._infer(mv, live)
-        await self._reply_and_ack(stream, replies, done + [e for e, _, _ in live])
+        return replies, done + [e for e, _, _ in live]
 
     async def _infer(
         self, mv: ModelVersion, live: list[tuple[bytes, WorkItem, str]]
     ) -> list[tuple[str, dict]]:
-        """Split what was read over the version's sessions and run the batches at once."""
+        """Run one batch on a free session of the version's group."""
         assert mv.engine is not None
         start = time.time()
-        per = max(1, min(self._batch_limit(mv), -(-len(live) // mv.engine.size)))
-        chunks = [live[i : i + per] for i in range(0, len(live), per)]
-        replies = await asyncio.gather(*(self._run_batch(mv, chunk) for chunk in chunks))
-        rate = len(live) / max(time.time() - start, 1e-6)
+        replies = await self._run_batch(mv, live)
+        # Items per second of the whole group: each of its sessions runs such a batch at once.
+        rate = len(live) / max(time.time() - start, 1e-6) * mv.engine.size
         self._rates[mv.key] = 0.8 * self._rates.get(mv.key, rate) + 0.2 * rate
-        return [reply for part in replies for reply in part]
+        return replies
 
     async def _run_batch(
         self, mv: ModelVersion, live: list[tuple[bytes, WorkItem, str]]
@@ -348,6 +413,14 @@ class Worker:
                 with contextlib.suppress(RedisError):
                     await self._beat()
             await asyncio.sleep(self.settings.heartbeat_s)
+
+
+def spread(entries: list[Entry], limit: int, lanes: int) -> list[list[Entry]]:
+    """Entries in batches of at most ``limit``, over as many of ``lanes`` as there are
+    entries: two entries read while two sessions are free run at once, not as a batch of 2."""
+    n = max(-(-len(entries) // limit), min(len(entries), lanes))
+    size = -(-len(entries) // n) if n else 0
+    return [entries[i : i + size] for i in range(0, len(entries), size)] if n else []
 
 
 def _text(value: bytes | str) -> str:
