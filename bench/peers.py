@@ -76,13 +76,19 @@ def stacks(
         env = {"ENDOFUSE_ENGINE_INSTANCES": "1", "ENDOFUSE_PROFILE_BATCHES": "false"}
         return [start_server(models, model, port, False, **env)]
 
-    def redis(port: int) -> Started:
+    def redis(port: int, **worker_env: str) -> Started:
         redis_port, worker_port = free_port(), free_port()
         url = f"redis://127.0.0.1:{redis_port}/0"
         procs = [start_redis(redis_port)]
-        procs.append(start_server(models, model, worker_port, False, ("worker", "--queue", url)))
+        worker = ("worker", "--queue", url)
+        procs.append(start_server(models, model, worker_port, False, worker, **worker_env))
         procs.append(start_server(models, model, port, False, ENDOFUSE_QUEUE_URL=url))
         return procs
+
+    def redis_no_read_ahead(port: int) -> Started:
+        # Diagnostic: the worker reads only when a session is free, so every batch waits
+        # for a Redis round trip; sizes what reading ahead buys.
+        return redis(port, ENDOFUSE_WORKER_READ_AHEAD="0")
 
     def plain(port: int) -> Started:
         argv = [py, "-m", "uvicorn", "bench.peers.plain_fastapi:app", "--port", str(port),
@@ -104,6 +110,7 @@ def stacks(
         "endofuse, embedded (shipped: sessions per core, measured batch limit)": embedded,
         "endofuse, embedded, 1 session × all cores, batch ≤ 16": one_session,
         "endofuse, Redis: 1 API + 1 worker": redis,
+        "(diagnostic) endofuse, Redis, worker read-ahead 0": redis_no_read_ahead,
         "plain FastAPI, sync endpoint, batch 1": plain,
         "(diagnostic) plain FastAPI on h11": plain_h11,
         "LitServe, batch ≤ 16, 5 ms": litserve,
