@@ -20,9 +20,8 @@ from service.engine import Batch, Engine, EnginePool, cpu_count, instance_layout
 from service.errors import InferenceFailed, ManifestError
 from service.manifest import parse_manifest
 from service.queue import WorkItem
-from service.queue.batcher import DynamicBatcher
+from service.queue.batcher import DynamicBatcher, spread
 from service.registry import Registry
-from service.worker.consumer import spread
 from tests.builders import write_slow_model_dir
 from tests.conftest import make_settings
 

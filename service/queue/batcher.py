@@ -18,12 +18,15 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from service.engine import Batch, Engine, EnginePool
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServiceError
 from service.queue.base import ItemResult, WorkItem
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +280,11 @@ def _as_service_error(exc: BaseException) -> ServiceError:
 def _fail(pending: _Pending, error: ServiceError) -> None:
     if not pending.future.done():
         pending.future.set_exception(error)
+
+
+def spread(entries: list[T], limit: int, lanes: int) -> list[list[T]]:
+    """Entries in batches of at most ``limit``, over as many of ``lanes`` as there are
+    entries: two entries read while two sessions are free run at once, not as a batch of 2."""
+    n = max(-(-len(entries) // limit), min(len(entries), lanes))
+    size = -(-len(entries) // n) if n else 0
+    return [entries[i : i + size] for i in range(0, len(entries), size)] if n else []

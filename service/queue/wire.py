@@ -62,6 +62,11 @@ def encode_request(item: WorkItem, reply: str, deadline: float) -> dict[str, byt
     return fields
 
 
+def entry_ms(entry_id: bytes) -> float:
+    """Stream ids start with the Unix time in ms at which Redis appended the entry."""
+    return float(entry_id.split(b"-", 1)[0])
+
+
 def _text(fields: dict[bytes, bytes], key: str) -> str:
     return fields[key.encode()].decode()
 

@@ -35,12 +35,13 @@ from service.config import Settings
 from service.errors import ServiceError
 from service.metrics import WorkerMetrics
 from service.queue.base import ItemResult, WorkItem
-from service.queue.batcher import infer_isolated
+from service.queue.batcher import infer_isolated, spread
 from service.queue.wire import (
     Streams,
     decode_request,
     encode_error,
     encode_result,
+    entry_ms,
     request_metadata,
 )
 from service.registry import ModelVersion, Registry
@@ -49,11 +50,6 @@ from service.reload import ModelWatcher
 log = logging.getLogger("service.worker")
 DRAIN_S = 30.0  # longest a removed version is served for what was queued before its removal
 Entry = tuple[bytes, dict[bytes, bytes]]
-
-
-def entry_ms(entry_id: bytes) -> float:
-    """Stream ids start with the Unix time in ms at which Redis appended the entry."""
-    return float(entry_id.split(b"-", 1)[0])
 
 
 class Worker:
@@ -413,14 +409,6 @@ class Worker:
                 with contextlib.suppress(RedisError):
                     await self._beat()
             await asyncio.sleep(self.settings.heartbeat_s)
-
-
-def spread(entries: list[Entry], limit: int, lanes: int) -> list[list[Entry]]:
-    """Entries in batches of at most ``limit``, over as many of ``lanes`` as there are
-    entries: two entries read while two sessions are free run at once, not as a batch of 2."""
-    n = max(-(-len(entries) // limit), min(len(entries), lanes))
-    size = -(-len(entries) // n) if n else 0
-    return [entries[i : i + size] for i in range(0, len(entries), size)] if n else []
 
 
 def _text(value: bytes | str) -> str:
