@@ -172,6 +172,8 @@ class Worker:
             while taken < lanes + s.worker_read_ahead and not slots.locked():
                 await slots.acquire()  # free now: read as many batches at once as there is room
                 taken += 1
+            if self._stopping.is_set():  # told to stop while waiting for room: read no more
+                break
             try:
                 if need_groups:
                     await self.ensure_groups()
