@@ -10,10 +10,8 @@ A crash between reply and acknowledgement gives a duplicate reply (the API drops
 a lost one. An entry that cannot be handled is left pending; what was read but not run
 when the worker stops is run before it exits.
 
-Recovery: entries idle past ``reclaim_idle_ms`` belong to a dead or stuck consumer and are
-claimed (``XPENDING`` + ``XCLAIM``) and handled one by one, so one bad entry cannot sink its
-neighbours again. After ``max_deliveries`` deliveries an entry is moved to the dead-letter
-stream (metadata only) and its requester gets a 500.
+Recovery of entries a dead or stuck consumer left pending (reclaim, dead letters) is in
+``service.worker.recovery``.
 """
 
 from __future__ import annotations
@@ -42,17 +40,17 @@ from service.queue.wire import (
     encode_error,
     encode_result,
     entry_ms,
-    request_metadata,
 )
 from service.registry import ModelVersion, Registry
 from service.reload import ModelWatcher
+from service.worker.recovery import Recovery, as_text
 
 log = logging.getLogger("service.worker")
 DRAIN_S = 30.0  # longest a removed version is served for what was queued before its removal
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
-class Worker:
+class Worker(Recovery):
     def __init__(self, settings: Settings, registry: Registry, metrics: WorkerMetrics) -> None:
         self.settings = settings
         self.registry = registry
@@ -202,7 +200,7 @@ class Worker:
                 got = None
                 await asyncio.sleep(0.2)
             for stream, entries in got or []:
-                stream = _text(stream)
+                stream = as_text(stream)
                 for batch in spread(entries, self._batch_limit(self.models[stream]), lanes):
                     if taken == 0:
                         await slots.acquire()  # several streams answered: wait for room
@@ -339,66 +337,6 @@ class Worker:
         name = self.models[stream].name
         self.metrics.stage.labels(name, "reply").observe(time.time() - start)
 
-    # --- recovery ---------------------------------------------------------------------------
-
-    async def _reclaim_loop(self) -> None:
-        interval = max(self.settings.reclaim_idle_ms / 2e3, 0.1)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                for stream in self.models:
-                    await self.reclaim(stream)
-            except asyncio.CancelledError:
-                raise
-            except RedisError:
-                continue
-
-    async def reclaim(self, stream: str) -> None:
-        s = self.settings
-        try:
-            pending = await self.redis.xpending_range(
-                stream, self.streams.group, "-", "+", 100, idle=s.reclaim_idle_ms
-            )
-        except ResponseError:
-            return  # NOGROUP: the consume loop recreates it
-        mv = self.models[stream]
-        retry = []
-        for p in pending:
-            if p["times_delivered"] >= s.max_deliveries:
-                await self._dead_letter(stream, p["message_id"], p["times_delivered"])
-            else:
-                retry.append(p["message_id"])
-        if not retry:
-            return
-        # min_idle_time makes the claim atomic: of several workers racing, one gets each entry.
-        claimed = await self.redis.xclaim(
-            stream, self.streams.group, self.consumer, s.reclaim_idle_ms, retry
-        )
-        for entry in claimed:
-            self.metrics.reclaimed.labels(mv.name).inc()
-            await self.handle(stream, [entry])
-
-    async def _dead_letter(self, stream: str, entry_id: bytes, deliveries: int) -> None:
-        mv = self.models[stream]
-        entries = await self.redis.xrange(stream, entry_id, entry_id)
-        meta = request_metadata(entries[0][1]) if entries else {}
-        record = {**meta, "stream": stream, "entry": _text(entry_id), "deliveries": deliveries}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
-            self.streams.dead_letters, record, maxlen=self.settings.stream_maxlen, approximate=True
-        )
-        if meta.get("reply") and meta.get("id"):
-            message = f"request failed {deliveries} times and was dead-lettered"
-            pipe.xadd(
-                meta["reply"], encode_error(meta["id"], "dead_lettered", message, self.consumer)
-            )
-            pipe.expire(meta["reply"], self.settings.reply_ttl_s)
-        pipe.xack(stream, self.streams.group, entry_id)
-        pipe.xdel(stream, entry_id)
-        await pipe.execute()
-        self.metrics.dead_letters.labels(mv.name).inc()
-        log.error("entry dead-lettered", extra={"model": mv.key, "deliveries": deliveries})
-
     async def _beat(self) -> None:
         """Announce this worker, its models and measured throughput (items/s) with a TTL."""
         ttl = max(2, int(3 * self.settings.heartbeat_s) + 1)
@@ -411,7 +349,3 @@ class Worker:
                 with contextlib.suppress(RedisError):
                     await self._beat()
             await asyncio.sleep(self.settings.heartbeat_s)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
