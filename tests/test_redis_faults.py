@@ -97,6 +97,21 @@ def fire(client: TestClient, ids: range) -> Iterator:
     return futures
 
 
+def queue_while_stopped(
+    client: TestClient, ids: range, workers: list[WorkerProcess], server: RedisServer
+) -> list:
+    """SIGSTOP ``workers``, then fire ``ids`` and return once all are queued (the workers
+    left stopped), so that a worker's first read finds them all however fast they arrive.
+    The pause before firing outlasts a blocking read already sent (200 ms), which Redis
+    would otherwise answer into a stopped worker's socket."""
+    for w in workers:
+        w.signal(signal.SIGSTOP)
+    time.sleep(0.5)
+    futures = fire(client, ids)
+    wait_for(lambda: server.client().xlen(STREAM) >= len(ids), 20, "the requests to queue")
+    return futures
+
+
 def check_all_answered(futures: list, ids: range, registry: Registry) -> None:
     engine = registry.get("slow").engine
     for i, f in zip(ids, futures, strict=True):
@@ -307,7 +322,8 @@ def test_worker_reads_ahead_of_its_sessions(deploy, redis_server, slow_registry,
         max_batch_size=1,
         worker_read_ahead=read_ahead,
     )
-    futures = fire(client, range(12))
+    futures = queue_while_stopped(client, range(12), [w], redis_server)
+    w.signal(signal.SIGCONT)
     held = []
     deadline = time.monotonic() + 60
     while not all(f.done() for f in futures) and time.monotonic() < deadline:
@@ -326,8 +342,8 @@ def test_stopping_worker_runs_what_it_read_ahead(deploy, redis_server, slow_regi
         n_workers=2, engine_instances=1, solo_session=False, profile_batches=False,
         max_batch_size=1, worker_read_ahead=2, reclaim_idle_ms=5000,
     )  # fmt: skip
-    b.signal(signal.SIGSTOP)  # A reads first
-    futures = fire(client, range(8))
+    futures = queue_while_stopped(client, range(8), [a, b], redis_server)
+    a.signal(signal.SIGCONT)  # A reads first
     wait_for(lambda: consumer_pending(redis_server, a.proc.pid) >= 3, 20, "A to read ahead")
     a.signal(signal.SIGTERM)
     b.signal(signal.SIGCONT)
