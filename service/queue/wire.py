@@ -67,6 +67,11 @@ def entry_ms(entry_id: bytes) -> float:
     return float(entry_id.split(b"-", 1)[0])
 
 
+def as_text(value: bytes | str) -> str:
+    """A stream or entry name as redis-py returns it (bytes unless decode_responses)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _text(fields: dict[bytes, bytes], key: str) -> str:
     return fields[key.encode()].decode()
 

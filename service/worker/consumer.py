@@ -36,6 +36,7 @@ from service.queue.base import ItemResult, WorkItem
 from service.queue.batcher import infer_isolated, spread
 from service.queue.wire import (
     Streams,
+    as_text,
     decode_request,
     encode_error,
     encode_result,
@@ -43,7 +44,7 @@ from service.queue.wire import (
 )
 from service.registry import ModelVersion, Registry
 from service.reload import ModelWatcher
-from service.worker.recovery import Recovery, as_text
+from service.worker.recovery import Recovery
 
 log = logging.getLogger("service.worker")
 DRAIN_S = 30.0  # longest a removed version is served for what was queued before its removal

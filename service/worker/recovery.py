@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError, ResponseError
 
-from service.queue.wire import encode_error, request_metadata
+from service.queue.wire import as_text, encode_error, request_metadata
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -97,7 +97,3 @@ class Recovery:
         await pipe.execute()
         self.metrics.dead_letters.labels(mv.name).inc()
         log.error("entry dead-lettered", extra={"model": mv.key, "deliveries": deliveries})
-
-
-def as_text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
