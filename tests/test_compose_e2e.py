@@ -166,10 +166,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         yield d
     finally:
         logs = subprocess.run(
-            [str(COMPOSE_BIN), "-p", d.project, "logs", "--tail", "30"],
+            [str(COMPOSE_BIN), "-p", d.project, "logs", "--tail", "500"],
             cwd=REPO, env=d.env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        print(logs.stdout[-6000:])
+        # The service's own warnings and errors first: the tail alone is mostly start-up lines
+        # and Prometheus' discovery, which say little about a request that did not get its 200.
+        lines = logs.stdout.splitlines()
+        flagged = [s for s in lines if '"level": "warning"' in s or '"level": "error"' in s]
+        print("\n".join(flagged[-60:]))
+        print("\n".join(lines[-60:])[-6000:])
         d.compose("down", "-t", "5", timeout=180)
         left = d.leftovers()
         if left:  # clear them whatever happens, then fail
