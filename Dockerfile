@@ -13,19 +13,24 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# Wheels for the serving dependencies only (no 'train' extra), from the project's metadata
+# alone: a change to the code then rebuilds the project's own wheel, not every dependency's.
+RUN mkdir service && /opt/venv/bin/pip wheel --wheel-dir /deps '.[cpu]' \
+    && rm /deps/endofuse-*.whl
 COPY service ./service
-# Wheels for the project and its serving dependencies only (no 'train' extra). The gpu
-# wheels only where that target is built (BuildKit skips this stage's use otherwise).
-RUN /opt/venv/bin/pip wheel --wheel-dir /wheels '.[cpu]'
+RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
 
+# The gpu wheels only where that target is built (BuildKit skips this stage otherwise).
 FROM build AS build-gpu
 RUN /opt/venv/bin/pip wheel --wheel-dir /wheels-gpu '.[gpu]'
 
 FROM ${BASE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:$PATH
 RUN useradd --create-home --uid 10001 endofuse && python3 -m venv /opt/venv
+COPY --from=build /deps /deps
+RUN pip install --no-index --find-links /deps /deps/*.whl && rm -rf /deps
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links /wheels endofuse onnxruntime && rm -rf /wheels \
+RUN pip install --no-index --no-deps /wheels/*.whl && rm -rf /wheels && pip check \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 WORKDIR /app
 COPY models ./models

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # must exceed the slowest batch, or healthy work runs twice.
     reclaim_idle_ms: int = Field(5000, ge=50)
     max_deliveries: int = Field(3, ge=1)
+    # A departed worker's consumer (heartbeat expired, nothing pending) is deleted from the
+    # group once it has been silent this long, so restarts do not pile consumers up.
+    forget_consumer_s: float = Field(600.0, gt=0)
     stream_maxlen: int = Field(10_000, ge=100)
     reply_ttl_s: int = Field(60, ge=5)
     heartbeat_s: float = Field(1.0, gt=0)

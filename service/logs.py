@@ -29,6 +29,9 @@ SAFE_FIELDS = (
     "host",
     "port",
     "queue",
+    "consumer",
+    "entries",
+    "deliveries",
 )
 
 

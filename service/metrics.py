@@ -207,8 +207,9 @@ class WorkerMetrics:
         )
         self.reclaimed = Counter(
             "endofuse_reclaimed",
-            "Entries taken over from a dead or stuck consumer.",
-            ["model"],
+            "Entries taken over from another consumer: reason departed (its heartbeat expired) "
+            "or idle (delivered longer ago than the reclaim bound).",
+            ["model", "reason"],
             registry=r,
         )
         self.dead_letters = Counter(

@@ -3,7 +3,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from service.api import create_app
 from service.config import Settings
 from service.registry import Registry
-from tests.builders import FIELDS, write_model_dir
+from tests.builders import FIELDS, write_model_dir, write_slow_model_dir
+from tests.redis_harness import RedisServer, WorkerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,3 +90,59 @@ def client(tiny_models_dir: Path, tiny_registry: Registry) -> Iterator[TestClien
     app = create_app(make_settings(tiny_models_dir), registry=tiny_registry)
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
+
+
+# --- the Redis deployment on a model slow enough to be caught mid-batch (tests/test_redis_*.py)
+
+
+@pytest.fixture(scope="session")
+def slow_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("slow-models")
+    write_slow_model_dir(root, "slow", size=128)
+    return root
+
+
+@pytest.fixture(scope="session")
+def slow_registry(slow_models: Path) -> Registry:
+    return Registry.load(slow_models, providers=["CPUExecutionProvider"], warmup_runs=0)
+
+
+@pytest.fixture()
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture()
+def deploy(redis_server: RedisServer, slow_models: Path) -> Iterator[Callable]:
+    """deploy(workers=N, **settings) -> (TestClient, [WorkerProcess]) on a fresh Redis."""
+    workers: list[WorkerProcess] = []
+    clients: list[TestClient] = []
+
+    def start(n_workers: int = 1, timeout_s: float = 20.0, **settings: object):
+        env = {"reclaim_idle_ms": 1500, "heartbeat_s": 0.3, "max_batch_size": 8, **settings}
+        for _ in range(n_workers):
+            workers.append(WorkerProcess(redis_server.url, slow_models, **env))
+        for w in workers:
+            w.wait_ready()
+        # Admission control off: these tests hold every accepted request to an answer
+        # through faults, so nothing may be shed up front (tests/test_admission.py covers it).
+        api = make_settings(
+            slow_models,
+            queue_url=redis_server.url,
+            request_timeout_s=timeout_s,
+            latency_budget_s=0,
+            **settings,
+        )
+        client = TestClient(create_app(api), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        time.sleep(0.5)  # one monitor round: the API has seen the workers' heartbeats
+        return client, workers
+
+    yield start
+    for c in clients:
+        c.__exit__(None, None, None)
+    for w in workers:
+        w.stop()

@@ -74,18 +74,33 @@ class Deployment:
             "services:\n" + "".join(f"  {name}: {{scale: {n}}}\n" for name, n in replicas.items())
         )
 
-    def leftovers(self) -> list[str]:
+    def all_containers(self) -> list[str]:
+        """The project's containers, stopped and killed ones included."""
         out = subprocess.run(
             ["podman", "ps", "-a", "--format", "{{.Names}}",
              "--filter", f"label=io.podman.compose.project={self.project}"],
             env=self.env, capture_output=True, text=True, check=True,
         )  # fmt: skip
+        return out.stdout.split()
+
+    def logs(self) -> list[str]:
+        """Every container's log lines (the killed worker's too), each after its name."""
+        lines = []
+        for name in self.all_containers():
+            out = subprocess.run(
+                ["podman", "logs", "--tail", "3000", name],
+                env=self.env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            lines += [f"[{name}] {s}" for s in (out.stdout + out.stderr).splitlines()]
+        return lines
+
+    def leftovers(self) -> list[str]:
         networks = subprocess.run(
             ["podman", "network", "ls", "--format", "{{.Name}}",
              "--filter", f"name={self.project}_"],
             env=self.env, capture_output=True, text=True, check=True,
         )  # fmt: skip
-        return out.stdout.split() + networks.stdout.split()
+        return self.all_containers() + networks.stdout.split()
 
     def build(self) -> None:
         out = subprocess.run(
@@ -165,22 +180,22 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         d.compose("up", "-d", "--no-build", *SERVICES)
         yield d
     finally:
-        logs = subprocess.run(
-            [str(COMPOSE_BIN), "-p", d.project, "logs", "--tail", "500"],
-            cwd=REPO, env=d.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        # The service's own warnings and errors first: the tail alone is mostly start-up lines
-        # and Prometheus' discovery, which say little about a request that did not get its 200.
-        lines = logs.stdout.splitlines()
-        flagged = [s for s in lines if '"level": "warning"' in s or '"level": "error"' in s]
-        print("\n".join(flagged[-60:]))
-        print("\n".join(lines[-60:])[-6000:])
+        lines = d.logs()
+        print("\n".join(flagged(lines)[-80:]))
+        print("\n".join(lines[-40:])[-4000:])
         d.compose("down", "-t", "5", timeout=180)
         left = d.leftovers()
         if left:  # clear them whatever happens, then fail
             subprocess.run(["podman", "rm", "-f", *left], env=d.env, capture_output=True)
             subprocess.run(["podman", "network", "rm", "-f", *left], env=d.env, capture_output=True)
         assert not left, f"`down` left containers or networks behind: {left}"
+
+
+def flagged(lines: list[str]) -> list[str]:
+    """The service's own warnings, errors and 5xx answers: what explains a request that did
+    not get its 200 (the rest is mostly start-up lines and Prometheus' discovery)."""
+    marks = ('"level": "warning"', '"level": "error"', '"status": 5')
+    return [s for s in lines if any(m in s for m in marks)]
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -234,6 +249,8 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
 
     # A worker killed mid-load: every request still answered 200.
     codes: list[int] = []
+    refused: list[str] = []  # what each request that did not get its 200 was told, and when
+    killed_at: list[float] = []
     stop = threading.Event()
 
     def load(offset: int) -> None:
@@ -241,9 +258,16 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
             i = offset
             while not stop.is_set():
                 files = {"image": ("f", frames[i % len(frames)])}
-                codes.append(
-                    client.post(f"{base}/predict", files=files, headers=headers).status_code
-                )
+                sent = time.monotonic()
+                r = client.post(f"{base}/predict", files=files, headers=headers)
+                codes.append(r.status_code)
+                if r.status_code != 200:
+                    took = time.monotonic() - sent
+                    at = sent - killed_at[0] if killed_at else float("nan")
+                    refused.append(
+                        f"{r.status_code} sent {at:+.1f} s from the kill, answered in "
+                        f"{took:.1f} s: {r.text[:160]}"
+                    )
                 i += 1
 
     threads = [threading.Thread(target=load, args=(k,)) for k in range(6)]
@@ -252,12 +276,24 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     time.sleep(3)
     victim = d.containers("worker")[0]
     subprocess.run(["podman", "kill", victim], env=d.env, check=True, capture_output=True)
+    killed_at.append(time.monotonic())
     time.sleep(12)  # past the reclaim interval: the survivor takes over the victim's entries
     stop.set()
     for t in threads:
         t.join(60)
-    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
-    print(f"worker {victim} killed under load: {len(codes)} requests, all 200")
+    # Logs now: scaling up below may recreate containers, and their logs with them.
+    assert codes and set(codes) == {200}, (
+        {c: codes.count(c) for c in set(codes)},
+        refused,
+        flagged(d.logs())[-40:],
+    )
+    survivor = next(c for c in d.containers("worker") if c != victim)
+    taken = [
+        line
+        for line in d.exec_json(survivor, "http://127.0.0.1:8001/metrics").splitlines()
+        if line.startswith("endofuse_reclaimed_total{")
+    ]
+    print(f"worker {victim} killed under load: {len(codes)} requests, all 200; {taken}")
 
     # One more worker: it joins and takes work (what `--scale worker=3` does).
     d.scale(api=2, worker=3)

@@ -1,161 +1,39 @@
 """Fault tests for the Redis deployment: real redis-server, real worker processes, real
 signals. Each scenario checks that no request is lost, none is answered twice, and that the
-service says 503/504 instead of hanging."""
+service says 503/504 instead of hanging. Faults of Redis itself: tests/test_redis_outages.py."""
 
 from __future__ import annotations
 
-import base64
 import signal
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
-from service.engine import Batch
 from service.queue.wire import Streams
-from service.registry import Registry
-from tests.builders import write_slow_model_dir
 from tests.conftest import make_settings
-from tests.images import png
-from tests.redis_harness import RedisServer, WorkerProcess
+from tests.redis_harness import WorkerProcess
+from tests.redis_scenarios import (
+    GROUP,
+    STREAM,
+    api_metric,
+    check_all_answered,
+    consumer_pending,
+    fire,
+    post,
+    queue_while_stopped,
+    stop_mid_batch,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-STREAM = Streams().requests("slow:1")
-GROUP = Streams().group
-
-
-@pytest.fixture(scope="module")
-def slow_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("slow-models")
-    write_slow_model_dir(root, "slow", size=128)
-    return root
-
-
-@pytest.fixture(scope="module")
-def slow_registry(slow_models: Path) -> Registry:
-    return Registry.load(slow_models, providers=["CPUExecutionProvider"], warmup_runs=0)
-
-
-@pytest.fixture()
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture()
-def deploy(redis_server: RedisServer, slow_models: Path) -> Iterator[Callable]:
-    """deploy(workers=N, **settings) -> (TestClient, [WorkerProcess]) on a fresh Redis."""
-    workers: list[WorkerProcess] = []
-    clients: list[TestClient] = []
-
-    def start(n_workers: int = 1, timeout_s: float = 20.0, **settings: object):
-        env = {"reclaim_idle_ms": 1500, "heartbeat_s": 0.3, "max_batch_size": 8, **settings}
-        for _ in range(n_workers):
-            workers.append(WorkerProcess(redis_server.url, slow_models, **env))
-        for w in workers:
-            w.wait_ready()
-        # Admission control off: these tests hold every accepted request to an answer
-        # through faults, so nothing may be shed up front (tests/test_admission.py covers it).
-        api = make_settings(
-            slow_models,
-            queue_url=redis_server.url,
-            request_timeout_s=timeout_s,
-            latency_budget_s=0,
-            **settings,
-        )
-        client = TestClient(create_app(api), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        time.sleep(0.5)  # one monitor round: the API has seen the workers' heartbeats
-        return client, workers
-
-    yield start
-    for c in clients:
-        c.__exit__(None, None, None)
-    for w in workers:
-        w.stop()
-
-
-def frame(i: int) -> np.ndarray:
-    return np.random.default_rng(i).integers(0, 255, (128, 128, 3)).astype(np.uint8)
-
-
-def post(client: TestClient, i: int):
-    return client.post("/v1/predict", json={"image": base64.b64encode(png(frame(i))).decode()})
-
-
-def fire(client: TestClient, ids: range) -> Iterator:
-    pool = ThreadPoolExecutor(len(ids))
-    futures = [pool.submit(post, client, i) for i in ids]
-    pool.shutdown(wait=False)
-    return futures
-
-
-def queue_while_stopped(
-    client: TestClient, ids: range, workers: list[WorkerProcess], server: RedisServer
-) -> list:
-    """SIGSTOP ``workers``, then fire ``ids`` and return once all are queued (the workers
-    left stopped), so that a worker's first read finds them all however fast they arrive.
-    The pause before firing outlasts a blocking read already sent (200 ms), which Redis
-    would otherwise answer into a stopped worker's socket."""
-    for w in workers:
-        w.signal(signal.SIGSTOP)
-    time.sleep(0.5)
-    futures = fire(client, ids)
-    wait_for(lambda: server.client().xlen(STREAM) >= len(ids), 20, "the requests to queue")
-    return futures
-
-
-def check_all_answered(futures: list, ids: range, registry: Registry) -> None:
-    engine = registry.get("slow").engine
-    for i, f in zip(ids, futures, strict=True):
-        r = f.result(timeout=60)
-        assert r.status_code == 200, r.text
-        want = engine.run(Batch(images=frame(i)[None]))[0]
-        # Each client gets its own answer, once: a reply for another request would not match.
-        np.testing.assert_allclose(list(r.json()["probabilities"].values()), want, atol=1e-5)
-
-
-def consumer_pending(server: RedisServer, pid: int) -> int:
-    info = server.client().xpending(STREAM, GROUP)
-    return sum(c["pending"] for c in info["consumers"] if f":{pid}:" in c["name"].decode())
-
-
-def stop_mid_batch(worker: WorkerProcess, server: RedisServer) -> None:
-    """SIGSTOP ``worker`` while it holds unacknowledged entries (retrying if it acked first)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        wait_for(lambda: consumer_pending(server, worker.proc.pid) > 0, 20, "a batch on the worker")
-        worker.signal(signal.SIGSTOP)
-        if consumer_pending(server, worker.proc.pid) > 0:
-            return
-        worker.signal(signal.SIGCONT)  # it finished between the check and the signal
-    raise AssertionError("could not stop the worker mid-batch")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def api_metric(client: TestClient, name: str) -> float:
-    total = 0.0
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_kill_9_mid_batch_loses_nothing(deploy, redis_server, slow_registry) -> None:
-    client, (a, b) = deploy(n_workers=2)
+    # An idle bound past every deadline: A's entries can only be answered by being taken
+    # over once A's heartbeat has expired.
+    client, (a, b) = deploy(n_workers=2, reclaim_idle_ms=60_000)
     b.signal(signal.SIGSTOP)  # A reads the requests and surely holds a batch (as below)
     futures = fire(client, range(40))
     stop_mid_batch(a, redis_server)
@@ -164,8 +42,31 @@ def test_kill_9_mid_batch_loses_nothing(deploy, redis_server, slow_registry) -> 
     check_all_answered(futures, range(40), slow_registry)
     # A's unacknowledged entries are taken over (answered again if A had already replied:
     # the API drops those duplicates) and nothing is left behind.
-    wait_for(lambda: b.metric("endofuse_reclaimed_total") > 0, 10, "B to take over")
+    departed = 'endofuse_reclaimed_total{model="slow",reason="departed"}'
+    wait_for(lambda: b.metric(departed) > 0, 10, "B to take over")
     wait_for(lambda: redis_server.client().xlen(STREAM) == 0, 10, "an empty stream")
+
+
+def test_departed_consumer_is_taken_over_then_forgotten(deploy, redis_server, slow_registry):
+    """Entries held by a consumer without a heartbeat are claimed long before the idle
+    bound; once it holds nothing and has been silent for ``forget_consumer_s`` it is
+    deleted from the group, while the live worker's consumer stays."""
+    client, (w,) = deploy(n_workers=1, reclaim_idle_ms=60_000, forget_consumer_s=1.0)
+    futures = queue_while_stopped(client, range(10), [w], redis_server)
+    r = redis_server.client()
+    ((_, held),) = r.xreadgroup(GROUP, "ghost", {STREAM: ">"}, count=4)
+    assert len(held) == 4
+    w.signal(signal.SIGCONT)
+    check_all_answered(futures, range(10), slow_registry)
+    assert w.metric('endofuse_reclaimed_total{model="slow",reason="departed"}') == 4
+    assert w.metric('endofuse_reclaimed_total{model="slow",reason="idle"}') == 0
+
+    def names() -> set[str]:
+        return {c["name"].decode() for c in r.xinfo_consumers(STREAM, GROUP)}
+
+    wait_for(lambda: "ghost" not in names(), 10, "the departed consumer to be forgotten")
+    assert any(f":{w.proc.pid}:" in n for n in names()), names()
+    assert r.xlen(STREAM) == 0
 
 
 def test_stopped_worker_late_replies_are_ignored(deploy, redis_server, slow_registry) -> None:
@@ -273,28 +174,6 @@ def test_readiness_without_worker_requirement(redis_server, slow_models) -> None
     other = make_settings(slow_models, queue_url=redis_server.url, ready_workers="other")
     with TestClient(create_app(other), raise_server_exceptions=False) as client:
         assert client.get("/readyz").status_code == 200  # "slow" is not required
-
-
-def test_redis_restart_fails_fast_and_recovers(deploy, redis_server, slow_registry) -> None:
-    client, _ = deploy(n_workers=1, timeout_s=3.0)
-    assert post(client, 1).status_code == 200
-    futures = fire(client, range(16))
-    time.sleep(0.05)
-    start = time.monotonic()
-    redis_server.kill()
-    for f in futures:
-        r = f.result(timeout=10)
-        assert r.status_code in (200, 503, 504), r.text
-        assert time.monotonic() - start <= 3.0 + 1.0
-    # While Redis is away the replica is not ready: a gateway stops routing to it.
-    wait_for(lambda: client.get("/readyz").status_code == 503, 5, "readyz 503 without Redis")
-    assert client.get("/readyz").json()["reason"] == "queue unreachable"
-    redis_server.start()  # same port, empty (no persistence)
-    restarted = time.monotonic()
-    while post(client, 2).status_code != 200:
-        assert time.monotonic() - restarted < 5.0, "did not recover within 5 s"
-        time.sleep(0.1)
-    wait_for(lambda: client.get("/readyz").status_code == 200, 5, "readyz 200 once Redis is back")
 
 
 def test_backlog_past_its_deadline_is_never_run(deploy, redis_server) -> None:

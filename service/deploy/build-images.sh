@@ -9,6 +9,7 @@
 #   localhost/endofuse-debian:bookworm  mmdebstrap minbase + python3, venv, CA certificates
 #   localhost/endofuse-infra:bookworm   mmdebstrap minbase + redis-server, nginx, prometheus
 #   localhost/endofuse:cpu              the project's Dockerfile, target cpu, on the first
+#                                       (rebuilt whenever its build context changed)
 # Grafana has no Debian package: it is not built here (its provisioning is checked
 # structurally by tests/test_deployment.py).
 #
@@ -66,11 +67,17 @@ debian_image "$BASE" python3,python3-venv,ca-certificates,passwd
 debian_image "$INFRA" redis-server,nginx,prometheus,ca-certificates \
     'rm -f "$1"/etc/nginx/sites-enabled/default && mkdir -p "$1"/prometheus && chmod 777 "$1"/prometheus'
 
-if have "$APP"; then
-    echo "kept $APP"
+# The app image is kept only while what goes into it is unchanged: a hash of its build
+# context travels with it as a label, so an edited tree is never served from a stale image.
+CONTEXT=$(find Dockerfile pyproject.toml README.md service models -type f \
+    ! -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+built=$("$ENGINE" image inspect --format '{{ index .Config.Labels "endofuse.context" }}' "$APP" 2>/dev/null || true)
+if have "$APP" && [ "$built" = "$CONTEXT" ]; then
+    echo "kept $APP (context $CONTEXT)"
 else
-    echo "building $APP (Dockerfile, target cpu, BASE=$BASE)"
-    args=(build --target cpu --build-arg "BASE=$BASE" -t "$APP" -t endofuse:cpu)
+    echo "building $APP (Dockerfile, target cpu, BASE=$BASE, context $CONTEXT)"
+    args=(build --target cpu --build-arg "BASE=$BASE" --label "endofuse.context=$CONTEXT"
+          -t "$APP" -t endofuse:cpu)
     if [ "$(basename "$ENGINE")" = podman ]; then
         args+=(--format docker)  # the OCI format has no HEALTHCHECK
         # pip inside the build reaches the package index with the host's CA bundle.

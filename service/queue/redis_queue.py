@@ -77,6 +77,8 @@ class RedisQueue(InferenceQueue):
         self._metrics = metrics or Metrics()
         owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.reply_stream = self._streams.reply(owner)
+        # Set beside the reply stream; found missing, it says the server lost its data.
+        self._marker = f"{self.reply_stream}:up"
         self._waiting: dict[str, asyncio.Future[ItemResult]] = {}
         self._recent: OrderedDict[str, str] = OrderedDict()  # id -> "answered" | "expired"
         self._capacity: dict[str, float] = {}  # model key -> items/s over live workers
@@ -115,7 +117,7 @@ class RedisQueue(InferenceQueue):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 5)
         if self._redis is not None:
             with contextlib.suppress(RedisError, TimeoutError):
-                await asyncio.wait_for(self._redis.delete(self.reply_stream), 5)
+                await asyncio.wait_for(self._redis.delete(self.reply_stream, self._marker), 5)
             with contextlib.suppress(RedisError, TimeoutError):
                 await asyncio.wait_for(self._redis.aclose(), 5)
 
@@ -153,14 +155,19 @@ class RedisQueue(InferenceQueue):
             for name, value in fields.items():
                 args += [name, value]
             try:
-                added = await self._add(keys=[self._streams.requests(key)], args=args)
+                # Bounded by the deadline too: the client retries a failing connection for
+                # seconds (reconnects, name lookups), and the answer is due by then anyway.
+                added = await asyncio.wait_for(
+                    self._add(keys=[self._streams.requests(key)], args=args), timeout_s
+                )
             except RedisError:
                 raise QueueUnavailable(
                     "the request queue is unreachable", retry_after=1.0
                 ) from None
             if added is None:
                 raise Overloaded("inference queue is full", retry_after=self._retry_after(key))
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            left = max(deadline - time.monotonic(), 1e-3)
+            return await asyncio.wait_for(asyncio.shield(future), left)
         except TimeoutError:
             self._remember(corr, "expired")
             raise DeadlineExceeded(f"no result within {timeout_s:.1f} s") from None
@@ -217,20 +224,25 @@ class RedisQueue(InferenceQueue):
         while True:
             try:
                 if time.monotonic() - refreshed > self._reply_ttl_s / 3:
-                    await self._redis.expire(self.reply_stream, self._reply_ttl_s)
+                    pipe = self._redis.pipeline(transaction=False)
+                    pipe.expire(self.reply_stream, self._reply_ttl_s)
+                    pipe.set(self._marker, 1, ex=self._reply_ttl_s)
+                    await pipe.execute()
                     refreshed = time.monotonic()
-                got = await self._redis.xread({self.reply_stream: last}, 256, READ_BLOCK_MS)
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.exists(self._marker)
+                pipe.xread({self.reply_stream: last}, 256, READ_BLOCK_MS)
+                up, got = await pipe.execute()
                 self._metrics.queue_up.set(1)
                 self._reachable = True
             except asyncio.CancelledError:
                 raise
             except RedisError:
+                # Unreachable is not lost: the same server coming back still holds the
+                # queued entries and their replies, so the waiting requests keep waiting
+                # (up to their deadlines) and reading resumes where it stopped.
                 self._metrics.queue_up.set(0)
                 self._reachable = False
-                # Redis keeps no copy on disk: whatever was queued is gone, so fail fast (503)
-                # rather than let every waiting client run into its deadline.
-                self._fail_waiting(QueueUnavailable("lost the request queue", retry_after=1.0))
-                last, refreshed = "0-0", 0.0
                 await asyncio.sleep(0.2)
                 continue
             ids = []
@@ -245,6 +257,13 @@ class RedisQueue(InferenceQueue):
             if ids:
                 # Off the read path: the next reply need not wait for this round trip.
                 self._spawn(self._redis.xdel(self.reply_stream, *ids))
+            if not up:
+                # The marker set beside the reply stream is gone: the server lost its data
+                # (restarted; Redis keeps no copy on disk), so whatever was queued is gone.
+                # Fail fast (503) rather than let every client wait out its deadline.
+                self._fail_waiting(QueueUnavailable("lost the request queue", retry_after=1.0))
+                refreshed = 0.0
+                last = last if ids else "0-0"
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         async def quietly() -> None:

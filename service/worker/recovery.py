@@ -1,9 +1,17 @@
 """A worker's recovery of entries left pending by a dead or stuck consumer.
 
-Entries idle past ``reclaim_idle_ms`` are claimed (``XPENDING`` + ``XCLAIM``) and handled
-one by one, so one bad entry cannot sink its neighbours again. After ``max_deliveries``
-deliveries an entry is moved to the dead-letter stream (metadata only) and its requester
-gets a 500.
+Two ways an entry is taken over (``XPENDING`` + ``XCLAIM``), each looked at at least once per
+heartbeat:
+
+- **departed**: its consumer's heartbeat key has expired (the worker died or lost Redis),
+  so its entries are claimed at once rather than after the idle bound; such a consumer is
+  forgotten (``XGROUP DELCONSUMER``) once it holds nothing and has been silent for long;
+- **idle**: an entry delivered more than ``reclaim_idle_ms`` ago to a consumer that still
+  beats (a stuck batch, or a poison entry being retried).
+
+Taken-over entries are handled one by one, so one bad entry cannot sink its neighbours
+again. After ``max_deliveries`` deliveries an entry is moved to the dead-letter stream
+(metadata only) and its requester gets a 500.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ if TYPE_CHECKING:
     from service.registry import ModelVersion
 
 log = logging.getLogger("service.worker")
+CLAIM_COUNT = 100  # entries looked at per consumer and stream in one round
 
 
 class Recovery:
@@ -41,25 +50,79 @@ class Recovery:
         raise NotImplementedError
 
     async def _reclaim_loop(self) -> None:
-        interval = max(self.settings.reclaim_idle_ms / 2e3, 0.1)
+        s = self.settings
+        interval = max(min(s.reclaim_idle_ms / 2e3, s.heartbeat_s), 0.1)
         while True:
             await asyncio.sleep(interval)
             try:
                 for stream in self.models:
+                    await self.take_over_departed(stream)
                     await self.reclaim(stream)
             except asyncio.CancelledError:
                 raise
             except RedisError:
                 continue
 
+    async def take_over_departed(self, stream: str) -> None:
+        """Claim what consumers without a live heartbeat still hold on ``stream``."""
+        try:
+            consumers = await self.redis.xinfo_consumers(stream, self.streams.group)
+        except ResponseError:
+            return  # NOGROUP: the consume loop recreates it
+        others = [c for c in consumers if as_text(c["name"]) != self.consumer]
+        if not others:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for c in others:
+            pipe.exists(self.streams.worker(as_text(c["name"])))
+        beating = await pipe.execute()
+        s = self.settings
+        # A worker writes its first heartbeat right after its first read, so an entry
+        # delivered this recently may belong to one that has only just started; and once
+        # claimed, an entry is this fresh again, so a second claimer racing for it loses.
+        min_idle_ms = min(s.reclaim_idle_ms, int(s.heartbeat_s * 1e3))
+        for c, alive in zip(others, beating, strict=True):
+            if alive:
+                continue
+            name = as_text(c["name"])
+            if c["pending"]:
+                pending = await self.redis.xpending_range(
+                    stream,
+                    self.streams.group,
+                    "-",
+                    "+",
+                    CLAIM_COUNT,
+                    consumername=name,
+                    idle=min_idle_ms,
+                )
+                if taken := await self._take(stream, pending, min_idle_ms, "departed"):
+                    log.warning(
+                        "took over a departed worker's entries",
+                        extra={
+                            "model": self.models[stream].key,
+                            "consumer": name,
+                            "entries": taken,
+                        },
+                    )
+            elif c["idle"] > s.forget_consumer_s * 1e3:
+                # Silent long past any pause of a live worker's reads: deleting a consumer
+                # drops what it holds, and this one held nothing when looked at.
+                await self.redis.xgroup_delconsumer(stream, self.streams.group, name)
+
     async def reclaim(self, stream: str) -> None:
+        """Claim entries idle past ``reclaim_idle_ms``, whoever holds them."""
         s = self.settings
         try:
             pending = await self.redis.xpending_range(
-                stream, self.streams.group, "-", "+", 100, idle=s.reclaim_idle_ms
+                stream, self.streams.group, "-", "+", CLAIM_COUNT, idle=s.reclaim_idle_ms
             )
         except ResponseError:
             return  # NOGROUP: the consume loop recreates it
+        await self._take(stream, pending, s.reclaim_idle_ms, "idle")
+
+    async def _take(self, stream: str, pending: list[dict], min_idle_ms: int, reason: str) -> int:
+        """Dead-letter what was delivered too often, claim and handle the rest; -> claimed."""
+        s = self.settings
         mv = self.models[stream]
         retry = []
         for p in pending:
@@ -68,14 +131,15 @@ class Recovery:
             else:
                 retry.append(p["message_id"])
         if not retry:
-            return
+            return 0
         # min_idle_time makes the claim atomic: of several workers racing, one gets each entry.
         claimed = await self.redis.xclaim(
-            stream, self.streams.group, self.consumer, s.reclaim_idle_ms, retry
+            stream, self.streams.group, self.consumer, min_idle_ms, retry
         )
         for entry in claimed:
-            self.metrics.reclaimed.labels(mv.name).inc()
+            self.metrics.reclaimed.labels(mv.name, reason).inc()
             await self.handle(stream, [entry])
+        return len(claimed)
 
     async def _dead_letter(self, stream: str, entry_id: bytes, deliveries: int) -> None:
         mv = self.models[stream]
