@@ -26,7 +26,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from service.errors import (
     DeadlineExceeded,
@@ -221,12 +221,18 @@ class RedisQueue(InferenceQueue):
     async def _read_replies(self) -> None:
         assert self._redis is not None
         last, refreshed = "0-0", 0.0
+        marked = False  # the marker is set (and so its absence would mean lost data)
         while True:
             try:
+                if not marked:
+                    # SET is refused at maxmemory (EXPIRE is not): then try again next round.
+                    with contextlib.suppress(ResponseError):
+                        await self._redis.set(self._marker, 1, ex=self._reply_ttl_s)
+                        marked = True
                 if time.monotonic() - refreshed > self._reply_ttl_s / 3:
                     pipe = self._redis.pipeline(transaction=False)
                     pipe.expire(self.reply_stream, self._reply_ttl_s)
-                    pipe.set(self._marker, 1, ex=self._reply_ttl_s)
+                    pipe.expire(self._marker, self._reply_ttl_s)
                     await pipe.execute()
                     refreshed = time.monotonic()
                 pipe = self._redis.pipeline(transaction=False)
@@ -257,12 +263,12 @@ class RedisQueue(InferenceQueue):
             if ids:
                 # Off the read path: the next reply need not wait for this round trip.
                 self._spawn(self._redis.xdel(self.reply_stream, *ids))
-            if not up:
+            if marked and not up:
                 # The marker set beside the reply stream is gone: the server lost its data
                 # (restarted; Redis keeps no copy on disk), so whatever was queued is gone.
                 # Fail fast (503) rather than let every client wait out its deadline.
                 self._fail_waiting(QueueUnavailable("lost the request queue", retry_after=1.0))
-                refreshed = 0.0
+                marked, refreshed = False, 0.0
                 last = last if ids else "0-0"
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
