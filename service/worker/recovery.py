@@ -60,7 +60,7 @@ class Recovery:
                     await self.reclaim(stream)
             except asyncio.CancelledError:
                 raise
-            except RedisError:
+            except (RedisError, KeyError):  # KeyError: a version removed while looked at
                 continue
 
     async def take_over_departed(self, stream: str) -> None:
