@@ -277,7 +277,7 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     victim = d.containers("worker")[0]
     subprocess.run(["podman", "kill", victim], env=d.env, check=True, capture_output=True)
     killed_at.append(time.monotonic())
-    time.sleep(12)  # past the reclaim interval: the survivor takes over the victim's entries
+    time.sleep(12)  # past the heartbeat's expiry: the survivor takes over the victim's entries
     stop.set()
     for t in threads:
         t.join(60)

@@ -55,36 +55,45 @@ class Recovery:
         while True:
             await asyncio.sleep(interval)
             try:
+                await self.take_over_departed()
                 for stream in self.models:
-                    await self.take_over_departed(stream)
                     await self.reclaim(stream)
             except asyncio.CancelledError:
                 raise
             except (RedisError, KeyError):  # KeyError: a version removed while looked at
                 continue
 
-    async def take_over_departed(self, stream: str) -> None:
-        """Claim what consumers without a live heartbeat still hold on ``stream``."""
-        try:
-            consumers = await self.redis.xinfo_consumers(stream, self.streams.group)
-        except ResponseError:
-            return  # NOGROUP: the consume loop recreates it
-        others = [c for c in consumers if as_text(c["name"]) != self.consumer]
-        if not others:
+    async def take_over_departed(self) -> None:
+        """Claim what consumers without a live heartbeat still hold, on every stream. The
+        same workers read every stream: their consumers are listed and their heartbeats
+        looked up in one round trip each, whatever the number of streams."""
+        streams = list(self.models)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_consumers(stream, self.streams.group)
+        listed = await pipe.execute(raise_on_error=False)
+        held = []  # (stream, consumer info, consumer name), other consumers than this one
+        for stream, consumers in zip(streams, listed, strict=True):
+            if isinstance(consumers, ResponseError):
+                continue  # NOGROUP: the consume loop recreates it
+            named = [(c, as_text(c["name"])) for c in consumers]
+            held += [(stream, c, name) for c, name in named if name != self.consumer]
+        names = sorted({name for _, _, name in held})
+        if not names:
             return
         pipe = self.redis.pipeline(transaction=False)
-        for c in others:
-            pipe.exists(self.streams.worker(as_text(c["name"])))
+        for name in names:
+            pipe.exists(self.streams.worker(name))
         beating = await pipe.execute()
+        alive = {name for name, found in zip(names, beating, strict=True) if found}
         s = self.settings
         # A worker writes its first heartbeat right after its first read, so an entry
         # delivered this recently may belong to one that has only just started; and once
         # claimed, an entry is this fresh again, so a second claimer racing for it loses.
         min_idle_ms = min(s.reclaim_idle_ms, int(s.heartbeat_s * 1e3))
-        for c, alive in zip(others, beating, strict=True):
-            if alive:
+        for stream, c, name in held:
+            if name in alive:
                 continue
-            name = as_text(c["name"])
             if c["pending"]:
                 pending = await self.redis.xpending_range(
                     stream,
