@@ -119,3 +119,22 @@ def test_queue_url_credentials_are_redacted_for_logs() -> None:
     assert redacted("redis://:s3cret@redis:6379/0") == "redis://redis:6379/0"
     assert redacted("redis://user:p@ss@host:1/2") == "redis://host:1/2"
     assert redacted("memory://") == "memory://"
+
+
+def test_replies_are_deleted_once_read(redis_deployment: str, tiny_models_dir: Path) -> None:
+    """An API process deletes the replies it has read (in its next read's round trip), so
+    its reply stream does not grow with the traffic it has served."""
+    import redis
+
+    from service.queue.wire import Streams
+    from tests.redis_scenarios import wait_for
+
+    app = create_app(make_settings(tiny_models_dir, queue_url=redis_deployment))
+    with TestClient(app) as client:
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda i: post(client, image(i)), range(24)))
+        assert all(r.status_code == 200 for r in responses)
+        r = redis.Redis.from_url(redis_deployment)
+        streams = list(r.scan_iter(Streams().reply("*"), _type="stream"))
+        assert streams, "no reply stream"
+        wait_for(lambda: sum(r.xlen(s) for s in streams) == 0, 5, "the replies to be deleted")

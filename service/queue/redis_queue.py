@@ -22,7 +22,6 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -89,7 +88,6 @@ class RedisQueue(InferenceQueue):
         self._reachable = True  # until a Redis call fails
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
         self._redis: aioredis.Redis | None = None
 
     async def start(self) -> None:
@@ -222,6 +220,7 @@ class RedisQueue(InferenceQueue):
         assert self._redis is not None
         last, refreshed = "0-0", 0.0
         marked = False  # the marker is set (and so its absence would mean lost data)
+        read: list[Any] = []  # entries already resolved, deleted in the next read's round trip
         while True:
             try:
                 if not marked:
@@ -236,9 +235,13 @@ class RedisQueue(InferenceQueue):
                     await pipe.execute()
                     refreshed = time.monotonic()
                 pipe = self._redis.pipeline(transaction=False)
+                if read:
+                    # Dropped if this round trip fails: a few stale replies are harmless.
+                    pipe.xdel(self.reply_stream, *read)
+                    read = []
                 pipe.exists(self._marker)
                 pipe.xread({self.reply_stream: last}, 256, READ_BLOCK_MS)
-                up, got = await pipe.execute()
+                *_, up, got = await pipe.execute()
                 self._metrics.queue_up.set(1)
                 self._reachable = True
             except asyncio.CancelledError:
@@ -260,9 +263,9 @@ class RedisQueue(InferenceQueue):
                         self.resolve(decode_reply(fields))
                     except (KeyError, ValueError):
                         self._metrics.replies_dropped.labels("malformed").inc()
-            if ids:
-                # Off the read path: the next reply need not wait for this round trip.
-                self._spawn(self._redis.xdel(self.reply_stream, *ids))
+            # Deleted with the next read rather than now: no round trip of its own, and the
+            # next reply does not wait for one. Reading resumes after `last` either way.
+            read = ids
             if marked and not up:
                 # The marker set beside the reply stream is gone: the server lost its data
                 # (restarted; Redis keeps no copy on disk), so whatever was queued is gone.
@@ -270,15 +273,6 @@ class RedisQueue(InferenceQueue):
                 self._fail_waiting(QueueUnavailable("lost the request queue", retry_after=1.0))
                 marked, refreshed = False, 0.0
                 last = last if ids else "0-0"
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        async def quietly() -> None:
-            with contextlib.suppress(RedisError):
-                await coro
-
-        task = asyncio.get_running_loop().create_task(quietly())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _monitor(self) -> None:
         while True:
