@@ -14,6 +14,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from service.sessions import open_session  # noqa: E402
 from training.quantize import (  # noqa: E402
+    CALIBRATION_BATCH,
+    CalibrationBatches,
     backbone_convs,
     fold_pads,
     keep_until,
@@ -141,3 +143,58 @@ def test_shipped_int8_variant_runs_its_backbone_in_int8(name: str, tmp_path: Pat
     ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
     assert ops.count("QLinearConv") == quant["layers"] - len(quant["kept_in_float"])
     assert "Pad" not in ops
+
+
+def test_calibration_batches_step_one_batch_at_a_time() -> None:
+    """What ``quantize_static`` needs to step the calibrator: ``len`` batches, and a range of
+    them read through ``get_next`` until ``None``; image-only feeds."""
+    frames = np.zeros((2 * CALIBRATION_BATCH + 5, 3, 8, 8), np.float32)
+    reader = CalibrationBatches(frames, {"image", "tabular", "tabular_mask"}, 3)
+    assert len(reader) == 3
+
+    def drain() -> list[int]:
+        sizes = []
+        while (feeds := reader.get_next()) is not None:
+            assert not feeds["tabular_mask"].any()  # every field missing
+            sizes.append(len(feeds["image"]))
+        return sizes
+
+    assert drain() == [CALIBRATION_BATCH, CALIBRATION_BATCH, 5]
+    reader.set_range(2, 3)
+    assert drain() == [5]
+    reader.set_range(0, 1)
+    assert drain() == [CALIBRATION_BATCH]
+
+
+def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
+    """``endofuse quantize`` end to end on a bundled model (32 calibration frames, no probe):
+    a new version whose whole backbone runs in int8, its out-of-distribution distance refitted,
+    answering as the fp32 model on val frames."""
+    import json
+    import shutil
+
+    from service.manifest import load_manifest
+    from tests.conftest import require_data
+    from training import quantize
+    from training.evaluate import evenly_sampled
+
+    require_data("hyperkvasir-lgi")
+    src = tmp_path / "hyperkvasir-lgi" / "2"
+    shutil.copytree(MODELS / "hyperkvasir-lgi" / "2", src)
+    out = quantize.main(src, "9", calibration=32, probe=0)
+
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["precision"] == "int8" and raw["quantization"]["calibration"]["frames"] == 32
+    assert raw["quantization"]["kept_in_float"] == {}
+    assert raw["ood_embedding"] != json.loads((src / "manifest.json").read_text())["ood_embedding"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    open_session(out / "model.onnx", options)
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == raw["quantization"]["layers"]
+
+    frames, _ = evenly_sampled(load_manifest(src / "manifest.json"), "val", 32)
+    fp32 = quantize._probabilities(src / "model.onnx", frames, 0)
+    int8 = quantize._probabilities(out / "model.onnx", frames, 0)
+    assert np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.9
+    assert kl_to(fp32, int8) < 0.1
