@@ -5,6 +5,8 @@
     measured layouts (sessions × threads × batch size), never an assumed one.
 (b) HTTP: ``endofuse serve`` in a subprocess, a closed-loop loopback load generator at
     concurrency 1, 8, 32 posting real frames as multipart.
+(c) The c=1 overhead side by side: short alternating blocks of (a)'s single request and
+    (b) at concurrency 1, so that both see the same speed of a noisy VM.
 
 Usage: python bench/serving.py [--model hyperkvasir-lgi] [--out docs/performance.md]
 """
@@ -64,14 +66,7 @@ def in_process(
     spec, path, manifest = mv.manifest.image, mv.path / "model.onnx", mv.manifest
     cpu = ["CPUExecutionProvider"]
     solo = open_pool(path, manifest, cpu, 1, 0, 1, spinning)
-    single = []
-    end = time.perf_counter() + seconds
-    i = 0
-    while time.perf_counter() < end or len(single) < 20:
-        t = time.perf_counter()
-        solo.run(Batch(images=decode_image(images[i % len(images)], spec)[None]))
-        single.append(time.perf_counter() - t)
-        i += 1
+    single = _singles(solo, images, spec, seconds)
     cores = cpu_count()
     layouts = [(1, 0, b) for b in sorted({1, 4, batch})] + [(cores, 1, b) for b in (1, 2, 4)]
     best = (0.0, "")
@@ -85,6 +80,51 @@ def in_process(
     del mv, solo
     gc.collect()
     return statistics.median(single), best, version
+
+
+PAIRED_SECONDS = 2.0
+
+
+def _singles(solo, images: list[bytes], spec, seconds: float) -> list[float]:
+    """Seconds per request, one after another: decode + batch-1 inference (at least 20)."""
+    single: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(single) < 20:
+        t = time.perf_counter()
+        solo.run(Batch(images=decode_image(images[len(single) % len(images)], spec)[None]))
+        single.append(time.perf_counter() - t)
+    return single
+
+
+def paired_overhead(
+    models_dir: Path,
+    model: str,
+    images: list[bytes],
+    requests: list[bytes],
+    port: int,
+    spinning: bool,
+    blocks: int = 6,
+    seconds: float = PAIRED_SECONDS,
+) -> list[tuple[float, float]]:
+    """(in-process single median, HTTP c=1 p50) in ms for ``blocks`` alternating short
+    blocks, the server idle during the in-process ones. Measured apart, minutes from each
+    other, the two drift with the VM's speed (the in-process single moved by 50 % between two
+    runs), which swamps a 2 ms difference; side by side, each block's pair shares the drift."""
+    registry = Registry.load(
+        models_dir, providers=["CPUExecutionProvider"], only=[model], load_engines=False
+    )
+    mv = registry.get(model)
+    solo = open_pool(
+        mv.path / "model.onnx", mv.manifest, ["CPUExecutionProvider"], 1, 0, 1, spinning
+    )
+    pairs = []
+    for _ in range(blocks):
+        single = statistics.median(_singles(solo, images, mv.manifest.image, seconds))
+        r = asyncio.run(run_load("127.0.0.1", port, requests, 1, seconds))
+        pairs.append((single * 1e3, r.percentile(50) * 1e3))
+    del solo
+    gc.collect()
+    return pairs
 
 
 def _pipelined(pool, images: list[bytes], spec, size: int, seconds: float) -> float:
@@ -211,6 +251,8 @@ def main() -> None:
                 f"p99 {rows[-1][3]:.2f} ms statuses {r.statuses}",
                 flush=True,
             )
+        pairs = paired_overhead(args.models_dir, args.model, images, requests, port, spinning)
+        print(f"(c) paired blocks (in-process single ms, HTTP c=1 p50 ms): {pairs}", flush=True)
     finally:
         server.terminate()
         server.wait(30)
@@ -239,7 +281,17 @@ def main() -> None:
         "",
         f"Saturation ratio (best HTTP req/s / in-process ceiling): **{best / ceiling:.3f}**; "
         f"p50 at concurrency 1 minus in-process single latency: "
-        f"**{rows[0][2] - single * 1e3:+.2f} ms**.",
+        f"**{rows[0][2] - single * 1e3:+.2f} ms** (measured apart, a minute from each other).",
+        "",
+        f"Side by side ({len(pairs)} alternating {PAIRED_SECONDS:.0f} s blocks: in-process "
+        "single, then HTTP at concurrency 1 with the server otherwise idle):",
+        "",
+        "| block | in-process single median ms | HTTP c=1 p50 ms | difference ms |",
+        "|---|---|---|---|",
+        *(f"| {i} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for i, (a, b) in enumerate(pairs, 1)),
+        "",
+        f"c=1 p50 minus in-process single, median of the blocks' differences: "
+        f"**{statistics.median(b - a for a, b in pairs):+.2f} ms**.",
     ]
     table = "\n".join(lines)
     print(table)
