@@ -177,8 +177,8 @@ class CalibrationBatches:
 
     ``__len__`` and ``set_range`` let ``quantize_static`` step the calibrator one batch at a
     time (``CalibStridedMinMax``, which works for every calibrator; the percentile histograms
-    merge across steps), so it holds one batch's activations instead of every frame's:
-    hyperkvasir-lgi/2 at 256 frames peaked at 16.4 GB resident, and at 1.3 GB so.
+    merge across steps), so it holds one batch's activations instead of every frame's
+    (hyperkvasir-lgi/2 at 256 frames: 1.3 GB resident at the peak instead of 16.4 GB).
     """
 
     def __init__(self, frames: np.ndarray, names: set[str], n_fields: int) -> None:
