@@ -212,6 +212,13 @@ class WorkerMetrics:
             ["model", "reason"],
             registry=r,
         )
+        self.reply_failures = Counter(
+            "endofuse_worker_reply_failures",
+            "Refused attempts to write replies and acknowledge their entries, by Redis error "
+            "class; each is tried again a few times before the entries are left to redelivery.",
+            ["model", "error"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "endofuse_dead_letters",
             "Entries moved to the dead-letter stream.",

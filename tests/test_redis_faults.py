@@ -230,3 +230,21 @@ def test_stopping_worker_runs_what_it_read_ahead(deploy, redis_server, slow_regi
     check_all_answered(futures, range(8), slow_registry)
     assert consumer_pending(redis_server, a.proc.pid) == 0
     assert b.metric("endofuse_reclaimed_total") == 0
+
+
+def test_refused_reply_is_tried_again_not_left_to_redelivery(deploy, redis_server, slow_registry):
+    """A refused reply/acknowledge (here XACK denied by an ACL rule, so Redis aborts the whole
+    MULTI and writes nothing) is tried again in place: once Redis accepts it, the requests are
+    answered, long before the reclaim bound (60 s, past every deadline) would redeliver them."""
+    client, (w,) = deploy(n_workers=1, reclaim_idle_ms=60_000, timeout_s=10)
+    r = redis_server.client()
+    r.execute_command("ACL", "SETUSER", "default", "-xack")
+    try:
+        futures = fire(client, range(6))
+        refused = "endofuse_worker_reply_failures_total"
+        wait_for(lambda: w.metric(refused) > 0, 15, "a refused reply")
+    finally:
+        r.execute_command("ACL", "SETUSER", "default", "+xack")
+    check_all_answered(futures, range(6), slow_registry)
+    wait_for(lambda: r.xlen(STREAM) == 0, 10, "an empty stream")
+    assert r.xpending(STREAM, GROUP)["pending"] == 0

@@ -48,6 +48,7 @@ from service.worker.recovery import Recovery
 
 log = logging.getLogger("service.worker")
 DRAIN_S = 30.0  # longest a removed version is served for what was queued before its removal
+REPLY_RETRY_PAUSES_S = (0.1, 0.3, 0.6, 1.0)  # between tries of a refused reply/acknowledge
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
@@ -321,21 +322,34 @@ class Worker(Recovery):
         if not ids:
             return
         start = time.time()
-        try:
-            # One round trip, and MULTI/EXEC: if any reply is refused (e.g. Redis at
-            # maxmemory) nothing is acknowledged, so the entry is never let go unanswered.
-            pipe = self.redis.pipeline(transaction=True)
-            for reply, fields in replies:
-                pipe.xadd(reply, fields, maxlen=self.settings.stream_maxlen, approximate=True)
-                # Recreated by a late reply, a departed replica's stream still expires.
-                pipe.expire(reply, self.settings.reply_ttl_s)
-            pipe.xack(stream, self.streams.group, *ids)
-            pipe.xdel(stream, *ids)
-            await pipe.execute()
-        except RedisError:
-            log.warning("could not reply/acknowledge; entries stay pending for redelivery")
-            return
         name = self.models[stream].name
+        # The answers are computed: a refused write is tried again for a moment before the
+        # entries are left to redelivery, which waits for the reclaim bound and runs them
+        # again, most often past their deadlines. A repeat whose first EXEC did land only
+        # duplicates replies, which the API drops; XACK and XDEL are idempotent.
+        for pause in (*REPLY_RETRY_PAUSES_S, None):
+            try:
+                # One round trip, and MULTI/EXEC: if any reply is refused (e.g. Redis at
+                # maxmemory) nothing is acknowledged, so the entry is never let go unanswered.
+                pipe = self.redis.pipeline(transaction=True)
+                for reply, fields in replies:
+                    pipe.xadd(reply, fields, maxlen=self.settings.stream_maxlen, approximate=True)
+                    # Recreated by a late reply, a departed replica's stream still expires.
+                    pipe.expire(reply, self.settings.reply_ttl_s)
+                pipe.xack(stream, self.streams.group, *ids)
+                pipe.xdel(stream, *ids)
+                await pipe.execute()
+                break
+            except RedisError as error:
+                # The class only: a pipeline's message quotes its commands, replies included.
+                self.metrics.reply_failures.labels(name, type(error).__name__).inc()
+                if pause is None:
+                    log.warning(
+                        "could not reply/acknowledge; entries stay pending for redelivery",
+                        extra={"model": name, "entries": len(ids), "code": type(error).__name__},
+                    )
+                    return
+                await asyncio.sleep(pause)
         self.metrics.stage.labels(name, "reply").observe(time.time() - start)
 
     async def _beat(self) -> None:
