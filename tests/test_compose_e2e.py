@@ -291,7 +291,7 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     taken = [
         line
         for line in d.exec_json(survivor, "http://127.0.0.1:8001/metrics").splitlines()
-        if line.startswith("endofuse_reclaimed_total{")
+        if line.startswith(("endofuse_reclaimed_total{", "endofuse_worker_reply_failures_total{"))
     ]
     print(f"worker {victim} killed under load: {len(codes)} requests, all 200; {taken}")
 
