@@ -322,7 +322,8 @@ class Worker(Recovery):
         if not ids:
             return
         start = time.time()
-        name = self.models[stream].name
+        # A version removed by hot reload while its replies were in flight still gets them.
+        name = self.models[stream].name if stream in self.models else stream
         # The answers are computed: a refused write is tried again for a moment before the
         # entries are left to redelivery, which waits for the reclaim bound and runs them
         # again, most often past their deadlines. A repeat whose first EXEC did land only
