@@ -58,14 +58,10 @@ def in_process(
     """Single-request latency (decode + batch-1 inference on one session using every core),
     and the in-process ceiling: the best of several measured layouts, each with decode
     running beside inference on as many threads as there are sessions (at least two)."""
-    # The manifest and path only: the layouts below open their own sessions.
-    registry = Registry.load(
-        models_dir, providers=["CPUExecutionProvider"], only=[model], load_engines=False
-    )
-    mv = registry.get(model)
+    mv = _model_version(models_dir, model)
     spec, path, manifest = mv.manifest.image, mv.path / "model.onnx", mv.manifest
     cpu = ["CPUExecutionProvider"]
-    solo = open_pool(path, manifest, cpu, 1, 0, 1, spinning)
+    solo = _solo(mv, spinning)
     single = _singles(solo, images, spec, seconds)
     cores = cpu_count()
     layouts = [(1, 0, b) for b in sorted({1, 4, batch})] + [(cores, 1, b) for b in (1, 2, 4)]
@@ -83,6 +79,21 @@ def in_process(
 
 
 PAIRED_SECONDS = 2.0
+
+
+def _model_version(models_dir: Path, model: str):
+    """The version's manifest and path only: each measurement opens its own sessions."""
+    registry = Registry.load(
+        models_dir, providers=["CPUExecutionProvider"], only=[model], load_engines=False
+    )
+    return registry.get(model)
+
+
+def _solo(mv, spinning: bool):
+    """One session on every core, as the single-request latency is measured."""
+    return open_pool(
+        mv.path / "model.onnx", mv.manifest, ["CPUExecutionProvider"], 1, 0, 1, spinning
+    )
 
 
 def _singles(solo, images: list[bytes], spec, seconds: float) -> list[float]:
@@ -110,13 +121,8 @@ def paired_overhead(
     blocks, the server idle during the in-process ones. Measured apart, minutes from each
     other, the two drift with the VM's speed (the in-process single moved by 50 % between two
     runs), which swamps a 2 ms difference; side by side, each block's pair shares the drift."""
-    registry = Registry.load(
-        models_dir, providers=["CPUExecutionProvider"], only=[model], load_engines=False
-    )
-    mv = registry.get(model)
-    solo = open_pool(
-        mv.path / "model.onnx", mv.manifest, ["CPUExecutionProvider"], 1, 0, 1, spinning
-    )
+    mv = _model_version(models_dir, model)
+    solo = _solo(mv, spinning)
     pairs = []
     for _ in range(blocks):
         single = statistics.median(_singles(solo, images, mv.manifest.image, seconds))
