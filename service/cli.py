@@ -91,6 +91,30 @@ def worker(
     asyncio.run(serve_worker(settings))
 
 
+@app.command("self-check")
+def self_check(
+    model_dir: Path = typer.Argument(..., exists=True, help="A version, e.g. models/m/2"),
+    record: bool = typer.Option(
+        False, "--record", help="Write this host's outputs on the probes into the manifest"
+    ),
+    tolerance: float = typer.Option(0.01, help="Largest difference that passes"),
+) -> None:
+    """Whether this host answers the manifest's probe inputs as recorded (exit 1 if not);
+    with --record, record this host's answers instead."""
+    import json
+
+    from service import selfcheck
+
+    if record:
+        block = selfcheck.record(model_dir)
+        typer.echo(f"recorded {len(block['probabilities'])} probe outputs in {model_dir}")
+        return
+    result = selfcheck.check_dir(model_dir, tolerance)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+    if result.status not in ("pass", "no reference"):
+        raise typer.Exit(1)
+
+
 keys = typer.Typer(help="API keys: the keys file stores names, scopes and hashes only")
 app.add_typer(keys, name="keys")
 

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     # from HTTP parsing and image decoding running beside inference.
     ort_spinning: bool = False
     warmup_runs: int = Field(2, ge=0)
+    # At load each session answers the probe inputs recorded in the manifest (service/
+    # selfcheck.py); past the tolerance (largest probability difference, or relative
+    # out-of-distribution distance difference) "warn" serves with a warning, "refuse" does
+    # not serve the version.
+    self_check: Literal["warn", "refuse", "off"] = "warn"
+    self_check_tolerance: float = Field(0.01, gt=0)
 
     queue_url: str = "memory://"
     # The largest batch considered. With profile_batches each version's limit is measured at

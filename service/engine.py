@@ -183,6 +183,10 @@ class EnginePool:
         # Set from a measured batch profile (service/batch_profile.py), else by the caller.
         self.max_batch_size: int | None = None
         self.profile: Any = None
+        self.self_check: Any = None  # service/selfcheck.py, at load
+
+    def sessions(self) -> list[Engine]:
+        return [*self.engines, *([self.solo] if self.solo else [])]
 
     @property
     def size(self) -> int:
@@ -208,7 +212,7 @@ class EnginePool:
                 self._running -= 1
 
     def warm_up(self, runs: int, max_batch_size: int = 16) -> None:
-        for engine in [*self.engines, *([self.solo] if self.solo else [])]:
+        for engine in self.sessions():
             engine.warm_up(runs, max_batch_size)
 
     def describe(self) -> dict[str, Any]:
@@ -223,6 +227,8 @@ class EnginePool:
         }
         if self.profile is not None:
             out["batch_profile"] = self.profile.to_dict()
+        if self.self_check is not None:
+            out["self_check"] = self.self_check.to_dict()
         return out
 
 

@@ -19,8 +19,9 @@ from service.preprocess import ImageSpec
 from service.tabular import TabularSchema
 
 FORMAT_VERSION = 1
-# Fields kept out of the public GET /models/{name} view: graph plumbing, not model facts.
-_INTERNAL_KEYS = ("inputs", "outputs", "files", "format_version")
+# Fields kept out of the public GET /models/{name} view: graph plumbing, not model facts
+# (the self-check's outcome is in the view's ``serving``, its raw outputs are not).
+_INTERNAL_KEYS = ("inputs", "outputs", "files", "format_version", "self_check")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ whole replica whichever process answers it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -82,10 +83,20 @@ class ServingGauges:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.self_check = Gauge(
+            "endofuse_model_self_check_difference",
+            "At load: the largest difference between this host's outputs on the manifest's "
+            "probe inputs and those recorded with the model (output=probabilities: absolute; "
+            "output=ood_distance: relative). Above the tolerance the decision thresholds were "
+            "fitted on other answers.",
+            ["model", "version", "output"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
 
     def publish(self, versions: list) -> None:
         """``versions``: the registry's ModelVersions; remote ones (no engine) are skipped."""
-        for gauge in (self.instances, self.max_batch, self.profile):
+        for gauge in (self.instances, self.max_batch, self.profile, self.self_check):
             gauge.clear()
         for mv in versions:
             if mv.engine is None:
@@ -97,6 +108,18 @@ class ServingGauges:
                 self.profile.labels(mv.name, mv.version, str(point.batch_size)).set(
                     point.ms_per_image
                 )
+            self._publish_check(mv)
+
+    def _publish_check(self, mv: Any) -> None:
+        check = mv.engine.self_check
+        if check is None:
+            return
+        for output, value in (
+            ("probabilities", check.max_probability_diff),
+            ("ood_distance", check.max_ood_relative_diff),
+        ):
+            if value is not None:
+                self.self_check.labels(mv.name, mv.version, output).set(value)
 
 
 class Metrics:

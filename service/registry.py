@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import batch_profile
+from service import batch_profile, selfcheck
 from service.config import Settings
 from service.engine import EnginePool, open_pool, resolve_providers
 from service.errors import ManifestError, ModelNotFound
 from service.manifest import Manifest, load_manifest
+from service.selfcheck import SelfCheck
 
 log = logging.getLogger(__name__)
 DEFAULT_FILE = "DEFAULT"
@@ -72,6 +73,8 @@ class LoadOptions:
     profile_batches: bool = False
     batch_latency_budget_ms: float = 100.0
     solo_session: bool = False
+    self_check: str = "warn"  # "warn" | "refuse" | "off" (service/selfcheck.py)
+    self_check_tolerance: float = 0.01
 
     def open(self, name: str, version: str, vdir: Path) -> ModelVersion:
         """Check the manifest against its directory (and the graph's digest, where the
@@ -97,6 +100,8 @@ class LoadOptions:
                     engine, self.max_batch_size, self.batch_latency_budget_ms
                 )
                 engine.max_batch_size = engine.profile.chosen
+            if self.self_check != "off":
+                engine.self_check = self._checked(engine, manifest, vdir)
             # Warm at the limit in force: the memory arena keeps the largest batch it saw.
             engine.warm_up(self.warmup_runs, engine.max_batch_size)
         log.info(
@@ -111,6 +116,29 @@ class LoadOptions:
             },
         )
         return ModelVersion(name, version, vdir, manifest, engine)
+
+    def _checked(self, engine: EnginePool, manifest: Manifest, vdir: Path) -> SelfCheck:
+        result = selfcheck.check(engine.sessions(), manifest, self.self_check_tolerance)
+        if result.status in ("pass", "no reference"):
+            return result
+        if result.status == "inputs differ":
+            # Not a verdict on the graph (this host's numpy draws other probes): never refused.
+            log.warning(
+                f"{vdir}: the manifest's probe inputs cannot be regenerated here; answers not "
+                "compared with the recorded ones",
+                extra={"model": manifest.name, "version": manifest.version},
+            )
+            return result
+        what = (
+            f"{vdir}: this host answers the manifest's probe inputs differently from the host "
+            f"its decision thresholds were fitted on ({result.status}: largest probability "
+            f"difference {result.max_probability_diff}, out-of-distribution distance "
+            f"{result.max_ood_relative_diff} relative; tolerance {result.tolerance})"
+        )
+        if self.self_check == "refuse":
+            raise ManifestError(what + "; not served (ENDOFUSE_SELF_CHECK=refuse)")
+        log.warning(what, extra={"model": manifest.name, "version": manifest.version})
+        return result
 
 
 class Registry:
@@ -152,6 +180,8 @@ class Registry:
         profile_batches: bool = False,
         batch_latency_budget_ms: float = 100.0,
         solo_session: bool = False,
+        self_check: str = "warn",
+        self_check_tolerance: float = 0.01,
     ) -> Registry:
         options = LoadOptions(
             tuple(providers),
@@ -165,6 +195,8 @@ class Registry:
             profile_batches,
             batch_latency_budget_ms,
             solo_session,
+            self_check,
+            self_check_tolerance,
         )
         loaded = [options.open(*found) for found in discover(models_dir, only)]
         if not loaded:
@@ -289,4 +321,6 @@ def load_from_settings(settings: Settings, *, load_engines: bool = True) -> Regi
         profile_batches=settings.profile_batches,
         batch_latency_budget_ms=settings.batch_latency_budget_ms,
         solo_session=settings.solo_session,
+        self_check=settings.self_check,
+        self_check_tolerance=settings.self_check_tolerance,
     )

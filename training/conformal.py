@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from service import selfcheck
 from service.decision import DecisionParams, is_uniform, nonconformity
 from service.label_rule import LabelRule
 from service.manifest import load_manifest
@@ -297,6 +298,9 @@ def main(
         )
     raw = dict(manifest.raw, decision=block)
     (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
+    # The thresholds hold for this host's answers: record them, so that a server elsewhere
+    # can tell whether it answers the same (service/selfcheck.py).
+    selfcheck.record(model_dir)
     write_report(report, out or report_dir(model_dir, manifest))
     return report
 
