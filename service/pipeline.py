@@ -7,6 +7,7 @@ Each stage is a small function; the HTTP layer only parses the transport into
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -206,12 +207,17 @@ async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> 
     """Run one request through the lifecycle, recording metrics on success."""
     start = time.perf_counter()
     loop = asyncio.get_running_loop()
-    prepared = await loop.run_in_executor(ctx.decode_pool, prepare, raw, model, ctx.settings)
-    decoded = time.perf_counter()
     timeout_s = ctx.settings.request_timeout_s
     if raw.timeout_s is not None:
         timeout_s = min(timeout_s, raw.timeout_s)
-    result = await ctx.queue.submit(prepared.item, timeout_s)
+    held = ctx.queue.idle_session(model.key)
+    if held is not None:  # decode and inference on one thread: nothing waits for the model
+        work = functools.partial(prepare, raw, model, ctx.settings)
+        prepared, decoded, result = await held.run(work, _item_of, timeout_s)
+    else:
+        prepared = await loop.run_in_executor(ctx.decode_pool, prepare, raw, model, ctx.settings)
+        decoded = time.perf_counter()
+        result = await ctx.queue.submit(prepared.item, timeout_s)
     total = time.perf_counter() - start
     timings = {
         "decode": (decoded - start) * 1e3,
@@ -228,6 +234,10 @@ async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> 
     if body.get("ood", {}).get("flagged"):
         ctx.metrics.decisions.labels(model.name, "ood_flagged").inc()
     return body
+
+
+def _item_of(prepared: Prepared) -> WorkItem:
+    return prepared.item
 
 
 def observe_success(metrics: Metrics, model: str, timings: dict[str, float]) -> None:

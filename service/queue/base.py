@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import abc
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -33,6 +35,24 @@ class ItemResult:
     logits: np.ndarray | None = None  # float32 [K], for the out-of-distribution score
 
 
+T = TypeVar("T")
+
+
+class IdleSession(abc.ABC):
+    """A session held for one request that arrived while nothing of its model ran or waited:
+    the request is decoded and run on one thread, without queueing. Each hand-over between
+    threads costs 0.5-1 ms on a small VM (docs/performance.md), the largest part of a lone
+    request's overhead."""
+
+    @abc.abstractmethod
+    async def run(
+        self, prepare: Callable[[], T], item: Callable[[T], WorkItem], timeout_s: float
+    ) -> tuple[T, float, ItemResult]:
+        """``prepare()`` then inference of ``item(prepared)``, on a decode thread; returns
+        the prepared request, when it was ready (``time.perf_counter``) and its result.
+        Raises as ``InferenceQueue.submit`` does, and whatever ``prepare`` raises."""
+
+
 class InferenceQueue(abc.ABC):
     """Submit one item, get its result. Backends decide where and how items are batched.
 
@@ -53,6 +73,11 @@ class InferenceQueue(abc.ABC):
 
     @abc.abstractmethod
     def depth(self, model_key: str) -> int: ...
+
+    def idle_session(self, model_key: str) -> IdleSession | None:
+        """A session of ``model_key`` held for one request, where this process runs the model
+        and nothing waits for it; else None (submit then)."""
+        return None
 
     def reachable(self) -> bool:
         """Whether the backend can take work now (readiness); in-process: always."""

@@ -4,7 +4,9 @@ Policy: an idle session with nothing queued runs a lone request at once (no batc
 at low load). Requests that arrive while every session is busy pile up; when a session frees,
 the backlog is shared among the free sessions (each takes at most ``max_batch_size``), and
 only when such a backlog exists does the batcher wait up to ``max_wait_s`` to fill a batch.
-Each session runs on its own thread, so batches form and run while others work.
+Each session runs on its own thread, so batches form and run while others work. A request
+that arrives while nothing runs or waits may instead hold a session (``idle_session``) and be
+decoded and run on that session's thread: one hand-over between threads instead of two.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service.engine import Batch, Engine, EnginePool
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServiceError
-from service.queue.base import ItemResult, WorkItem
+from service.queue.base import IdleSession, ItemResult, WorkItem
 
 T = TypeVar("T")
 
@@ -124,6 +126,28 @@ class DynamicBatcher:
             future.cancel()  # client went away: do not spend inference on it
             raise
 
+    def idle_session(self) -> IdleSession | None:
+        """Hold a session for one request if nothing runs or waits (on the event loop, so no
+        batch can take it meanwhile); released when its thread is done. Only then: under
+        load, a session held while its request decodes stands idle beside decode threads
+        that would have kept it busy (measured: 10 % fewer req/s at concurrency 8 when any
+        idle session could be held)."""
+        if not self._accepting or self._items or self._in_flight:
+            return None
+        self._in_flight += 1
+        return _HeldSession(self)
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._free.set()
+        if not self._items and not self._in_flight:
+            self._idle.set()
+
+    def _observe(self, seconds: float, size: int) -> None:
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        if self._on_batch is not None:
+            self._on_batch(size)
+
     def _retry_after(self) -> float:
         return max(1.0, math.ceil(self.expected_wait_s()))
 
@@ -162,10 +186,7 @@ class DynamicBatcher:
             for p in batch:
                 _fail(p, InferenceFailed("inference failed"))
         finally:
-            self._in_flight -= 1
-            self._free.set()
-            if not self._items and not self._in_flight:
-                self._idle.set()
+            self._release()
 
     async def _serve(self, batch: list[_Pending]) -> None:
         # One session: a batch taken from a backlog waits briefly to fill. Several: the next
@@ -212,9 +233,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         outcomes = await loop.run_in_executor(self._executor, self._infer, [p.item for p in batch])
         elapsed = time.monotonic() - start
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
+        self._observe(elapsed, len(batch))
         for p, outcome in zip(batch, outcomes, strict=True):
             if p.future.done():
                 continue
@@ -233,6 +252,50 @@ class DynamicBatcher:
 
     def _infer(self, items: list[WorkItem]) -> list[Outcome]:
         return infer_isolated(self.engine, items)
+
+
+class _HeldSession(IdleSession):
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher = batcher
+
+    async def run(
+        self, prepare: Callable[[], T], item: Callable[[T], WorkItem], timeout_s: float
+    ) -> tuple[T, float, ItemResult]:
+        batcher, loop = self._batcher, asyncio.get_running_loop()
+
+        def work() -> tuple[Any, float, Outcome, float]:
+            try:
+                prepared = prepare()
+                ready = time.perf_counter()
+                outcome = infer_isolated(batcher.engine, [item(prepared)])[0]
+                return prepared, ready, outcome, time.perf_counter() - ready
+            finally:
+                # From the thread, not the awaiting request: a client that goes away must not
+                # free a session that is still running.
+                loop.call_soon_threadsafe(batcher._release)
+
+        try:
+            future = loop.run_in_executor(batcher._executor, work)
+        except RuntimeError:  # executor shut down: work() never runs to release
+            batcher._release()
+            raise NotReady("service is shutting down") from None
+        try:
+            prepared, ready, outcome, seconds = await asyncio.wait_for(
+                asyncio.shield(future), timeout_s
+            )
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result within {timeout_s:.1f} s") from None
+        batcher._observe(seconds, 1)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result = ItemResult(
+            probabilities=outcome[0],
+            queue_ms=0.0,
+            inference_ms=seconds * 1e3,
+            batch_size=1,
+            logits=outcome[1],
+        )
+        return prepared, ready, result
 
 
 # Per item: (probabilities [K], logits [K] or None), or the error that item alone met.

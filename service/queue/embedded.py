@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from service.errors import ModelNotFound
-from service.queue.base import InferenceQueue, ItemResult, WorkItem
+from service.queue.base import IdleSession, InferenceQueue, ItemResult, WorkItem
 from service.queue.batcher import DynamicBatcher
 from service.registry import ModelVersion, Registry
 
@@ -59,6 +59,10 @@ class EmbeddedQueue(InferenceQueue):
         if batcher is None:
             raise ModelNotFound(f"model '{item.model_key}' is not served by this queue")
         return await batcher.submit(item, timeout_s)
+
+    def idle_session(self, model_key: str) -> IdleSession | None:
+        batcher = self._batchers.get(model_key)
+        return batcher.idle_session() if batcher is not None else None
 
     def depth(self, model_key: str) -> int:
         batcher = self._batchers.get(model_key)
