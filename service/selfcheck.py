@@ -172,21 +172,21 @@ def check(engines: list[_Runs], manifest: Manifest, tolerance: float) -> SelfChe
         return SelfCheck("inputs differ", tolerance, recorded_on=recorded_on)
     want = np.asarray(block["probabilities"], np.float64)
     want_ood = np.asarray(block["ood_distance"], np.float64) if "ood_distance" in block else None
-    prob_diff = ood_diff = 0.0
+    prob_diff, ood_diff = 0.0, None
     changed = 0
     for engine in engines:
         probs, ood = _outputs(engine, batch, len(manifest.labels))
         prob_diff = max(prob_diff, float(np.abs(probs - want).max()))
         changed = max(changed, int((probs.argmax(1) != want.argmax(1)).sum()))
-        if want_ood is not None and ood is not None:
+        if want_ood is not None and ood is not None and ood.shape == want_ood.shape:
             relative = np.abs(ood - want_ood) / np.maximum(np.abs(want_ood), 1e-6)
-            ood_diff = max(ood_diff, float(relative.max()))
-    drift = prob_diff > tolerance or ood_diff > tolerance
+            ood_diff = max(ood_diff or 0.0, float(relative.max()))
+    drift = prob_diff > tolerance or (ood_diff or 0.0) > tolerance
     return SelfCheck(
         "drift" if drift else "pass",
         tolerance,
         round(prob_diff, 7),
-        round(ood_diff, 7) if want_ood is not None else None,
+        round(ood_diff, 7) if ood_diff is not None else None,  # None: not compared
         changed,
         len(want),
         len(engines),

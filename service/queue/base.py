@@ -41,14 +41,13 @@ T = TypeVar("T")
 class IdleSession(abc.ABC):
     """A session held for one request that arrived while nothing of its model ran or waited:
     the request is decoded and run on one thread, without queueing. Each hand-over between
-    threads costs 0.5-1 ms on a small VM (docs/performance.md), the largest part of a lone
-    request's overhead."""
+    threads costs 0.5-1 ms on a small VM (docs/performance.md, c=1 overhead)."""
 
     @abc.abstractmethod
     async def run(
         self, prepare: Callable[[], T], item: Callable[[T], WorkItem], timeout_s: float
     ) -> tuple[T, float, ItemResult]:
-        """``prepare()`` then inference of ``item(prepared)``, on a decode thread; returns
+        """``prepare()`` then inference of ``item(prepared)``, on the session's thread; returns
         the prepared request, when it was ready (``time.perf_counter``) and its result.
         Raises as ``InferenceQueue.submit`` does, and whatever ``prepare`` raises."""
 
