@@ -104,15 +104,7 @@ class Recovery:
                     consumername=name,
                     idle=min_idle_ms,
                 )
-                if taken := await self._take(stream, pending, min_idle_ms, "departed"):
-                    log.warning(
-                        "took over a departed worker's entries",
-                        extra={
-                            "model": self.models[stream].key,
-                            "consumer": name,
-                            "entries": taken,
-                        },
-                    )
+                await self._take(stream, pending, min_idle_ms, "departed", name)
             elif c["idle"] > s.forget_consumer_s * 1e3:
                 # Silent long past any pause of a live worker's reads: deleting a consumer
                 # drops what it holds, and this one held nothing when looked at.
@@ -129,8 +121,16 @@ class Recovery:
             return  # NOGROUP: the consume loop recreates it
         await self._take(stream, pending, s.reclaim_idle_ms, "idle")
 
-    async def _take(self, stream: str, pending: list[dict], min_idle_ms: int, reason: str) -> int:
-        """Dead-letter what was delivered too often, claim and handle the rest; -> claimed."""
+    async def _take(
+        self,
+        stream: str,
+        pending: list[dict],
+        min_idle_ms: int,
+        reason: str,
+        departed: str | None = None,
+    ) -> int:
+        """Dead-letter what was delivered too often, claim and handle the rest; -> claimed.
+        ``departed``: the consumer whose heartbeat expired, named in the log line."""
         s = self.settings
         mv = self.models[stream]
         retry = []
@@ -145,6 +145,18 @@ class Recovery:
         claimed = await self.redis.xclaim(
             stream, self.streams.group, self.consumer, min_idle_ms, retry
         )
+        if claimed and departed is not None:
+            # Logged at the claim, before the entries run: with how long they had waited since
+            # delivery, it tells a late take-over from a slow one.
+            log.warning(
+                "took over a departed worker's entries",
+                extra={
+                    "model": mv.key,
+                    "consumer": departed,
+                    "entries": len(claimed),
+                    "waited_ms": max(int(p["time_since_delivered"]) for p in pending),
+                },
+            )
         for entry in claimed:
             self.metrics.reclaimed.labels(mv.name, reason).inc()
             await self.handle(stream, [entry])
