@@ -26,7 +26,7 @@ from service.registry import Registry
 from tests.conftest import make_settings
 from tests.images import png
 from tests.test_batcher import item_for as item
-from tests.test_engine_pool import big_item, slow_pool
+from tests.test_engine_pool import Concurrency, big_item, slow_pool
 
 
 def same(x: WorkItem) -> WorkItem:
@@ -94,22 +94,7 @@ def test_a_request_that_fails_frees_its_session_and_only_itself(
 
 def test_batches_wait_for_a_held_session_and_stop_waits_for_it(tmp_path: Path) -> None:
     pool: EnginePool = slow_pool(tmp_path, instances=1)
-    running = {"now": 0, "peak": 0}
-    lock = threading.Lock()
-    engine = pool.engines[0]
-    real = engine.run_with_logits
-
-    def counted(batch: Batch):
-        with lock:
-            running["now"] += 1
-            running["peak"] = max(running["peak"], running["now"])
-        try:
-            return real(batch)
-        finally:
-            with lock:
-                running["now"] -= 1
-
-    engine.run_with_logits = counted  # type: ignore[method-assign]
+    running = Concurrency(pool)
 
     async def scenario() -> None:
         batcher = DynamicBatcher(pool, max_batch_size=4)
@@ -127,7 +112,7 @@ def test_batches_wait_for_a_held_session_and_stop_waits_for_it(tmp_path: Path) -
         assert len(results) == 5
 
     asyncio.run(scenario())
-    assert running["peak"] == 1, "a batch ran beside the held session"
+    assert running.peak == 1, "a batch ran beside the held session"
 
 
 def test_abandoned_or_late_requests_free_the_session_when_its_run_ends(

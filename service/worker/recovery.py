@@ -128,8 +128,8 @@ class Recovery:
         min_idle_ms: int,
         reason: str,
         departed: str | None = None,
-    ) -> int:
-        """Dead-letter what was delivered too often, claim and handle the rest; -> claimed.
+    ) -> None:
+        """Dead-letter what was delivered too often, claim and handle the rest.
         ``departed``: the consumer whose heartbeat expired, named in the log line."""
         s = self.settings
         mv = self.models[stream]
@@ -140,7 +140,7 @@ class Recovery:
             else:
                 retry.append(p["message_id"])
         if not retry:
-            return 0
+            return
         # min_idle_time makes the claim atomic: of several workers racing, one gets each entry.
         claimed = await self.redis.xclaim(
             stream, self.streams.group, self.consumer, min_idle_ms, retry
@@ -160,7 +160,6 @@ class Recovery:
         for entry in claimed:
             self.metrics.reclaimed.labels(mv.name, reason).inc()
             await self.handle(stream, [entry])
-        return len(claimed)
 
     async def _dead_letter(self, stream: str, entry_id: bytes, deliveries: int) -> None:
         mv = self.models[stream]
