@@ -32,6 +32,7 @@ SAFE_FIELDS = (
     "consumer",
     "entries",
     "deliveries",
+    "waited_ms",
 )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.looplag import lag_histogram
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -196,6 +198,7 @@ class Metrics:
         )
         self.model_events = _model_events(r)
         self.serving = ServingGauges(r)
+        self.loop_lag = lag_histogram(r)
         self.queue_up.set(1)
 
     def observe_batch(self, model: str, size: int) -> None:
@@ -250,6 +253,7 @@ class WorkerMetrics:
         )
         self.queue_up = _queue_up(r)
         self.serving = ServingGauges(r)
+        self.loop_lag = lag_histogram(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -280,6 +280,7 @@ def test_health_ready_and_metrics(client: TestClient, fullres_frames: list[Path]
     assert "endofuse_batch_size_bucket" in text
     assert 'endofuse_queue_depth{model="endo",version="2"}' in text
     assert 'endofuse_model_info{default="true",model="endo"' in text
+    assert "endofuse_event_loop_lag_seconds_bucket" in text
 
 
 def test_model_without_fitted_sets_says_so(client: TestClient) -> None:

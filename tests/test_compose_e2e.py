@@ -277,6 +277,7 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     victim = d.containers("worker")[0]
     subprocess.run(["podman", "kill", victim], env=d.env, check=True, capture_output=True)
     killed_at.append(time.monotonic())
+    killed_wall = time.strftime("%H:%M:%S", time.gmtime())  # beside the logs' UTC "ts"
     time.sleep(12)  # past the heartbeat's expiry: the survivor takes over the victim's entries
     stop.set()
     for t in threads:
@@ -284,6 +285,7 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     # Logs now: scaling up below may recreate containers, and their logs with them.
     assert codes and set(codes) == {200}, (
         {c: codes.count(c) for c in set(codes)},
+        f"killed at {killed_wall} UTC",
         refused,
         flagged(d.logs())[-40:],
     )

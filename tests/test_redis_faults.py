@@ -4,8 +4,10 @@ service says 503/504 instead of hanging. Faults of Redis itself: tests/test_redi
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -60,6 +62,15 @@ def test_departed_consumer_is_taken_over_then_forgotten(deploy, redis_server, sl
     check_all_answered(futures, range(10), slow_registry)
     assert w.metric('endofuse_reclaimed_total{model="slow",reason="departed"}') == 4
     assert w.metric('endofuse_reclaimed_total{model="slow",reason="idle"}') == 0
+    # Logged at the claim with how long the entries had waited since their delivery (the
+    # field must survive the log whitelist); the worker's loop was watched meanwhile.
+    took = [
+        json.loads(line)
+        for line in Path(w.log.name).read_text().splitlines()
+        if "took over a departed worker's entries" in line
+    ]
+    assert took and took[0]["entries"] == 4 and took[0]["waited_ms"] >= 0, took
+    assert w.metric("endofuse_event_loop_lag_seconds_count") > 0
 
     def names() -> set[str]:
         return {c["name"].decode() for c in r.xinfo_consumers(STREAM, GROUP)}

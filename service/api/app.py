@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from service import __version__
+from service import __version__, looplag
 from service.admission import AdmissionControl
 from service.api.auth import Access, KeyStore
 from service.api.errors import install_error_handlers
@@ -130,6 +130,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             watcher = asyncio.create_task(
                 model_watcher(app, ctx).run(settings.reload_s), name="model-watcher"
             )
+        lag = asyncio.create_task(looplag.watch(metrics.loop_lag), name="loop-lag")
         app.state.access = access_from_settings(settings)
         ctx.ready = True
         metrics.ready.set(1)
@@ -140,9 +141,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in (lag, watcher):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             ctx.ready = False
             metrics.ready.set(0)
             await queue.stop()

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from service import looplag
 from service.config import Settings
 from service.errors import ServiceError
 from service.metrics import WorkerMetrics
@@ -79,6 +80,7 @@ class Worker(Recovery):
         tasks = [
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(looplag.watch(self.metrics.loop_lag), name="loop-lag"),
         ]
         if self.settings.reload_s > 0:
             watcher = ModelWatcher(
