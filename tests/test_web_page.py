@@ -132,3 +132,24 @@ def test_dermoscopy_image_with_fields(browser: webdriver.Chrome, site: tuple[str
     shot = os.environ.get("ENDOFUSE_SCREENSHOT")
     if shot:
         browser.save_screenshot(shot)
+
+
+def test_out_of_distribution_image_is_flagged_on_the_page(
+    browser: webdriver.Chrome, site: tuple[str, str]
+) -> None:
+    """A dermoscopy image posted to the endoscopy model: the page says what the API says,
+    that it is not the kind of image the model was built for, and to refer."""
+    base, key = site
+    image = require_data("ham10000") / "images" / "nv" / "ISIC_0024306.jpg"
+    url = f"{base}/models/hyperkvasir-lgi/predict"
+    files = {"image": ("f", image.read_bytes())}
+    expected = httpx.post(url, files=files, headers={"X-API-Key": key}, timeout=60).json()
+    assert expected["ood"]["flagged"] and expected["refer"], expected
+    open_with_key(browser, base, key)
+    Select(browser.find_element(By.ID, "model")).select_by_value("hyperkvasir-lgi")
+    wait_for(browser, lambda d: not d.find_element(By.ID, "coverage").get_property("disabled"))
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    browser.find_element(By.ID, "submit").click()
+    wait_for(browser, ec.text_to_be_present_in_element((By.ID, "flags"), "Out of distribution"))
+    flags = browser.find_element(By.ID, "flags").text
+    assert "Refer to a clinician" in flags and "No referral flag" not in flags
