@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from service.manifest import parse_manifest
 from service.queue import WorkItem
 from service.queue.batcher import DynamicBatcher, spread
 from service.registry import Registry
+from service.sessions import open_session, provider_list
 from tests.builders import write_slow_model_dir
-from tests.conftest import make_settings
+from tests.conftest import REPO, make_settings
 
 
 class Concurrency:
@@ -69,6 +71,27 @@ def test_layout_by_device() -> None:
     assert instance_layout(cpu, 1, 0) == (1, 0)  # one session: ONNX Runtime picks threads
     assert instance_layout(cpu, 2, 3) == (2, 3)  # explicit settings win
     assert instance_layout(cuda, 0, 0) == (1, 0)
+
+
+def test_the_cuda_provider_is_asked_for_float32_not_tf32() -> None:
+    """Decision thresholds and self-check references are float32 answers: the CUDA provider
+    (TF32 by default) gets use_tf32=0; every other provider goes by name. Whether a GPU then
+    answers as the CPU does is what the self-check at load measures (no GPU here)."""
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_list(cuda) == [("CUDAExecutionProvider", {"use_tf32": "0"}), cuda[1]]
+    assert provider_list(None) == ["CPUExecutionProvider"]
+    # ONNX Runtime takes the (name, options) form, and opens the session on the GPU where
+    # it has one, else on the CPU.
+    import onnxruntime as ort
+
+    with warnings.catch_warnings():  # "not in available provider names", on a CPU build
+        warnings.simplefilter("ignore", UserWarning)
+        session = open_session(REPO / "models/hyperkvasir-lgi/2/model.onnx", None, cuda)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        options = session.get_provider_options()["CUDAExecutionProvider"]
+        assert options["use_tf32"] == "0"
+    else:
+        assert session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_batches_run_on_every_session_at_once_and_answers_match(tmp_path: Path) -> None:
