@@ -318,10 +318,16 @@ def publish(
 def write_section(
     path: Path, title: str, body: str, script: str = "bench/serving.py", target: str = "bench"
 ) -> None:
-    """Replace (or append) one '## title' section, keeping the rest of the document."""
+    """Replace (or append) one '## title' section, keeping the rest of the document.
+    ``target``: the make target that runs ``script``, or "" for none."""
     text = path.read_text() if path.exists() else "# Performance\n"
     marker = f"## {title}"
-    command = f"Measured with `make {target}` (`python {script} --out docs/performance.md`)."
+    try:
+        shown = path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        shown = path.name
+    run = f"`python {script} --out {shown}`"
+    command = f"Measured with `make {target}` ({run})." if target else f"Measured with {run}."
     section = f"{marker}\n\n{command}\n\n{body}\n"
     if marker in text:
         head, _, rest = text.partition(marker)

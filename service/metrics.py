@@ -17,6 +17,8 @@ from service.looplag import lag_histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOP_PROBABILITY_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+OOD_MARGIN_BUCKETS = (-2.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 
 def multiprocess() -> bool:
@@ -181,6 +183,29 @@ class Metrics:
             "Replies with no waiting request: duplicate, late (after the deadline), unknown "
             "or malformed.",
             ["reason"],
+            registry=r,
+        )
+        # What was answered, to watch the inputs drift (a new scope, another site's capture):
+        # aggregates only, never a request's values.
+        self.predicted = Counter(
+            "endofuse_predictions",
+            "Answers by the label given (the version's label rule).",
+            ["model", "version", "label"],
+            registry=r,
+        )
+        self.top_probability = Histogram(
+            "endofuse_top_probability",
+            "The largest calibrated probability of each answer.",
+            ["model", "version"],
+            buckets=TOP_PROBABILITY_BUCKETS,
+            registry=r,
+        )
+        self.ood_margin = Histogram(
+            "endofuse_ood_margin",
+            "Out-of-distribution score minus the version's threshold for the answer's input "
+            "pattern (above 0: flagged), by pattern.",
+            ["model", "version", "pattern"],
+            buckets=OOD_MARGIN_BUCKETS,
             registry=r,
         )
         self.model_info = Gauge(

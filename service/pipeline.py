@@ -169,11 +169,7 @@ def encode_response(
     manifest = model.manifest
     labels = manifest.labels
     probs = result.probabilities
-    tabular = prepared.modalities["tabular"]
-    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
-    pattern = pattern_of(
-        prepared.modalities["image"], len(tabular["used"]) if tabular else 0, n_fields
-    )
+    pattern = _pattern(manifest, prepared)
     warnings = prepared.warnings
     if manifest.decision is None:
         warnings = [*warnings, "this model version has no fitted prediction sets"]
@@ -203,6 +199,15 @@ def encode_response(
     }
 
 
+def _pattern(manifest: Manifest, prepared: Prepared) -> str:
+    """The missingness pattern the request's inputs make (all, image only, ...)."""
+    tabular = prepared.modalities["tabular"]
+    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
+    return pattern_of(
+        prepared.modalities["image"], len(tabular["used"]) if tabular else 0, n_fields
+    )
+
+
 async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> dict[str, Any]:
     """Run one request through the lifecycle, recording metrics on success."""
     start = time.perf_counter()
@@ -229,15 +234,32 @@ async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> 
         timings["reply"] = result.reply_ms
     observe_success(ctx.metrics, model.name, timings)
     body = encode_response(model, prepared, result, timings)
-    if body["refer"]:
-        ctx.metrics.decisions.labels(model.name, "referred").inc()
-    if body.get("ood", {}).get("flagged"):
-        ctx.metrics.decisions.labels(model.name, "ood_flagged").inc()
+    observe_answer(ctx.metrics, model, prepared, body)
     return body
 
 
 def _item_of(prepared: Prepared) -> WorkItem:
     return prepared.item
+
+
+def observe_answer(
+    metrics: Metrics, model: ModelVersion, prepared: Prepared, body: dict[str, Any]
+) -> None:
+    """Referrals and flags, and what a drift of the inputs shows in first: the mix of labels
+    given, how sure the answers are, and how near the out-of-distribution threshold."""
+    name, version = model.name, model.version
+    if body["refer"]:
+        metrics.decisions.labels(name, "referred").inc()
+    ood = body.get("ood")
+    if ood and ood["flagged"]:
+        metrics.decisions.labels(name, "ood_flagged").inc()
+    metrics.predicted.labels(name, version, body["label"]).inc()
+    metrics.top_probability.labels(name, version).observe(max(body["probabilities"].values()))
+    decision = model.manifest.decision
+    if ood and decision is not None and decision.ood_thresholds:
+        pattern = _pattern(model.manifest, prepared)
+        margin = ood["score"] - decision.ood_thresholds[pattern]
+        metrics.ood_margin.labels(name, version, pattern).observe(margin)
 
 
 def observe_success(metrics: Metrics, model: str, timings: dict[str, float]) -> None:

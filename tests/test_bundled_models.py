@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app
 from service.registry import Registry
@@ -283,3 +284,47 @@ def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(client: TestCli
     assert all(int8["label"] in int8["prediction_set"] and "ood" in int8 for _, int8 in pairs)
     same = sum(fp32["label"] == int8["label"] for fp32, int8 in pairs)
     assert same >= 0.9 * len(paths), f"{same}/{len(paths)} labels agree"
+
+
+def _samples(client: TestClient, name: str, **labels: str) -> dict[str, float]:
+    """The samples of metric family ``name`` with these label values, by sample name + le."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.name.startswith(name) and all(s.labels.get(k) == v for k, v in labels.items()):
+                key = s.name + (f"@{s.labels['le']}" if "le" in s.labels else "")
+                key += f"#{s.labels['label']}" if "label" in s.labels else ""
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_drift_metrics_follow_what_is_sent(client: TestClient, fullres_frames: list[Path]) -> None:
+    """What a hospital watches for drift: the labels given, how sure the answers are, and
+    the out-of-distribution margin. Real frames land below the threshold; dermoscopy images
+    sent to the endoscopy model land above it."""
+    bundled("hyperkvasir-lgi", "2")
+    ids = {"model": "hyperkvasir-lgi", "version": "2"}
+    before = _samples(client, "endofuse_", **ids)
+    labels = []
+    for frame in fullres_frames:
+        r = client.post("/predict", files={"image": ("f", frame.read_bytes(), "image/jpeg")})
+        labels.append(r.json()["label"])
+    after = _samples(client, "endofuse_", **ids)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    for label in set(labels):
+        assert delta(f"endofuse_predictions_total#{label}") == labels.count(label)
+    assert delta("endofuse_top_probability_count") == len(fullres_frames)
+    assert delta("endofuse_ood_margin_count") == len(fullres_frames)
+    below = delta("endofuse_ood_margin_bucket@0.0")
+    assert below >= 0.9 * len(fullres_frames), f"{below} of {len(fullres_frames)} below 0"
+
+    skin = sorted((require_data("ham10000") / "images" / "nv").glob("*.jpg"))[:10]
+    before = after
+    for path in skin:
+        client.post("/predict", files={"image": ("f", path.read_bytes(), "image/jpeg")})
+    after = _samples(client, "endofuse_", **ids)
+    above = delta("endofuse_ood_margin_count") - delta("endofuse_ood_margin_bucket@0.0")
+    assert above >= 9, f"{above} of 10 dermoscopy images above the threshold"
