@@ -1,12 +1,14 @@
 """What the drift metrics show when what a service is sent changes, on real data.
 
-For each endoscopy version, three streams of requests through the API (in process), one after
-another, each read back from ``/metrics`` as the difference it made: the test split as stored,
-the same frames re-captured by another capture card (16:9 letterbox, ``training/audit.py``),
-and dermoscopy images (HAM10000's test split) sent to the endoscopy model. Per stream: the
-share of each label given (``endofuse_predictions_total``), the median top probability
-(``endofuse_top_probability``) and the share of answers near or past the out-of-distribution
-threshold (``endofuse_ood_margin``). Not a timing: the figures are counts.
+For each bundled model's versions 1 and 2, three streams of requests through the API (in
+process), one after another, each read back from ``/metrics`` as the difference it made: the
+test split as stored, the same images re-captured (``training/audit.py``: a 16:9 letterbox
+for endoscopy, half resolution for dermoscopy, each model's worst change in its version 1
+audit), and the other dataset's images (dermoscopy sent to the endoscopy model, and the
+reverse). Per stream: the share of each label given (``endofuse_predictions_total``), the
+median top probability (``endofuse_top_probability``) and the share of answers near or past
+the out-of-distribution threshold (``endofuse_ood_margin``). Images only, no tabular fields.
+Not a timing: the figures are counts.
 
     python bench/drift.py --out docs/monitoring.md
 """
@@ -31,14 +33,20 @@ from service.config import Settings  # noqa: E402
 from service.metrics import TOP_PROBABILITY_BUCKETS  # noqa: E402
 from training.audit import recapture  # noqa: E402
 
-CHANGE = "letterbox 1920x1080 (16:9)"
+CHANGES = {"hyperkvasir-lgi": "letterbox 1920x1080 (16:9)", "ham10000": "half resolution"}
 NEAR = -0.1  # a margin above this is "near the threshold"
 
 
 def test_split(root: Path, dataset: str, limit: int) -> list[bytes]:
+    """Up to ``limit`` test images, evenly spaced over the split (its rows come by class)."""
     with (root / dataset / ("labels.csv" if dataset != "ham10000" else "metadata.csv")).open() as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    return [(root / dataset / r["path"]).read_bytes() for r in rows[:limit]]
+    rows = rows[:: max(1, -(-len(rows) // limit))][:limit]
+    return [(root / dataset / r["path"]).read_bytes() for r in rows]
+
+
+def recaptured(images: list[bytes], model: str) -> list[bytes]:
+    return [recapture(image, CHANGES[model], i) for i, image in enumerate(images)]
 
 
 def counters(client: TestClient, model: str, version: str) -> dict[str, float]:
@@ -101,20 +109,38 @@ def main() -> None:
     root = data_dir()
     frames = test_split(root, "hyperkvasir-lgi", args.frames)
     skin = test_split(root, "ham10000", args.frames)
-    recaptured = [recapture(f, CHANGE, i) for i, f in enumerate(frames)]
+    plans = {
+        "hyperkvasir-lgi": [
+            ("test split as stored", frames),
+            (
+                f"the same frames, {CHANGES['hyperkvasir-lgi']}",
+                recaptured(frames, "hyperkvasir-lgi"),
+            ),
+            ("HAM10000 dermoscopy (test split)", skin),
+        ],
+        "ham10000": [
+            ("test split as stored", skin),
+            (f"the same images, {CHANGES['ham10000']}", recaptured(skin, "ham10000")),
+            ("HyperKvasir endoscopy (test split)", frames),
+        ],
+    }
     settings = Settings(models_dir=REPO / "models", providers="cpu", warmup_runs=0, reload_s=0)
-    rows = []
+    tables: list[str] = []
     with TestClient(create_app(settings)) as client:
-        labels = client.get("/models/hyperkvasir-lgi/versions/2").json()["labels"]
-        for version in ("1", "2"):
-            for what, bodies in (
-                ("test split as stored", frames),
-                (f"the same frames, {CHANGE}", recaptured),
-                ("HAM10000 dermoscopy (test split)", skin),
-            ):
-                cells = stream(client, "hyperkvasir-lgi", version, bodies, labels)
-                rows.append(f"| hyperkvasir-lgi/{version} | {what} | " + " | ".join(cells) + " |")
-                print(rows[-1], flush=True)
+        for model, plan in plans.items():
+            labels = client.get(f"/models/{model}/versions/2").json()["labels"]
+            tables += [
+                "",
+                "| version | stream | answers | "
+                + " | ".join(labels)
+                + " | median top probability | near the threshold | past it |",
+                "|---|---|---|" + "---|" * len(labels) + "---|---|---|",
+            ]
+            for version in ("1", "2"):
+                for what, bodies in plan:
+                    cells = stream(client, model, version, bodies, labels)
+                    tables.append(f"| {model}/{version} | {what} | " + " | ".join(cells) + " |")
+                    print(tables[-1], flush=True)
     publish(
         args.out,
         "What the drift metrics show",
@@ -124,13 +150,8 @@ def main() -> None:
             "(`endofuse_predictions_total`); top probability: the bucket of "
             "`endofuse_top_probability` that holds the median answer; near / past the "
             f"threshold: share with an out-of-distribution margin above {NEAR} / above 0 "
-            "(`endofuse_ood_margin`; past is flagged).",
-            "",
-            "| version | stream | answers | "
-            + " | ".join(labels)
-            + " | median top probability | near the threshold | past it |",
-            "|---|---|---|" + "---|" * len(labels) + "---|---|---|",
-            *rows,
+            "(`endofuse_ood_margin`; past is flagged). Images only, no tabular fields.",
+            *tables,
         ],
         "bench/drift.py",
         target="",
