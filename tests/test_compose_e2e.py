@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from service.api.auth import create_key
 from tests.redis_harness import free_port
@@ -159,6 +160,12 @@ class Deployment:
             if line.startswith("endofuse_worker_items_total{") and 'outcome="ok"' in line
         )
 
+    def prometheus_rules(self) -> dict[str, str]:
+        """Every loaded alerting rule's name -> health (ok once evaluated without error)."""
+        r = httpx.get(f"http://127.0.0.1:{self.prom_port}/api/v1/rules", timeout=5)
+        groups = r.json()["data"]["groups"]
+        return {rule["name"]: rule["health"] for g in groups for rule in g["rules"]}
+
     def prometheus_up(self, job: str) -> list[float]:
         r = httpx.get(
             f"http://127.0.0.1:{self.prom_port}/api/v1/query",
@@ -246,6 +253,12 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     # Prometheus finds and scrapes every API and worker replica (DNS service discovery).
     wait_until(lambda: d.prometheus_up("endofuse-api") == [1.0, 1.0], 90, "2 API targets up")
     wait_until(lambda: d.prometheus_up("endofuse-worker") == [1.0, 1.0], 90, "2 workers up")
+    # The alerting rules (service/deploy/alerts.yml) are loaded and each evaluates cleanly.
+    shipped = yaml.safe_load((REPO / "service/deploy/alerts.yml").read_text())
+    names = {rule["alert"] for group in shipped["groups"] for rule in group["rules"]}
+    wait_until(
+        lambda: d.prometheus_rules() == dict.fromkeys(names, "ok"), 90, "every alert rule ok"
+    )
 
     # A worker killed mid-load: every request still answered 200.
     codes: list[int] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from service import errors
 from service.config import Settings
 from service.metrics import Metrics, WorkerMetrics
 
@@ -100,6 +101,29 @@ def test_dashboard_queries_name_metrics_we_export() -> None:
         for target in panel["targets"]:
             for name in re.findall(r"\bendofuse_\w+", target["expr"]):
                 assert name in known, f"{panel['title']}: {name} is not exported"
+
+
+def test_alert_rules_are_loaded_and_name_what_we_export() -> None:
+    """Each rule queries metrics and outcomes the service has; Prometheus is pointed at the
+    file and compose mounts it there (tests/test_compose_e2e.py: the real Prometheus loads
+    and evaluates every rule)."""
+    config = yaml.safe_load((REPO / "service/deploy/prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    mount = "./service/deploy/alerts.yml:/etc/prometheus/alerts.yml:ro"
+    assert mount in SERVICES["prometheus"]["volumes"]
+    rules = yaml.safe_load((REPO / "service/deploy/alerts.yml").read_text())
+    known = exported_names()
+    codes = {cls.code for cls in vars(errors).values() if isinstance(cls, type)
+             and issubclass(cls, errors.ServiceError)}  # fmt: skip
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len({rule["alert"] for rule in alerts}) == len(alerts) >= 8
+    for rule in alerts:
+        for name in re.findall(r"\bendofuse_\w+", rule["expr"]):
+            assert name in known, f"{rule['alert']}: {name} is not exported"
+        for outcome in re.findall(r'outcome=~?"([^"]+)"', rule["expr"]):
+            assert set(outcome.split("|")) <= codes, f"{rule['alert']}: {outcome}"
+        assert rule["labels"]["severity"] in {"critical", "warning"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
 def test_cpu_override_drops_the_gpu_and_keeps_the_rest() -> None:
