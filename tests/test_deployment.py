@@ -6,9 +6,14 @@ in tests/test_compose_e2e.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from service import errors
@@ -124,6 +129,29 @@ def test_alert_rules_are_loaded_and_name_what_we_export() -> None:
             assert set(outcome.split("|")) <= codes, f"{rule['alert']}: {outcome}"
         assert rule["labels"]["severity"] in {"critical", "warning"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_alert_rules_fire_on_synthetic_series() -> None:
+    """tests/alerts_test.yml through Prometheus' own promtool, from the image the compose
+    test builds (service/deploy/build-images.sh): the drift, out-of-distribution and worker
+    alerts fire when they should and stay quiet when they should."""
+    infra = "localhost/endofuse-infra:bookworm"
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.skip("podman is not installed (make test installs it from Debian's packages)")
+    env = {**os.environ}
+    conf = Path(tempfile.gettempdir()) / "endofuse-containers.conf"
+    if "CONTAINERS_CONF" not in env and conf.is_file():
+        env["CONTAINERS_CONF"] = str(conf)  # the rlimits build-images.sh chose for this host
+    if subprocess.run([podman, "image", "exists", infra], env=env).returncode != 0:
+        pytest.skip(f"{infra} is not built yet (service/deploy/build-images.sh builds it)")
+    out = subprocess.run(
+        [podman, "run", "--rm",
+         "-v", f"{REPO / 'service/deploy'}:/rules:ro", "-v", f"{REPO / 'tests'}:/t:ro",
+         infra, "promtool", "test", "rules", "/t/alerts_test.yml"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
 def test_cpu_override_drops_the_gpu_and_keeps_the_rest() -> None:
