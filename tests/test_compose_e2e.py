@@ -306,7 +306,15 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     taken = [
         line
         for line in d.exec_json(survivor, "http://127.0.0.1:8001/metrics").splitlines()
-        if line.startswith(("endofuse_reclaimed_total{", "endofuse_worker_reply_failures_total{"))
+        if line.startswith(
+            (
+                "endofuse_reclaimed_total{",
+                "endofuse_worker_reply_failures_total{",
+                # the survivor's loop: wake-ups in all, and those under 1 s late
+                "endofuse_event_loop_lag_seconds_count",
+                'endofuse_event_loop_lag_seconds_bucket{le="1.0"}',
+            )
+        )
     ]
     print(f"worker {victim} killed under load: {len(codes)} requests, all 200; {taken}")
 
