@@ -35,6 +35,9 @@ from training.audit import recapture  # noqa: E402
 
 CHANGES = {"hyperkvasir-lgi": "letterbox 1920x1080 (16:9)", "ham10000": "half resolution"}
 NEAR = -0.1  # a margin above this is "near the threshold"
+WIDE = (
+    1.55  # frames wider than this (3:2 and wider): not an endoscopy processor's or a dermatoscope's
+)
 
 
 def test_split(root: Path, dataset: str, limit: int) -> list[bytes]:
@@ -54,10 +57,15 @@ def counters(client: TestClient, model: str, version: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for s in family.samples:
-            if s.labels.get("model") != model or s.labels.get("version") != version:
-                continue
+            if s.labels.get("model") != model or s.labels.get("version", version) != version:
+                continue  # the frame shape is the model's, whichever version answered
             if s.name.startswith(
-                ("endofuse_predictions", "endofuse_top_probability", "endofuse_ood_margin")
+                (
+                    "endofuse_predictions",
+                    "endofuse_top_probability",
+                    "endofuse_ood_margin",
+                    "endofuse_input_aspect_ratio",
+                )
             ):
                 key = s.name + "".join(f"|{s.labels[k]}" for k in ("label", "le") if k in s.labels)
                 out[key] = out.get(key, 0.0) + s.value
@@ -92,8 +100,12 @@ def stream(
     margins = delta("endofuse_ood_margin_count")
     near = margins - delta(f"endofuse_ood_margin_bucket|{NEAR}")
     past = margins - delta("endofuse_ood_margin_bucket|0.0")
+    wide = delta("endofuse_input_aspect_ratio_count") - delta(
+        f"endofuse_input_aspect_ratio_bucket|{WIDE}"
+    )
     return [
         f"{int(n)}",
+        f"{100 * wide / n:.0f} %",
         *shares,
         median_bucket(delta, "endofuse_top_probability"),
         f"{100 * near / margins:.1f} %" if margins else "—",
@@ -131,10 +143,10 @@ def main() -> None:
             labels = client.get(f"/models/{model}/versions/2").json()["labels"]
             tables += [
                 "",
-                "| version | stream | answers | "
+                f"| version | stream | answers | frames wider than {WIDE} | "
                 + " | ".join(labels)
                 + " | median top probability | near the threshold | past it |",
-                "|---|---|---|" + "---|" * len(labels) + "---|---|---|",
+                "|---|---|---|---|" + "---|" * len(labels) + "---|---|---|",
             ]
             for version in ("1", "2"):
                 for what, bodies in plan:
@@ -146,7 +158,9 @@ def main() -> None:
         "What the drift metrics show",
         [
             "Each stream in turn through the API, read back from `/metrics` as the change it "
-            "made. Label columns: share of the answers given that label "
+            f"made. Frames wider than {WIDE}: share of the images whose width / height exceeds "
+            "it (`endofuse_input_aspect_ratio`, per model). Label columns: share of the "
+            "answers given that label "
             "(`endofuse_predictions_total`); top probability: the bucket of "
             "`endofuse_top_probability` that holds the median answer; near / past the "
             f"threshold: share with an out-of-distribution margin above {NEAR} / above 0 "

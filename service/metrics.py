@@ -18,6 +18,10 @@ from service.looplag import lag_histogram
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOP_PROBABILITY_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+# Frame shapes of capture set-ups: square crops, 5:4, 4:3 and the 1.16-1.19 of endoscopy
+# processors, 3:2, 16:9 and wider.
+ASPECT_BUCKETS = (0.8, 1.0, 1.1, 1.15, 1.2, 1.26, 1.3, 1.34, 1.45, 1.55, 1.7, 1.8, 2.0)
+MEGAPIXEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 OOD_MARGIN_BUCKETS = (-2.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -198,6 +202,22 @@ class Metrics:
             "The largest calibrated probability of each answer.",
             ["model", "version"],
             buckets=TOP_PROBABILITY_BUCKETS,
+            registry=r,
+        )
+        # The capture: a new capture card or processor shows as a new frame shape, whether
+        # or not the model's answers move.
+        self.frame_aspect = Histogram(
+            "endofuse_input_aspect_ratio",
+            "Width / height of each image answered, as sent (orientation applied).",
+            ["model"],
+            buckets=ASPECT_BUCKETS,
+            registry=r,
+        )
+        self.frame_megapixels = Histogram(
+            "endofuse_input_megapixels",
+            "Size of each image answered, in megapixels, as sent.",
+            ["model"],
+            buckets=MEGAPIXEL_BUCKETS,
             registry=r,
         )
         self.ood_margin = Histogram(

@@ -23,7 +23,7 @@ from service.decision import decide, is_uniform, pattern_of
 from service.errors import MissingInput
 from service.manifest import Manifest
 from service.metrics import Metrics
-from service.preprocess import decode_image, from_pixels
+from service.preprocess import decode_frame, from_pixels
 from service.queue import InferenceQueue, ItemResult, WorkItem
 from service.registry import ModelVersion, Registry
 from service.tabular import parse_tabular
@@ -52,6 +52,7 @@ class Prepared:
     sets: str = "class"
     confidence_floor: float = 0.0
     uniform_image: bool = False  # blank or one flat colour: out of distribution whatever the model
+    frame: tuple[int, int] | None = None  # (width, height) as sent, when an image was
 
 
 @dataclass
@@ -131,10 +132,12 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
             f"model '{manifest.name}' takes no tabular input; the tabular fields were ignored"
         )
     image_present = raw.image is not None or raw.pixels is not None
+    frame = None
     if raw.pixels is not None:
         image = from_pixels(raw.pixels, manifest.image, settings.max_image_pixels)
+        frame = (int(raw.pixels.shape[1]), int(raw.pixels.shape[0]))
     elif raw.image is not None:
-        image = decode_image(raw.image, manifest.image, settings.max_image_pixels)
+        image, frame = decode_frame(raw.image, manifest.image, settings.max_image_pixels)
     else:
         _require_image_or_tabular(manifest, tabular_report)
         image = np.zeros((manifest.image.height, manifest.image.width, 3), np.uint8)
@@ -150,7 +153,9 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
     # Only a model with an out-of-distribution flag uses it: skip the pass over the pixels.
     has_ood = manifest.decision is not None and bool(manifest.decision.ood_thresholds)
     uniform = has_ood and image_present and is_uniform(image)
-    return Prepared(item, modalities, warnings, coverage, sets, settings.confidence_floor, uniform)
+    return Prepared(
+        item, modalities, warnings, coverage, sets, settings.confidence_floor, uniform, frame
+    )
 
 
 def _require_image_or_tabular(manifest: Manifest, report: dict[str, list[str]] | None) -> None:
@@ -253,6 +258,10 @@ def observe_answer(
     ood = body.get("ood")
     if ood and ood["flagged"]:
         metrics.decisions.labels(name, "ood_flagged").inc()
+    if prepared.frame is not None:
+        width, height = prepared.frame
+        metrics.frame_aspect.labels(name).observe(width / height)
+        metrics.frame_megapixels.labels(name).observe(width * height / 1e6)
     metrics.predicted.labels(name, version, body["label"]).inc()
     metrics.top_probability.labels(name, version).observe(max(body["probabilities"].values()))
     decision = model.manifest.decision

@@ -107,6 +107,14 @@ def sniff_format(data: bytes) -> str:
 
 def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> np.ndarray:
     """Decode JPEG/PNG bytes to a uint8 RGB array of shape (spec.height, spec.width, 3)."""
+    return decode_frame(data, spec, max_pixels)[0]
+
+
+def decode_frame(
+    data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """``decode_image``, and the frame's (width, height) as displayed (EXIF orientation
+    applied): the capture's geometry, which serving reports as a metric."""
     fmt = sniff_format(data)
     image = _open(data, fmt)
     width, height = image.size
@@ -127,7 +135,8 @@ def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = 40_000_000) -> 
         raise UndecodableImage("image data is corrupt or truncated") from exc
     for op in _ORIENTATION_OPS.get(orientation, ()):
         image = image.transpose(op)
-    return prepare(to_rgb(image), spec)
+    shown = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return prepare(to_rgb(image), spec), shown
 
 
 # A PNG has no reduced-size decode: its whole pixel grid is inflated. Past a few megapixels,

@@ -305,6 +305,7 @@ def test_drift_metrics_follow_what_is_sent(client: TestClient, fullres_frames: l
     bundled("hyperkvasir-lgi", "2")
     ids = {"model": "hyperkvasir-lgi", "version": "2"}
     before = _samples(client, "endofuse_", **ids)
+    before_shapes = _samples(client, "endofuse_input_aspect_ratio", model="hyperkvasir-lgi")
     labels = []
     for frame in fullres_frames:
         r = client.post("/predict", files={"image": ("f", frame.read_bytes(), "image/jpeg")})
@@ -321,8 +322,22 @@ def test_drift_metrics_follow_what_is_sent(client: TestClient, fullres_frames: l
     below = delta("endofuse_ood_margin_bucket@0.0")
     assert below >= 0.9 * len(fullres_frames), f"{below} of {len(fullres_frames)} below 0"
 
+    # The capture's geometry, per model: every one of these frames is 1.03-1.19 wide.
+    shapes = _samples(client, "endofuse_input_aspect_ratio", model="hyperkvasir-lgi")
+    assert shapes["endofuse_input_aspect_ratio_bucket@1.2"] - before_shapes.get(
+        "endofuse_input_aspect_ratio_bucket@1.2", 0.0
+    ) == len(fullres_frames)
+    # Another capture card's 16:9 frames show as a new frame shape, answers or not.
+    with Image.open(fullres_frames[0]) as frame:
+        wide = jpeg_bytes(letterbox(frame.convert("RGB"), 1920, 1080))
+    for _ in range(3):
+        client.post("/predict", files={"image": ("f", wide, "image/jpeg")})
+    after_wide = _samples(client, "endofuse_input_aspect_ratio", model="hyperkvasir-lgi")
+    key, wider = "endofuse_input_aspect_ratio_bucket@1.8", "endofuse_input_aspect_ratio_bucket@1.7"
+    assert (after_wide[key] - shapes[key]) - (after_wide[wider] - shapes[wider]) == 3
+
     skin = sorted((require_data("ham10000") / "images" / "nv").glob("*.jpg"))[:10]
-    before = after
+    before = _samples(client, "endofuse_", **ids)
     for path in skin:
         client.post("/predict", files={"image": ("f", path.read_bytes(), "image/jpeg")})
     after = _samples(client, "endofuse_", **ids)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.errors import PayloadTooLarge, UndecodableImage, UnsupportedMediaType
-from service.preprocess import ImageSpec, decode_image, sniff_format
+from service.preprocess import ImageSpec, decode_frame, decode_image, sniff_format
 from tests import images
 
 SPEC = ImageSpec(64, 96)
@@ -57,6 +57,8 @@ def test_exif_orientation_matches_rotating_first(orientation: int, fmt: str) -> 
     upright_bytes = images.encode(upright, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     got = decode_image(tagged, spec).astype(np.int16)
     want = decode_image(upright_bytes, spec).astype(np.int16)
+    # The frame's geometry as displayed, which serving reports: the upright one's.
+    assert decode_frame(tagged, spec)[1] == (upright.width, upright.height)
     tolerance = 0 if fmt == "PNG" else 4.0
     assert np.abs(got - want).mean() <= tolerance
     # And it is not trivially equal to the unrotated frame.
