@@ -53,6 +53,7 @@ class Prepared:
     confidence_floor: float = 0.0
     uniform_image: bool = False  # blank or one flat colour: out of distribution whatever the model
     frame: tuple[int, int] | None = None  # (width, height) as sent, when an image was
+    pattern: str = "all"  # the missingness pattern the inputs make (decision.pattern_of)
 
 
 @dataclass
@@ -153,8 +154,18 @@ def prepare(raw: RawRequest, model: ModelVersion, settings: Settings) -> Prepare
     # Only a model with an out-of-distribution flag uses it: skip the pass over the pixels.
     has_ood = manifest.decision is not None and bool(manifest.decision.ood_thresholds)
     uniform = has_ood and image_present and is_uniform(image)
+    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
+    used = len(tabular_report["used"]) if tabular_report else 0
     return Prepared(
-        item, modalities, warnings, coverage, sets, settings.confidence_floor, uniform, frame
+        item,
+        modalities,
+        warnings,
+        coverage,
+        sets,
+        settings.confidence_floor,
+        uniform,
+        frame,
+        pattern_of(image_present, used, n_fields),
     )
 
 
@@ -174,7 +185,7 @@ def encode_response(
     manifest = model.manifest
     labels = manifest.labels
     probs = result.probabilities
-    pattern = _pattern(manifest, prepared)
+    pattern = prepared.pattern
     warnings = prepared.warnings
     if manifest.decision is None:
         warnings = [*warnings, "this model version has no fitted prediction sets"]
@@ -202,15 +213,6 @@ def encode_response(
         "batch_size": result.batch_size,
         "timing_ms": {k: round(v, 3) for k, v in timings.items()},
     }
-
-
-def _pattern(manifest: Manifest, prepared: Prepared) -> str:
-    """The missingness pattern the request's inputs make (all, image only, ...)."""
-    tabular = prepared.modalities["tabular"]
-    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
-    return pattern_of(
-        prepared.modalities["image"], len(tabular["used"]) if tabular else 0, n_fields
-    )
 
 
 async def predict(ctx: ServiceContext, raw: RawRequest, model: ModelVersion) -> dict[str, Any]:
@@ -266,9 +268,8 @@ def observe_answer(
     metrics.top_probability.labels(name, version).observe(max(body["probabilities"].values()))
     decision = model.manifest.decision
     if ood and decision is not None and decision.ood_thresholds:
-        pattern = _pattern(model.manifest, prepared)
-        margin = ood["score"] - decision.ood_thresholds[pattern]
-        metrics.ood_margin.labels(name, version, pattern).observe(margin)
+        margin = ood["score"] - decision.ood_thresholds[prepared.pattern]
+        metrics.ood_margin.labels(name, version, prepared.pattern).observe(margin)
 
 
 def observe_success(metrics: Metrics, model: str, timings: dict[str, float]) -> None:

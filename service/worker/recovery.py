@@ -138,12 +138,12 @@ class Recovery:
             if p["times_delivered"] >= s.max_deliveries:
                 await self._dead_letter(stream, p["message_id"], p["times_delivered"])
             else:
-                retry.append(p["message_id"])
+                retry.append(p)
         if not retry:
             return
         # min_idle_time makes the claim atomic: of several workers racing, one gets each entry.
         claimed = await self.redis.xclaim(
-            stream, self.streams.group, self.consumer, min_idle_ms, retry
+            stream, self.streams.group, self.consumer, min_idle_ms, [p["message_id"] for p in retry]
         )
         if claimed and departed is not None:
             # Logged at the claim, before the entries run: with how long they had waited since
@@ -154,7 +154,7 @@ class Recovery:
                     "model": mv.key,
                     "consumer": departed,
                     "entries": len(claimed),
-                    "waited_ms": max(int(p["time_since_delivered"]) for p in pending),
+                    "waited_ms": max(int(p["time_since_delivered"]) for p in retry),
                 },
             )
         for entry in claimed:
