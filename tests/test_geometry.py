@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from service.geometry import canonical_frame, ellipse_mask, find_fov, fit_box
+from service.geometry import _open, canonical_frame, ellipse_mask, find_fov, fit_box
 from service.preprocess import ImageSpec, decode_image
 
 V2 = ImageSpec(224, 224, version=2)
@@ -80,6 +80,50 @@ def test_frame_without_border_is_taken_whole() -> None:
     inside = ellipse_mask(224, 224, box)
     assert (out[~inside] == 0).all()
     assert out[inside].mean() > 60  # the tissue is there
+
+
+def brute_open(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Opening by its definition: a pixel survives erosion when its whole square lies on set
+    pixels inside the frame; dilation sets every pixel of a survivor's square."""
+    h, w = mask.shape
+    eroded = np.zeros_like(mask)
+    for y in range(h):
+        for x in range(w):
+            y0, y1, x0, x1 = y - radius, y + radius + 1, x - radius, x + radius + 1
+            inside = y0 >= 0 and x0 >= 0 and y1 <= h and x1 <= w
+            eroded[y, x] = inside and mask[y0:y1, x0:x1].all()
+    opened = np.zeros_like(mask)
+    for y, x in np.argwhere(eroded):
+        opened[max(0, y - radius) : y + radius + 1, max(0, x - radius) : x + radius + 1] = True
+    return opened
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_opening_matches_its_definition(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(3, 40, 2)
+    radius = int(rng.integers(1, 5))
+    # Blobs, not salt: some squares must survive erosion for the test to mean anything.
+    blobs = rng.random((h // 4 + 2, w // 4 + 2)) < 0.6
+    mask = np.kron(blobs, np.ones((4, 4), bool))[:h, :w] & (rng.random((h, w)) < 0.97)
+    expected = brute_open(mask, radius)
+    got = _open(mask, radius)
+    assert got.shape == mask.shape and got.dtype == bool
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("canvas", [(500, 400), (400, 500), (333, 333), (640, 360)])
+def test_ellipse_blackens_every_channel_outside_and_nothing_inside(canvas: tuple) -> None:
+    image = tissue(*canvas, seed=3)
+    out = canonical_frame(image, 150, 200)
+    box = fit_box(*canvas, 200, 150)
+    inside = ellipse_mask(150, 200, box)
+    reference = np.zeros((150, 200, 3), np.uint8)
+    resized = image.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR)
+    reference[box[1] : box[3], box[0] : box[2]] = np.asarray(resized)
+    reference[~inside] = 0
+    assert np.array_equal(out, reference)
+    assert out[inside].min() > 0  # tissue kept in all three channels
 
 
 @pytest.mark.parametrize("size", [(1, 1), (7, 5), (31, 40)])
