@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     warmup_runs: int = Field(2, ge=0)
     # At load each session answers the probe inputs recorded in the manifest (service/
     # selfcheck.py); past the tolerance (largest probability difference, or relative
-    # out-of-distribution distance difference) "warn" serves with a warning, "refuse" does
-    # not serve the version.
+    # out-of-distribution distance difference) "warn" serves with a warning, "refuse" leaves
+    # that version out (503 model_unavailable when asked for) and serves the others.
     self_check: Literal["warn", "refuse", "off"] = "warn"
     self_check_tolerance: float = Field(0.01, gt=0)
 

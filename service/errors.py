@@ -69,5 +69,15 @@ class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 
 
+class ModelUnavailable(ServiceError):
+    """A version in the repository that this deployment does not serve (its self-check
+    refused it): retrying soon will not help, only a refitted version will (hot reload)."""
+
+    status, code = 503, "model_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=60.0)
+
+
 class ManifestError(Exception):
     """A model directory whose manifest and ONNX graph disagree; stops start-up."""

@@ -8,6 +8,7 @@ whole replica whichever process answers it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -102,10 +103,13 @@ class ServingGauges:
             multiprocess_mode="livemax",
         )
 
-    def publish(self, versions: list) -> None:
-        """``versions``: the registry's ModelVersions; remote ones (no engine) are skipped."""
+    def publish(self, versions: list, refused: Iterable[Any] = ()) -> None:
+        """``versions``: the registry's ModelVersions; remote ones (no engine) are skipped.
+        ``refused``: the versions left out by their self-check, whose figures still show."""
         for gauge in (self.instances, self.max_batch, self.profile, self.self_check):
             gauge.clear()
+        for record in refused:
+            self._publish_check(record.name, record.version, record.check)
         for mv in versions:
             if mv.engine is None:
                 continue
@@ -116,10 +120,9 @@ class ServingGauges:
                 self.profile.labels(mv.name, mv.version, str(point.batch_size)).set(
                     point.ms_per_image
                 )
-            self._publish_check(mv)
+            self._publish_check(mv.name, mv.version, mv.engine.self_check)
 
-    def _publish_check(self, mv: Any) -> None:
-        check = mv.engine.self_check
+    def _publish_check(self, name: str, version: str, check: Any) -> None:
         if check is None:
             return
         for output, value in (
@@ -127,7 +130,7 @@ class ServingGauges:
             ("ood_distance", check.max_ood_relative_diff),
         ):
             if value is not None:
-                self.self_check.labels(mv.name, mv.version, output).set(value)
+                self.self_check.labels(name, version, output).set(value)
 
 
 class Metrics:

@@ -96,10 +96,15 @@ class ServiceContext:
             # A gateway should stop sending here: every predict would be a 503 until it is back.
             return False, {"status": "not ready", "reason": "queue unreachable"}
         body: dict[str, Any] = {"models": [mv.key for mv in self.registry.all()]}
+        # Refused by a self-check: answered at once with 503 model_unavailable, never waited
+        # for, so they do not hold the replica out of the gateway.
+        refused = set(self.registry.refused)
+        if refused:
+            body["refused"] = sorted(refused)
         workers = self.queue.workers()
         if workers is not None:
             body["workers"] = {mv.key: workers.get(mv.key, 0) for mv in self.registry.all()}
-            missing = [k for k in self._must_serve() if not workers.get(k)]
+            missing = [k for k in self._must_serve() if not workers.get(k) and k not in refused]
             if missing:
                 reason = "no live worker for " + ", ".join(missing)
                 return False, {"status": "not ready", "reason": reason, **body}

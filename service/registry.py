@@ -12,9 +12,9 @@ from pathlib import Path
 from service import batch_profile, selfcheck
 from service.config import Settings
 from service.engine import EnginePool, open_pool, resolve_providers
-from service.errors import ManifestError, ModelNotFound
+from service.errors import ManifestError, ModelNotFound, ModelUnavailable
 from service.manifest import Manifest, load_manifest
-from service.selfcheck import SelfCheck
+from service.selfcheck import SelfCheck, SelfCheckRefused
 
 log = logging.getLogger(__name__)
 DEFAULT_FILE = "DEFAULT"
@@ -29,6 +29,21 @@ class ModelVersion:
     # None on an API replica that forwards to remote workers: it validates against the
     # manifest but never runs the graph itself.
     engine: EnginePool | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A version on disk that is not served: its self-check was refused, by this process
+    (``check`` holds the figures) or, behind a shared queue, by every live worker (None)."""
+
+    name: str
+    version: str
+    reason: str
+    check: SelfCheck | None
 
     @property
     def key(self) -> str:
@@ -136,7 +151,7 @@ class LoadOptions:
             f"{result.max_ood_relative_diff} relative; tolerance {result.tolerance})"
         )
         if self.self_check == "refuse":
-            raise ManifestError(what + "; not served (ENDOFUSE_SELF_CHECK=refuse)")
+            raise SelfCheckRefused(what + "; not served (ENDOFUSE_SELF_CHECK=refuse)", result)
         log.warning(what, extra={"model": manifest.name, "version": manifest.version})
         return result
 
@@ -154,6 +169,10 @@ class Registry:
     ) -> None:
         self.precision = precision
         self.options = options or LoadOptions()
+        # Left out by the self-check (at start-up, when added while serving, or by the
+        # workers behind a shared queue): named in /models, answered 503 when asked for by
+        # version, never routed to otherwise.
+        self.refused: dict[str, Refused] = {}
         self._by_name: dict[str, dict[str, ModelVersion]] = {}
         for mv in versions:
             self._by_name.setdefault(mv.name, {})[mv.version] = mv
@@ -198,16 +217,36 @@ class Registry:
             self_check,
             self_check_tolerance,
         )
-        loaded = [options.open(*found) for found in discover(models_dir, only)]
+        loaded, refused = [], []
+        for name, version, vdir in discover(models_dir, only):
+            try:
+                loaded.append(options.open(name, version, vdir))
+            except SelfCheckRefused as exc:
+                # One version answering otherwise on this host does not stop the others.
+                refused.append(Refused(name, version, str(exc), exc.result))
+                log.error(
+                    "model version not served",
+                    extra={"model": name, "version": version, "error": str(exc)[:500]},
+                )
         if not loaded:
-            raise ManifestError(f"no models found under {models_dir}")
+            why = "".join(f"; {r.reason}" for r in refused)
+            raise ManifestError(f"no models to serve under {models_dir}{why}")
         if default_model is None and (models_dir / DEFAULT_FILE).is_file():
             named = (models_dir / DEFAULT_FILE).read_text().strip() or None
             # The repository's choice, unless ``only`` left that model out: a service asked
             # for ham10000 alone answers with it rather than refusing to start.
             if named in {mv.name for mv in loaded}:
                 default_model = named
-        return cls(loaded, default_model, precision, options)
+        registry = cls(loaded, default_model, precision, options)
+        for record in refused:
+            registry.refuse(record)
+        return registry
+
+    def refuse(self, record: Refused) -> None:
+        self.refused = {**self.refused, record.key: record}
+
+    def unrefuse(self, name: str, version: str) -> None:
+        self.refused = {k: r for k, r in self.refused.items() if k != f"{name}:{version}"}
 
     def add(self, mv: ModelVersion) -> None:
         by_name = {name: dict(versions) for name, versions in self._by_name.items()}
@@ -233,6 +272,7 @@ class Registry:
 
     def versions(self, name: str) -> list[ModelVersion]:
         if name not in self._by_name:
+            self._raise_if_refused(name, None)
             raise ModelNotFound(f"unknown model; available: {self.names()}")
         return sorted(self._by_name[name].values(), key=lambda m: _version_order(m.version))
 
@@ -247,14 +287,35 @@ class Registry:
             raise ModelNotFound("no model is loaded")
         versions = self.versions(name)
         if version is None:
-            preferred = [m for m in versions if m.manifest.precision == self.precision]
-            return (preferred or versions)[-1]
+            newest = self.newest(name)
+            if newest is None:
+                self._raise_if_refused(name, None)
+                raise ModelNotFound(f"model '{name}' has no version to serve")
+            return newest
+        self._raise_if_refused(name, version)
         for mv in versions:
             if mv.version == version:
                 return mv
         raise ModelNotFound(
             f"model '{name}' has no such version; available: {[m.version for m in versions]}"
         )
+
+    def newest(self, name: str) -> ModelVersion | None:
+        """The version that requests naming none get: the newest served of the preferred
+        precision (of any precision when there is none of it); None when every version of a
+        listed model is refused."""
+        served = [m for m in self.versions(name) if m.key not in self.refused]
+        preferred = [m for m in served if m.manifest.precision == self.precision]
+        return (preferred or served or [None])[-1]
+
+    def _raise_if_refused(self, name: str, version: str | None) -> None:
+        for record in self.refused.values():
+            if record.name == name and version in (None, record.version):
+                raise ModelUnavailable(
+                    f"model '{name}' version '{record.version}' is not served: where it "
+                    "runs, its answers differ from those its decision thresholds were fitted "
+                    f"on (self-check refused; GET /models/{name} says more)"
+                )
 
 
 SERVING_FILE = "serving.json"

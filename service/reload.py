@@ -21,7 +21,8 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from service.errors import ManifestError
-from service.registry import ModelVersion, Registry, discover
+from service.registry import ModelVersion, Refused, Registry, discover
+from service.selfcheck import SelfCheckRefused
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -90,6 +91,10 @@ class ModelWatcher:
                 del self._staged[key]
             elif self._publishable(self._staged[key]):
                 await self._publish(self._staged.pop(key))
+        for refused in list(self._registry.refused.values()):
+            if (refused.name, refused.version) not in found:
+                self._registry.unrefuse(refused.name, refused.version)
+                self._on_changed()
         for key in current - found.keys() - self._kept:
             await self._retire(key)
         self._kept &= current - found.keys()  # back on disk: removable again later
@@ -103,12 +108,18 @@ class ModelWatcher:
         except Exception as exc:  # whatever the directory holds, serving goes on
             self._failed[key] = signature
             self._events.labels(key[0], key[1], "failed").inc()
+            if isinstance(exc, SelfCheckRefused):
+                self._registry.refuse(Refused(key[0], key[1], str(exc), exc.result))
+                self._on_changed()
             log.warning(
                 "model version not loaded",
                 extra={"model": key[0], "version": key[1], "error": str(exc)[:300]},
             )
             return
         self._failed.pop(key, None)
+        if f"{key[0]}:{key[1]}" in self._registry.refused:
+            self._registry.unrefuse(*key)
+            self._on_changed()
         self._staged[key] = mv
 
     async def _publish(self, mv: ModelVersion) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.engine import Batch
+from service.errors import ManifestError
 from service.manifest import Manifest
 
 GENERATOR = "smooth-fields-v1"
@@ -53,6 +54,15 @@ class SelfCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class SelfCheckRefused(ManifestError):
+    """``ENDOFUSE_SELF_CHECK=refuse`` and a version past the tolerance: that version is left
+    out, the others serve."""
+
+    def __init__(self, message: str, result: SelfCheck) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def _smooth(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:

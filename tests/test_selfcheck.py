@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from service import selfcheck
 from service.api.app import create_app
 from service.cli import app as cli
 from service.engine import Engine
-from service.errors import ManifestError
+from service.errors import ManifestError, ModelNotFound, ModelUnavailable
 from service.manifest import load_manifest
 from service.metrics import Metrics
 from service.registry import Registry
@@ -97,17 +98,70 @@ def test_a_drifting_version_is_served_with_a_warning_a_gauge_and_its_figures(
     assert float(line.rsplit(" ", 1)[1]) == pytest.approx(check["max_probability_diff"])
 
 
-def test_refuse_mode_does_not_serve_a_drifting_version(tmp_path: Path) -> None:
-    _swap_graph(_recorded(tmp_path))
-    with pytest.raises(ManifestError, match="ENDOFUSE_SELF_CHECK=refuse"):
-        Registry.load(
-            tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, self_check="refuse"
-        )
-    # Off: no probes run at all.
+def test_refuse_mode_leaves_out_only_the_drifting_version(tmp_path: Path) -> None:
+    selfcheck.record(write_model_dir(tmp_path, "endo", "1", seed=5))
+    _swap_graph(_recorded_version(tmp_path, "endo", "2"))
+    registry = Registry.load(
+        tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, self_check="refuse"
+    )
+    # Version 2, the newest, is left out: unnamed requests get version 1, named ones a 503.
+    assert [mv.version for mv in registry.versions("endo")] == ["1"]
+    assert registry.get("endo").version == "1"
+    with pytest.raises(ModelUnavailable, match="version '2' is not served"):
+        registry.get("endo", "2")
+    refused = registry.refused["endo:2"]
+    assert refused.check.status == "drift" and "ENDOFUSE_SELF_CHECK=refuse" in refused.reason
+    with pytest.raises(ModelNotFound):
+        registry.get("endo", "3")
+    # Off: no probes run at all, and both versions serve.
     registry = Registry.load(
         tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, self_check="off"
     )
     assert "self_check" not in registry.get("endo").engine.describe()
+    assert not registry.refused
+
+
+def test_refuse_mode_with_every_version_drifting_does_not_start(tmp_path: Path) -> None:
+    _swap_graph(_recorded(tmp_path))
+    with pytest.raises(ManifestError, match=r"no models to serve.*ENDOFUSE_SELF_CHECK=refuse"):
+        Registry.load(
+            tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, self_check="refuse"
+        )
+
+
+def test_a_refused_version_is_named_answered_503_and_measured_over_http(tmp_path: Path) -> None:
+    from tests.test_hot_reload import predict
+
+    selfcheck.record(write_model_dir(tmp_path, "endo", "1", seed=5))
+    _swap_graph(_recorded_version(tmp_path, "endo", "2"))
+    app = create_app(make_settings(tmp_path, self_check="refuse"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert predict(client, 0).json()["model"]["version"] == "1"
+        refused = predict(client, 0, "/models/endo/versions/2/predict")
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "model_unavailable"
+        assert refused.headers["Retry-After"] == "60"
+        view = client.get("/models/endo").json()
+        assert view["versions"] == ["1"]
+        assert [r["version"] for r in view["refused"]] == ["2"]
+        assert view["refused"][0]["self_check"]["status"] == "drift"
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["refused"] == ["endo:2"]
+        lines = client.get("/metrics").text.splitlines()
+    gauge = [
+        x
+        for x in lines
+        if x.startswith("endofuse_model_self_check_difference{")
+        and 'version="2"' in x
+        and 'output="probabilities"' in x
+    ]
+    assert len(gauge) == 1 and float(gauge[0].rsplit(" ", 1)[1]) > 0.01
+
+
+def _recorded_version(root: Path, name: str, version: str) -> Path:
+    vdir = write_model_dir(root, name, version, seed=5)
+    selfcheck.record(vdir)
+    return vdir
 
 
 def test_without_a_reference_or_with_other_probes_the_version_still_serves(
@@ -196,5 +250,51 @@ def test_refuse_mode_leaves_out_a_drifting_version_added_while_serving(tmp_path:
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         staged.rename(models / "endo" / "2")  # whole at once: the refusal is the check's
         wait_for(lambda: metric(client, "failed") >= 1, 10, "the refused version to be counted")
-        assert client.get("/models/endo").json()["versions"] == ["1"]
+        view = client.get("/models/endo").json()
+        assert view["versions"] == ["1"] and [r["version"] for r in view["refused"]] == ["2"]
         assert predict(client, 0).json()["model"]["version"] == "1"
+        named = predict(client, 0, "/models/endo/versions/2/predict")
+        assert named.json()["error"]["code"] == "model_unavailable"
+        # Taken away: no longer named as refused, and a request for it is a plain 404.
+        shutil.rmtree(models / "endo" / "2")
+        wait_for(
+            lambda: "refused" not in client.get("/models/endo").json(), 10, "the refusal to go"
+        )
+        assert predict(client, 0, "/models/endo/versions/2/predict").status_code == 404
+
+
+def test_behind_redis_a_version_the_workers_refused_is_answered_without_waiting(
+    tmp_path: Path,
+) -> None:
+    """The worker leaves the drifting version out and says so in its heartbeat; the API
+    answers requests for it with 503 model_unavailable at once (waiting for a worker would
+    end in 'overloaded' at the deadline), routes the rest to version 1, and stays ready."""
+    from tests.redis_harness import RedisServer, WorkerProcess
+    from tests.test_hot_reload import predict, wait_for
+
+    selfcheck.record(write_model_dir(tmp_path, "endo", "1", seed=5))
+    _swap_graph(_recorded_version(tmp_path, "endo", "2"))
+    server = RedisServer().start()
+    worker = WorkerProcess(server.url, tmp_path, self_check="refuse", heartbeat_s=0.3)
+    try:
+        worker.wait_ready()
+        settings = make_settings(
+            tmp_path, queue_url=server.url, heartbeat_s=0.3, latency_budget_s=0
+        )
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, 15, "ready")
+            ready = client.get("/readyz").json()
+            assert ready["refused"] == ["endo:2"] and ready["workers"]["endo:1"] == 1
+            named = predict(client, 0, "/models/endo/versions/2/predict")
+            assert named.status_code == 503, named.text
+            assert named.json()["error"]["code"] == "model_unavailable"
+            assert predict(client, 1).json()["model"]["version"] == "1"
+            view = client.get("/models/endo").json()
+            assert view["versions"] == ["1"]
+            assert view["refused"] == [{"version": "2", "refused_by": "workers"}]
+        # The worker's figures for the version it left out (labels as its exposition sorts them).
+        gauge = 'endofuse_model_self_check_difference{model="endo",output="probabilities",'
+        assert worker.metric(gauge + 'version="2"}') > 0.01
+    finally:
+        worker.stop()
+        server.kill()

@@ -65,14 +65,14 @@ def access_from_settings(settings: Settings) -> Access | None:
 def publish_model_info(metrics: Metrics, registry: Registry) -> None:
     metrics.model_info.clear()
     for mv in registry.all():
-        is_default = mv.name == registry.default_model and mv is registry.get(mv.name)
+        is_default = mv.name == registry.default_model and mv is registry.newest(mv.name)
         metrics.model_info.labels(
             mv.name,
             mv.version,
             ",".join(mv.engine.providers) if mv.engine else "remote",
             str(is_default).lower(),
         ).set(1)
-    metrics.serving.publish(registry.all())
+    metrics.serving.publish(registry.all(), registry.refused.values())
 
 
 def model_watcher(app: FastAPI, ctx: ServiceContext) -> ModelWatcher:

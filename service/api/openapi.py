@@ -132,7 +132,8 @@ _REASONS = {
     422: "Invalid input: tabular values, parameters, or a missing modality",
     431: "Request head too large or too many header fields",
     500: "Internal error",
-    503: "Overloaded, not ready, or the queue is unreachable (see Retry-After)",
+    503: "Overloaded, not ready, the queue is unreachable (see Retry-After), or the version "
+    "is not served on this host (model_unavailable: its self-check refused it)",
     504: "Not answered within the request deadline",
 }
 _EVERY_REQUEST = (408, 431)
@@ -166,14 +167,14 @@ def build_openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
             paths[path] = {m: _protocol_operation(path, m, op) for m, op in operations.items()}
             continue
         paths[path] = {m: _plain_operation(path, op) for m, op in operations.items()}
-    default = registry.get(registry.default_model) if registry.default_model else None
+    default = registry.newest(registry.default_model) if registry.default_model else None
     if default is not None:
         for path in ("/predict", "/v1/predict"):
             paths[path] = {"post": predict_operation(default, path)}
     for name in registry.names():
-        paths[f"/models/{name}/predict"] = {
-            "post": predict_operation(registry.get(name), f"/models/{name}/predict")
-        }
+        if (newest := registry.newest(name)) is not None:
+            path = f"/models/{name}/predict"
+            paths[path] = {"post": predict_operation(newest, path)}
         for mv in registry.versions(name):
             path = f"/models/{name}/versions/{mv.version}/predict"
             paths[path] = {"post": predict_operation(mv, path)}

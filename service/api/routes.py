@@ -14,7 +14,7 @@ from service.api.parsing import decode_request, request_id_from
 from service.decision import SET_KINDS
 from service.errors import InvalidRequest, NotReady, ServiceError
 from service.pipeline import ServiceContext, predict
-from service.registry import ModelVersion
+from service.registry import ModelVersion, Registry
 
 log = logging.getLogger("service.api")
 router = APIRouter()
@@ -142,12 +142,13 @@ async def list_models(request: Request) -> dict[str, Any]:
         "models": [
             {
                 "name": name,
-                "versions": [mv.version for mv in registry.versions(name)],
+                "versions": _served(registry, name),
                 "latest": registry.get(name).version,
                 "labels": list(registry.get(name).manifest.labels),
                 "tabular": registry.get(name).manifest.has_tabular,
             }
             for name in registry.names()
+            if _served(registry, name)
         ],
     }
 
@@ -156,11 +157,26 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def describe_model(request: Request, name: str) -> dict[str, Any]:
     registry = _ctx(request).registry
     latest = registry.get(name)
-    return {
+    out: dict[str, Any] = {
         "name": name,
-        "versions": [mv.version for mv in registry.versions(name)],
+        "versions": _served(registry, name),
         "latest": _described(latest),
     }
+    # Left out by the self-check, here or (behind a shared queue) by every live worker.
+    refused = [
+        {"version": r.version, "self_check": r.check.to_dict()}
+        if r.check is not None
+        else {"version": r.version, "refused_by": "workers"}
+        for r in registry.refused.values()
+        if r.name == name
+    ]
+    if refused:
+        out["refused"] = refused
+    return out
+
+
+def _served(registry: Registry, name: str) -> list[str]:
+    return [mv.version for mv in registry.versions(name) if mv.key not in registry.refused]
 
 
 @router.get("/models/{name}/versions/{version}", tags=["models"], dependencies=READ)

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 from service.errors import (
     DeadlineExceeded,
     InferenceFailed,
+    ModelUnavailable,
     NotReady,
     Overloaded,
     QueueUnavailable,
@@ -38,7 +39,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.queue.base import InferenceQueue, ItemResult, WorkItem
 from service.queue.wire import Reply, Streams, decode_reply, encode_request
-from service.registry import Registry
+from service.registry import Refused, Registry
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class RedisQueue(InferenceQueue):
         self._recent: OrderedDict[str, str] = OrderedDict()  # id -> "answered" | "expired"
         self._capacity: dict[str, float] = {}  # model key -> items/s over live workers
         self._workers: dict[str, int] = {}  # model key -> live workers
+        self._refused: set[str] = set()  # refused by a live worker's self-check, served by none
         self._look_now = asyncio.Event()  # someone waits for a worker: refresh sooner
         self._depth: dict[str, int] = {}
         self._monitored = False
@@ -182,6 +184,13 @@ class RedisQueue(InferenceQueue):
         """Return once a live worker serves ``key``; past ``deadline``, 503. Queuing without
         one would only hold the request in Redis, unseen by admission control."""
         while not (self._monitored and key in self._capacity):
+            if self._monitored and key in self._refused:
+                # Waiting would not help: the workers up now have left it out for good.
+                raise ModelUnavailable(
+                    f"model version '{key}' is not served: the live workers refused it at "
+                    "their self-check (their answers differ from those its decision "
+                    "thresholds were fitted on)"
+                )
             if not self._reachable:
                 raise QueueUnavailable("the request queue is unreachable", retry_after=1.0)
             left = deadline - time.monotonic()
@@ -290,12 +299,28 @@ class RedisQueue(InferenceQueue):
                 self._look_now.clear()
                 await asyncio.sleep(WORKER_POLL_S)  # at most this often while requests wait
 
+    def _mark_refused(self) -> None:
+        """Versions every live worker refused at its self-check are refused here too (503 at
+        once, never routed to); served again as soon as a live worker serves them."""
+        for mv in self._registry.all():
+            record = self._registry.refused.get(mv.key)
+            if mv.key in self._refused and record is None:
+                reason = "every live worker refused it at its self-check"
+                self._registry.refuse(Refused(mv.name, mv.version, reason, None))
+                log.warning(
+                    "model version refused by the workers",
+                    extra={"model": mv.name, "version": mv.version},
+                )
+            elif mv.key not in self._refused and record is not None and record.check is None:
+                self._registry.unrefuse(mv.name, mv.version)
+
     async def _refresh(self) -> None:
         """Live workers and their measured throughput; stream depth, pending and lag."""
         assert self._redis is not None
         keys = [k async for k in self._redis.scan_iter(self._streams.worker_pattern, count=500)]
         capacity: dict[str, float] = {}
         workers: dict[str, int] = {}
+        refused: set[str] = set()
         for raw in await self._redis.mget(keys) if keys else []:
             if raw is None:
                 continue  # expired between SCAN and MGET
@@ -304,8 +329,11 @@ class RedisQueue(InferenceQueue):
                 # A worker that has not measured itself yet still counts as alive.
                 capacity[key] = capacity.get(key, 0.0) + float(beat["rate"].get(key, 0.0))
                 workers[key] = workers.get(key, 0) + 1
+            refused.update(beat.get("refused", ()))
         self._capacity = capacity
         self._workers = workers
+        self._refused = refused - capacity.keys()
+        self._mark_refused()
         for mv in self._registry.all():
             stream = self._streams.requests(mv.key)
             pipe = self._redis.pipeline(transaction=False)

@@ -63,7 +63,7 @@ class Worker(Recovery):
         self.models: dict[str, ModelVersion] = {
             self.streams.requests(mv.key): mv for mv in registry.all()
         }
-        metrics.serving.publish(registry.all())
+        metrics.serving.publish(registry.all(), registry.refused.values())
         self._rates: dict[str, float] = {}
         self._replying: set[asyncio.Task[None]] = set()
         sessions = [mv.engine.size for mv in registry.all() if mv.engine is not None]
@@ -90,7 +90,9 @@ class Worker(Recovery):
                 self.add_model,
                 self.remove_model,
                 only=self.settings.models or None,
-                on_changed=lambda: self.metrics.serving.publish(self.registry.all()),
+                on_changed=lambda: self.metrics.serving.publish(
+                    self.registry.all(), self.registry.refused.values()
+                ),
             )
             tasks.append(asyncio.create_task(watcher.run(self.settings.reload_s), name="reload"))
         try:
@@ -358,7 +360,11 @@ class Worker(Recovery):
     async def _beat(self) -> None:
         """Announce this worker, its models and measured throughput (items/s) with a TTL."""
         ttl = max(2, int(3 * self.settings.heartbeat_s) + 1)
-        beat = {"models": [mv.key for mv in self.models.values()], "rate": self._rates}
+        beat = {
+            "models": [mv.key for mv in self.models.values()],
+            "rate": self._rates,
+            "refused": sorted(self.registry.refused),  # API replicas answer these at once
+        }
         await self.redis.set(self.streams.worker(self.consumer), json.dumps(beat), ex=ttl)
 
     async def _heartbeat(self) -> None:
