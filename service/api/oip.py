@@ -67,7 +67,9 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     mv = registry.get(name, version)
     return {
         "name": mv.name,
-        "versions": [v.version for v in registry.versions(mv.name)],
+        "versions": [
+            v.version for v in registry.versions(mv.name) if v.key not in registry.refused
+        ],
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _inputs(mv)],
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _outputs(mv)],
