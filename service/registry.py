@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,8 @@ class Registry:
         # workers behind a shared queue): named in /models, answered 503 when asked for by
         # version, never routed to otherwise.
         self.refused: dict[str, Refused] = {}
+        # Called after a refusal is added or lifted (metrics, the OpenAPI document).
+        self.listeners: list[Callable[[], None]] = []
         self._by_name: dict[str, dict[str, ModelVersion]] = {}
         for mv in versions:
             self._by_name.setdefault(mv.name, {})[mv.version] = mv
@@ -244,9 +247,15 @@ class Registry:
 
     def refuse(self, record: Refused) -> None:
         self.refused = {**self.refused, record.key: record}
+        self._changed()
 
     def unrefuse(self, name: str, version: str) -> None:
         self.refused = {k: r for k, r in self.refused.items() if k != f"{name}:{version}"}
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def add(self, mv: ModelVersion) -> None:
         by_name = {name: dict(versions) for name, versions in self._by_name.items()}

@@ -94,7 +94,6 @@ class ModelWatcher:
         for refused in list(self._registry.refused.values()):
             if (refused.name, refused.version) not in found:
                 self._registry.unrefuse(refused.name, refused.version)
-                self._on_changed()
         for key in current - found.keys() - self._kept:
             await self._retire(key)
         self._kept &= current - found.keys()  # back on disk: removable again later
@@ -110,7 +109,6 @@ class ModelWatcher:
             self._events.labels(key[0], key[1], "failed").inc()
             if isinstance(exc, SelfCheckRefused):
                 self._registry.refuse(Refused(key[0], key[1], str(exc), exc.result))
-                self._on_changed()
             log.warning(
                 "model version not loaded",
                 extra={"model": key[0], "version": key[1], "error": str(exc)[:300]},
@@ -119,7 +117,6 @@ class ModelWatcher:
         self._failed.pop(key, None)
         if f"{key[0]}:{key[1]}" in self._registry.refused:
             self._registry.unrefuse(*key)
-            self._on_changed()
         self._staged[key] = mv
 
     async def _publish(self, mv: ModelVersion) -> None:

@@ -292,6 +292,13 @@ def test_behind_redis_a_version_the_workers_refused_is_answered_without_waiting(
             view = client.get("/models/endo").json()
             assert view["versions"] == ["1"]
             assert view["refused"] == [{"version": "2", "refused_by": "workers"}]
+            # The API's gauges now name version 1 alone, as the default.
+            info = [
+                x
+                for x in client.get("/metrics").text.splitlines()
+                if x.startswith("endofuse_model_info{")
+            ]
+            assert len(info) == 1 and 'version="1"' in info[0] and 'default="true"' in info[0]
         # The worker's figures for the version it left out (labels as its exposition sorts them).
         gauge = 'endofuse_model_self_check_difference{model="endo",output="probabilities",'
         assert worker.metric(gauge + 'version="2"}') > 0.01

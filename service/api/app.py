@@ -65,6 +65,8 @@ def access_from_settings(settings: Settings) -> Access | None:
 def publish_model_info(metrics: Metrics, registry: Registry) -> None:
     metrics.model_info.clear()
     for mv in registry.all():
+        if mv.key in registry.refused:
+            continue
         is_default = mv.name == registry.default_model and mv is registry.newest(mv.name)
         metrics.model_info.labels(
             mv.name,
@@ -75,13 +77,19 @@ def publish_model_info(metrics: Metrics, registry: Registry) -> None:
     metrics.serving.publish(registry.all(), registry.refused.values())
 
 
+def refreshed(app: FastAPI, ctx: ServiceContext) -> None:
+    """After the set of routed versions changed: the OpenAPI document is rebuilt on its next
+    request, and the model gauges say what is served now."""
+    app.openapi_schema = None
+    publish_model_info(ctx.metrics, ctx.registry)
+
+
 def model_watcher(app: FastAPI, ctx: ServiceContext) -> ModelWatcher:
     """Hot reload for this replica: the queue serves a version before the registry names it,
     and the OpenAPI document is rebuilt for the new set."""
 
     def changed() -> None:
-        app.openapi_schema = None
-        publish_model_info(ctx.metrics, ctx.registry)
+        refreshed(app, ctx)
 
     async def removed(mv: ModelVersion) -> None:
         # Requests that resolved this version before it was removed still get their answer.
@@ -124,6 +132,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             floor = max(4, settings.max_batch_size)
             ctx.admission = AdmissionControl(settings.latency_budget_s, min_in_flight=floor)
         publish_model_info(metrics, reg)
+
+        def listener() -> None:  # a version refused, or served again
+            refreshed(app, ctx)
+
+        reg.listeners.append(listener)
         app.state.ctx = ctx
         watcher = None
         if settings.reload_s > 0:
@@ -147,6 +160,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                     await asyncio.gather(task, return_exceptions=True)
             ctx.ready = False
             metrics.ready.set(0)
+            reg.listeners.remove(listener)
             await queue.stop()
             pool.shutdown(wait=True)
             if multiprocess():

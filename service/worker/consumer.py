@@ -64,6 +64,9 @@ class Worker(Recovery):
             self.streams.requests(mv.key): mv for mv in registry.all()
         }
         metrics.serving.publish(registry.all(), registry.refused.values())
+        registry.listeners.append(
+            lambda: metrics.serving.publish(registry.all(), registry.refused.values())
+        )
         self._rates: dict[str, float] = {}
         self._replying: set[asyncio.Task[None]] = set()
         sessions = [mv.engine.size for mv in registry.all() if mv.engine is not None]
