@@ -115,7 +115,8 @@ class ModelWatcher:
             )
             return
         self._failed.pop(key, None)
-        if f"{key[0]}:{key[1]}" in self._registry.refused:
+        refused = self._registry.refused.get(f"{key[0]}:{key[1]}")
+        if refused is not None and refused.check is not None:  # this process's own refusal
             self._registry.unrefuse(*key)
         self._staged[key] = mv
 

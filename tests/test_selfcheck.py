@@ -272,14 +272,15 @@ def test_behind_redis_a_version_the_workers_refused_is_answered_without_waiting(
     from tests.redis_harness import RedisServer, WorkerProcess
     from tests.test_hot_reload import predict, wait_for
 
-    selfcheck.record(write_model_dir(tmp_path, "endo", "1", seed=5))
-    _swap_graph(_recorded_version(tmp_path, "endo", "2"))
+    models = tmp_path / "models"
+    selfcheck.record(write_model_dir(models, "endo", "1", seed=5))
+    _swap_graph(_recorded_version(models, "endo", "2"))
     server = RedisServer().start()
-    worker = WorkerProcess(server.url, tmp_path, self_check="refuse", heartbeat_s=0.3)
+    worker = WorkerProcess(server.url, models, self_check="refuse", heartbeat_s=0.3, reload_s=0.3)
     try:
         worker.wait_ready()
         settings = make_settings(
-            tmp_path, queue_url=server.url, heartbeat_s=0.3, latency_budget_s=0
+            models, queue_url=server.url, heartbeat_s=0.3, latency_budget_s=0, reload_s=0.1
         )
         with TestClient(create_app(settings), raise_server_exceptions=False) as client:
             wait_for(lambda: client.get("/readyz").status_code == 200, 15, "ready")
@@ -299,6 +300,19 @@ def test_behind_redis_a_version_the_workers_refused_is_answered_without_waiting(
                 if x.startswith("endofuse_model_info{")
             ]
             assert len(info) == 1 and 'version="1"' in info[0] and 'default="true"' in info[0]
+            # A drifting version added while serving: refused by the worker, never published
+            # by the API, and answered 503 model_unavailable by name all the same.
+            staged = _recorded_version(tmp_path / "staging", "endo", "3")
+            _swap_graph(staged)
+            staged.rename(models / "endo" / "3")
+            wait_for(
+                lambda: len(client.get("/models/endo").json().get("refused", [])) == 2,
+                15,
+                "version 3 to be refused",
+            )
+            later = predict(client, 2, "/models/endo/versions/3/predict")
+            assert later.json()["error"]["code"] == "model_unavailable", later.text
+            assert predict(client, 3).json()["model"]["version"] == "1"
         # The worker's figures for the version it left out (labels as its exposition sorts them).
         gauge = 'endofuse_model_self_check_difference{model="endo",output="probabilities",'
         assert worker.metric(gauge + 'version="2"}') > 0.01

@@ -300,19 +300,22 @@ class RedisQueue(InferenceQueue):
                 await asyncio.sleep(WORKER_POLL_S)  # at most this often while requests wait
 
     def _mark_refused(self) -> None:
-        """Versions every live worker refused at its self-check are refused here too (503 at
-        once, never routed to); served again as soon as a live worker serves them."""
-        for mv in self._registry.all():
-            record = self._registry.refused.get(mv.key)
-            if mv.key in self._refused and record is None:
+        """Versions of a model this replica routes that every live worker refused at its
+        self-check are refused here too (503 at once, never routed to), also one added while
+        serving that the API has not published; lifted once a live worker serves them."""
+        names = set(self._registry.names())
+        for key in sorted(self._refused - set(self._registry.refused)):
+            name, _, version = key.partition(":")
+            if name in names:
                 reason = "every live worker refused it at its self-check"
-                self._registry.refuse(Refused(mv.name, mv.version, reason, None))
+                self._registry.refuse(Refused(name, version, reason, None))
                 log.warning(
                     "model version refused by the workers",
-                    extra={"model": mv.name, "version": mv.version},
+                    extra={"model": name, "version": version},
                 )
-            elif mv.key not in self._refused and record is not None and record.check is None:
-                self._registry.unrefuse(mv.name, mv.version)
+        for key, record in list(self._registry.refused.items()):
+            if record.check is None and key not in self._refused:
+                self._registry.unrefuse(record.name, record.version)
 
     async def _refresh(self) -> None:
         """Live workers and their measured throughput; stream depth, pending and lag."""
