@@ -92,7 +92,8 @@ class ModelWatcher:
             elif self._publishable(self._staged[key]):
                 await self._publish(self._staged.pop(key))
         for refused in list(self._registry.refused.values()):
-            if (refused.name, refused.version) not in found:
+            # This process's own refusals; those of the workers are the queue's to lift.
+            if refused.check is not None and (refused.name, refused.version) not in found:
                 self._registry.unrefuse(refused.name, refused.version)
         for key in current - found.keys() - self._kept:
             await self._retire(key)

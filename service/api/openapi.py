@@ -133,7 +133,7 @@ _REASONS = {
     431: "Request head too large or too many header fields",
     500: "Internal error",
     503: "Overloaded, not ready, the queue is unreachable (see Retry-After), or the version "
-    "is not served on this host (model_unavailable: its self-check refused it)",
+    "is not served (model_unavailable: its self-check refused it)",
     504: "Not answered within the request deadline",
 }
 _EVERY_REQUEST = (408, 431)
