@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLED = sorted(p.parent for p in (REPO / "models").glob("*/*/manifest.json"))
 
 
-def _recorded(root: Path, name: str = "endo", **kw: object) -> Path:
-    vdir = write_model_dir(root, name, "1", seed=5, **kw)  # type: ignore[arg-type]
+def _recorded(root: Path, name: str = "endo", version: str = "1", **kw: object) -> Path:
+    vdir = write_model_dir(root, name, version, seed=5, **kw)  # type: ignore[arg-type]
     selfcheck.record(vdir)
     return vdir
 
@@ -100,7 +100,7 @@ def test_a_drifting_version_is_served_with_a_warning_a_gauge_and_its_figures(
 
 def test_refuse_mode_leaves_out_only_the_drifting_version(tmp_path: Path) -> None:
     selfcheck.record(write_model_dir(tmp_path, "endo", "1", seed=5))
-    _swap_graph(_recorded_version(tmp_path, "endo", "2"))
+    _swap_graph(_recorded(tmp_path, "endo", "2"))
     registry = Registry.load(
         tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, self_check="refuse"
     )
@@ -118,6 +118,7 @@ def test_refuse_mode_leaves_out_only_the_drifting_version(tmp_path: Path) -> Non
         tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, self_check="off"
     )
     assert "self_check" not in registry.get("endo").engine.describe()
+    assert [mv.version for mv in registry.versions("endo")] == ["1", "2"]
     assert not registry.refused
 
 
@@ -133,7 +134,7 @@ def test_a_refused_version_is_named_answered_503_and_measured_over_http(tmp_path
     from tests.test_hot_reload import predict
 
     selfcheck.record(write_model_dir(tmp_path, "endo", "1", seed=5))
-    _swap_graph(_recorded_version(tmp_path, "endo", "2"))
+    _swap_graph(_recorded(tmp_path, "endo", "2"))
     app = create_app(make_settings(tmp_path, self_check="refuse"))
     with TestClient(app, raise_server_exceptions=False) as client:
         assert predict(client, 0).json()["model"]["version"] == "1"
@@ -156,12 +157,6 @@ def test_a_refused_version_is_named_answered_503_and_measured_over_http(tmp_path
         and 'output="probabilities"' in x
     ]
     assert len(gauge) == 1 and float(gauge[0].rsplit(" ", 1)[1]) > 0.01
-
-
-def _recorded_version(root: Path, name: str, version: str) -> Path:
-    vdir = write_model_dir(root, name, version, seed=5)
-    selfcheck.record(vdir)
-    return vdir
 
 
 def test_without_a_reference_or_with_other_probes_the_version_still_serves(
@@ -274,7 +269,7 @@ def test_behind_redis_a_version_the_workers_refused_is_answered_without_waiting(
 
     models = tmp_path / "models"
     selfcheck.record(write_model_dir(models, "endo", "1", seed=5))
-    _swap_graph(_recorded_version(models, "endo", "2"))
+    _swap_graph(_recorded(models, "endo", "2"))
     server = RedisServer().start()
     worker = WorkerProcess(server.url, models, self_check="refuse", heartbeat_s=0.3, reload_s=0.3)
     try:
@@ -302,7 +297,7 @@ def test_behind_redis_a_version_the_workers_refused_is_answered_without_waiting(
             assert len(info) == 1 and 'version="1"' in info[0] and 'default="true"' in info[0]
             # A drifting version added while serving: refused by the worker, never published
             # by the API, and answered 503 model_unavailable by name all the same.
-            staged = _recorded_version(tmp_path / "staging", "endo", "3")
+            staged = _recorded(tmp_path / "staging", "endo", "3")
             _swap_graph(staged)
             staged.rename(models / "endo" / "3")
             wait_for(
