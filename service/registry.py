@@ -231,14 +231,16 @@ class Registry:
                     "model version not served",
                     extra={"model": name, "version": version, "error": str(exc)[:500]},
                 )
-        if not loaded:
+        served = {mv.name for mv in loaded}
+        if not loaded or (default_model in {r.name for r in refused} - served):
+            what = f"default model '{default_model}'" if loaded else f"models under {models_dir}"
             why = "".join(f"; {r.reason}" for r in refused)
-            raise ManifestError(f"no models to serve under {models_dir}{why}")
+            raise ManifestError(f"no {what} to serve{why}")
         if default_model is None and (models_dir / DEFAULT_FILE).is_file():
             named = (models_dir / DEFAULT_FILE).read_text().strip() or None
             # The repository's choice, unless ``only`` left that model out: a service asked
             # for ham10000 alone answers with it rather than refusing to start.
-            if named in {mv.name for mv in loaded}:
+            if named in served:
                 default_model = named
         registry = cls(loaded, default_model, precision, options)
         for record in refused:

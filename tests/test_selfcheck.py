@@ -124,10 +124,14 @@ def test_refuse_mode_leaves_out_only_the_drifting_version(tmp_path: Path) -> Non
 
 def test_refuse_mode_with_every_version_drifting_does_not_start(tmp_path: Path) -> None:
     _swap_graph(_recorded(tmp_path))
-    with pytest.raises(ManifestError, match=r"no models to serve.*ENDOFUSE_SELF_CHECK=refuse"):
-        Registry.load(
-            tmp_path, providers=["CPUExecutionProvider"], warmup_runs=0, self_check="refuse"
-        )
+    load = {"providers": ["CPUExecutionProvider"], "warmup_runs": 0, "self_check": "refuse"}
+    with pytest.raises(ManifestError, match=r"no models under .* to serve; .*SELF_CHECK=refuse"):
+        Registry.load(tmp_path, **load)
+    # Another model serves, but the default one named in the settings has nothing left.
+    selfcheck.record(write_model_dir(tmp_path, "plain", seed=1))
+    with pytest.raises(ManifestError, match="no default model 'endo' to serve; "):
+        Registry.load(tmp_path, default_model="endo", **load)
+    assert Registry.load(tmp_path, **load).names() == ["plain"]
 
 
 def test_a_refused_version_is_named_answered_503_and_measured_over_http(tmp_path: Path) -> None:
