@@ -8,7 +8,6 @@ whole replica whichever process answers it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -103,14 +102,14 @@ class ServingGauges:
             multiprocess_mode="livemax",
         )
 
-    def publish(self, versions: list, refused: Iterable[Any] = ()) -> None:
-        """``versions``: the registry's ModelVersions; remote ones (no engine) are skipped.
-        ``refused``: the versions left out by their self-check, whose figures still show."""
+    def publish(self, registry: Any) -> None:
+        """What ``registry`` (service.registry.Registry) runs: its versions (remote ones, with
+        no engine, are skipped) and the self-check figures of those it refused."""
         for gauge in (self.instances, self.max_batch, self.profile, self.self_check):
             gauge.clear()
-        for record in refused:
+        for record in registry.refused.values():
             self._publish_check(record.name, record.version, record.check)
-        for mv in versions:
+        for mv in registry.all():
             if mv.engine is None:
                 continue
             self.instances.labels(mv.name, mv.version).set(mv.engine.size)

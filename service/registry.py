@@ -33,7 +33,7 @@ class ModelVersion:
 
     @property
     def key(self) -> str:
-        return f"{self.name}:{self.version}"
+        return version_key(self.name, self.version)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,12 @@ class Refused:
 
     @property
     def key(self) -> str:
-        return f"{self.name}:{self.version}"
+        return version_key(self.name, self.version)
+
+
+def version_key(name: str, version: str) -> str:
+    """How a version is named in routing, metrics, Redis streams and readiness."""
+    return f"{name}:{version}"
 
 
 def _version_order(version: str) -> tuple[int, int | str]:
@@ -252,7 +257,7 @@ class Registry:
         self._changed()
 
     def unrefuse(self, name: str, version: str) -> None:
-        self.refused = {k: r for k, r in self.refused.items() if k != f"{name}:{version}"}
+        self.refused = {k: r for k, r in self.refused.items() if k != version_key(name, version)}
         self._changed()
 
     def _changed(self) -> None:
@@ -298,7 +303,7 @@ class Registry:
             raise ModelNotFound("no model is loaded")
         versions = self.versions(name)
         if version is None:
-            newest = self.newest(name)
+            newest = self._newest(versions)
             if newest is None:
                 self._raise_if_refused(name, None)
                 raise ModelNotFound(f"model '{name}' has no version to serve")
@@ -315,7 +320,10 @@ class Registry:
         """The version that requests naming none get: the newest served of the preferred
         precision (of any precision when there is none of it); None when every version of a
         listed model is refused."""
-        served = [m for m in self.versions(name) if m.key not in self.refused]
+        return self._newest(self.versions(name))
+
+    def _newest(self, versions: list[ModelVersion]) -> ModelVersion | None:
+        served = [m for m in versions if m.key not in self.refused]
         preferred = [m for m in served if m.manifest.precision == self.precision]
         return (preferred or served or [None])[-1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from service.errors import ManifestError
-from service.registry import ModelVersion, Refused, Registry, discover
+from service.registry import ModelVersion, Refused, Registry, discover, version_key
 from service.selfcheck import SelfCheckRefused
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class ModelWatcher:
             )
             return
         self._failed.pop(key, None)
-        refused = self._registry.refused.get(f"{key[0]}:{key[1]}")
+        refused = self._registry.refused.get(version_key(*key))
         if refused is not None and refused.check is not None:  # this process's own refusal
             self._registry.unrefuse(*key)
         self._staged[key] = mv

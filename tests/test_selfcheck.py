@@ -88,7 +88,7 @@ def test_a_drifting_version_is_served_with_a_warning_a_gauge_and_its_figures(
     assert check["status"] == "drift" and check["sessions"] == mv.engine.size
     assert any("probe inputs differently" in r.getMessage() for r in caplog.records)
     metrics = Metrics()
-    metrics.serving.publish(registry.all())
+    metrics.serving.publish(registry)
     text = metrics.render().decode()
     line = next(
         x

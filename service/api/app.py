@@ -74,7 +74,7 @@ def publish_model_info(metrics: Metrics, registry: Registry) -> None:
             ",".join(mv.engine.providers) if mv.engine else "remote",
             str(is_default).lower(),
         ).set(1)
-    metrics.serving.publish(registry.all(), registry.refused.values())
+    metrics.serving.publish(registry)
 
 
 def refreshed(app: FastAPI, ctx: ServiceContext) -> None:

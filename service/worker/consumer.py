@@ -63,10 +63,8 @@ class Worker(Recovery):
         self.models: dict[str, ModelVersion] = {
             self.streams.requests(mv.key): mv for mv in registry.all()
         }
-        metrics.serving.publish(registry.all(), registry.refused.values())
-        registry.listeners.append(
-            lambda: metrics.serving.publish(registry.all(), registry.refused.values())
-        )
+        metrics.serving.publish(registry)
+        registry.listeners.append(lambda: metrics.serving.publish(registry))
         self._rates: dict[str, float] = {}
         self._replying: set[asyncio.Task[None]] = set()
         sessions = [mv.engine.size for mv in registry.all() if mv.engine is not None]
@@ -93,9 +91,7 @@ class Worker(Recovery):
                 self.add_model,
                 self.remove_model,
                 only=self.settings.models or None,
-                on_changed=lambda: self.metrics.serving.publish(
-                    self.registry.all(), self.registry.refused.values()
-                ),
+                on_changed=lambda: self.metrics.serving.publish(self.registry),
             )
             tasks.append(asyncio.create_task(watcher.run(self.settings.reload_s), name="reload"))
         try:
