@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(10_000, ge=100)
     reply_ttl_s: int = Field(60, ge=5)
     heartbeat_s: float = Field(1.0, gt=0)
+    # Connections to Redis each process opens at start and keeps (service/queue/
+    # connections.py); a worker opens more if its sessions need them.
+    queue_connections: int = Field(16, ge=4)
     worker_block_ms: int = Field(200, ge=1)
     # Batches a worker reads beyond those its sessions are running, so that a session that
     # finishes finds its next batch in hand rather than behind a Redis round trip; 0 reads

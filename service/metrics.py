@@ -191,6 +191,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.enqueue_retries = Counter(
+            "endofuse_queue_enqueue_retries",
+            "Request writes to the queue tried again after a connection failed while the "
+            "server was reachable (by the client library's error class).",
+            ["error"],
+            registry=r,
+        )
         # What was answered, to watch the inputs drift (a new scope, another site's capture):
         # aggregates only, never a request's values.
         self.predicted = Counter(

@@ -30,6 +30,8 @@ from tests.redis_harness import free_port
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_BIN = Path(sys.executable).parent / "podman-compose"
+# A worker's metrics of taking over entries and of failing to answer them.
+RECOVERY = ("endofuse_reclaimed_total{", "endofuse_worker_reply_failures_total{")
 SERVICES = ["redis", "api", "worker", "gateway", "prometheus"]  # Grafana: no Debian package
 
 
@@ -152,6 +154,11 @@ class Deployment:
         )  # fmt: skip
         return out.returncode == 0
 
+    def worker_metrics(self, container: str, prefixes: tuple[str, ...]) -> list[str]:
+        """The lines of a worker's /metrics that start with one of ``prefixes``."""
+        text = self.exec_json(container, "http://127.0.0.1:8001/metrics")
+        return [line for line in text.splitlines() if line.startswith(prefixes)]
+
     def worker_items(self, container: str) -> float:
         text = self.exec_json(container, "http://127.0.0.1:8001/metrics")
         return sum(
@@ -167,10 +174,11 @@ class Deployment:
         return {rule["name"]: rule["health"] for g in groups for rule in g["rules"]}
 
     def prometheus_up(self, job: str) -> list[float]:
+        return self.prometheus_query(f'up{{job="{job}"}}')
+
+    def prometheus_query(self, query: str) -> list[float]:
         r = httpx.get(
-            f"http://127.0.0.1:{self.prom_port}/api/v1/query",
-            params={"query": f'up{{job="{job}"}}'},
-            timeout=5,
+            f"http://127.0.0.1:{self.prom_port}/api/v1/query", params={"query": query}, timeout=5
         )
         return [float(s["value"][1]) for s in r.json()["data"]["result"]]
 
@@ -296,27 +304,25 @@ def test_compose_deployment_end_to_end(deployment: Deployment, fullres_frames: l
     for t in threads:
         t.join(60)
     # Logs now: scaling up below may recreate containers, and their logs with them.
-    assert codes and set(codes) == {200}, (
-        {c: codes.count(c) for c in set(codes)},
-        f"killed at {killed_wall} UTC",
-        refused,
-        flagged(d.logs())[-40:],
-    )
+    if not codes or set(codes) != {200}:
+        # Printed in full: an assertion message is cut short in pytest's report.
+        print(f"killed at {killed_wall} UTC", *refused, sep="\n")
+        print(*flagged(d.logs())[-60:], sep="\n")
+        for c in d.containers("worker"):
+            print(c, d.worker_metrics(c, (*RECOVERY, "endofuse_worker_items_total{")))
+    assert codes and set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, refused)
     survivor = next(c for c in d.containers("worker") if c != victim)
-    taken = [
-        line
-        for line in d.exec_json(survivor, "http://127.0.0.1:8001/metrics").splitlines()
-        if line.startswith(
-            (
-                "endofuse_reclaimed_total{",
-                "endofuse_worker_reply_failures_total{",
-                # the survivor's loop: wake-ups in all, and those under 1 s late
-                "endofuse_event_loop_lag_seconds_count",
-                'endofuse_event_loop_lag_seconds_bucket{le="1.0"}',
-            )
-        )
-    ]
+    # The survivor's loop: wake-ups in all, and those under 1 s late.
+    lag = (
+        "endofuse_event_loop_lag_seconds_count",
+        'endofuse_event_loop_lag_seconds_bucket{le="1.0"}',
+    )
+    taken = d.worker_metrics(survivor, RECOVERY + lag)
+    # Writes the API replicas tried again (a new connection failing while Redis was up),
+    # as last scraped.
+    retried = d.prometheus_query("sum(endofuse_queue_enqueue_retries_total)")
     print(f"worker {victim} killed under load: {len(codes)} requests, all 200; {taken}")
+    print(f"API writes to the queue tried again: {retried or [0]}")
 
     # One more worker: it joins and takes work (what `--scale worker=3` does).
     d.scale(api=2, worker=3)

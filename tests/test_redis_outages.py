@@ -9,7 +9,14 @@ import time
 
 import pytest
 
-from tests.redis_scenarios import check_all_answered, fire, post, queue_while_stopped, wait_for
+from tests.redis_scenarios import (
+    api_metric,
+    check_all_answered,
+    fire,
+    post,
+    queue_while_stopped,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +83,52 @@ def test_queue_lost_with_redis_data_fails_waiting_requests_at_once(
     assert time.monotonic() - start < 5.0, "waited for the deadline instead of failing fast"
     w.signal(signal.SIGCONT)
     wait_for(lambda: post(client, 1).status_code == 200, 10, "the service to recover")
+
+
+def api_connections(admin) -> list[dict]:
+    return [c for c in admin.client_list(_type="normal") if c["name"].startswith("endofuse-api:")]
+
+
+def test_connections_are_opened_at_start_and_none_at_run_time(
+    deploy, redis_server, slow_registry
+) -> None:
+    """API and worker open their connections once, at start: a burst of concurrent
+    requests needs no new one (a name lookup that stalls then cannot hold a request)."""
+    client, _ = deploy(n_workers=1, timeout_s=15.0, queue_connections=6)
+    admin = redis_server.client()
+    wait_for(lambda: len(api_connections(admin)) == 6, 5, "the API's 6 connections")
+    workers = [c for c in admin.client_list() if c["name"].startswith("endofuse-worker:")]
+    assert len(workers) >= 6, workers
+    opened = int(admin.info("stats")["total_connections_received"])
+    futures = fire(client, range(24))
+    check_all_answered(futures, range(24), slow_registry)
+    assert int(admin.info("stats")["total_connections_received"]) == opened
+    assert len(api_connections(admin)) == 6
+
+
+def test_new_connections_refused_while_the_server_is_up_loses_nothing(
+    deploy, redis_server, slow_registry
+) -> None:
+    """Redis is up and the API's reply reader keeps its connection, but the API's other
+    connections are cut and new ones fail for longer than the client library's retries (as
+    a name lookup does while the container network is reconfigured): the requests try
+    again within their deadline and are answered, not refused."""
+    client, _ = deploy(n_workers=1, timeout_s=15.0)
+    assert post(client, 0).status_code == 200
+    admin = redis_server.client()
+    # Every connection of the API but its reply reader's (blocked in, or last sent, XREAD).
+    cut = [c for c in api_connections(admin) if c["cmd"] != "xread"]
+    assert cut, api_connections(admin)
+    maxclients = admin.config_get("maxclients")["maxclients"]
+    connected = int(admin.info("clients")["connected_clients"])
+    admin.config_set("maxclients", connected - len(cut))  # no room once they are gone
+    try:
+        for c in cut:
+            admin.client_kill_filter(_id=c["id"])
+        futures = fire(client, range(10, 14))
+        time.sleep(3.0)  # past the client library's own retries (about 2 s)
+        assert not any(f.done() for f in futures), [f.result().text for f in futures if f.done()]
+    finally:
+        admin.config_set("maxclients", maxclients)
+    check_all_answered(futures, range(10, 14), slow_registry)
+    assert api_metric(client, "endofuse_queue_enqueue_retries_total") > 0

@@ -34,6 +34,7 @@ def create_queue(
             stream_maxlen=settings.stream_maxlen,
             reply_ttl_s=settings.reply_ttl_s,
             heartbeat_s=settings.heartbeat_s,
+            connections=settings.queue_connections,
             metrics=metrics,
         )
     raise ValueError(f"unsupported queue URL scheme '{scheme}://' (supported: memory://, redis://)")

@@ -25,7 +25,9 @@ from collections import OrderedDict
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import (
     DeadlineExceeded,
@@ -37,6 +39,7 @@ from service.errors import (
     ServiceError,
 )
 from service.metrics import Metrics
+from service.queue import connections
 from service.queue.base import InferenceQueue, ItemResult, WorkItem
 from service.queue.wire import Reply, Streams, decode_reply, encode_request
 from service.registry import Refused, Registry
@@ -52,6 +55,7 @@ return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 READ_BLOCK_MS = 1000
 RECENT = 4096
 WORKER_POLL_S = 0.1
+ENQUEUE_PAUSES_S = (0.05, 0.1, 0.2, 0.4)  # then 0.5 s, up to the request's deadline
 
 
 class RedisQueue(InferenceQueue):
@@ -65,10 +69,12 @@ class RedisQueue(InferenceQueue):
         stream_maxlen: int = 10_000,
         reply_ttl_s: int = 60,
         heartbeat_s: float = 1.0,
+        connections: int = 16,
         metrics: Metrics | None = None,
     ) -> None:
         self._registry = registry
         self._url = url
+        self._connections = connections
         self._max_queue_size = max_queue_size
         self._streams = Streams(prefix)
         self._maxlen = stream_maxlen
@@ -88,18 +94,24 @@ class RedisQueue(InferenceQueue):
         self._depth: dict[str, int] = {}
         self._monitored = False
         self._reachable = True  # until a Redis call fails
+        self._reading = True  # the reply reader's own connection works (the server is up)
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: aioredis.Redis | None = None
 
     async def start(self) -> None:
         # Start even if Redis is down: requests get 503 until it is reachable.
-        self._redis = aioredis.from_url(
-            self._url, socket_timeout=READ_BLOCK_MS / 1e3 + 4, socket_connect_timeout=2
+        self._redis = connections.open_client(
+            self._url,
+            self._connections,
+            f"endofuse-api:{socket.gethostname()}:{os.getpid()}",
+            socket_timeout=READ_BLOCK_MS / 1e3 + 4,
+            connect_timeout=2,
         )
         self._add = self._redis.register_script(ADD_IF_ROOM)
         loop = asyncio.get_running_loop()
         self._tasks = [
+            loop.create_task(connections.warm(self._redis), name="queue-connect"),
             loop.create_task(self._read_replies(), name="reply-reader"),
             loop.create_task(self._monitor(), name="queue-monitor"),
         ]
@@ -154,16 +166,7 @@ class RedisQueue(InferenceQueue):
             args: list[bytes | str | int] = [limit, self._maxlen]
             for name, value in fields.items():
                 args += [name, value]
-            try:
-                # Bounded by the deadline too: the client retries a failing connection for
-                # seconds (reconnects, name lookups), and the answer is due by then anyway.
-                added = await asyncio.wait_for(
-                    self._add(keys=[self._streams.requests(key)], args=args), timeout_s
-                )
-            except RedisError:
-                raise QueueUnavailable(
-                    "the request queue is unreachable", retry_after=1.0
-                ) from None
+            added = await self._enqueue(key, args, deadline)
             if added is None:
                 raise Overloaded("inference queue is full", retry_after=self._retry_after(key))
             left = max(deadline - time.monotonic(), 1e-3)
@@ -179,6 +182,37 @@ class RedisQueue(InferenceQueue):
                 # An outage can fail this future while XADD is still in flight; the caller
                 # got its own 503, so mark the future's copy seen (no "never retrieved" noise).
                 future.exception()
+
+    async def _enqueue(self, key: str, args: list[bytes | str | int], deadline: float) -> Any:
+        """XADD if there is room: the entry id, or None when the stream is full.
+
+        A connection the client could not make or use (after its own retries, ~2 s) is tried
+        again up to the deadline while this process's reply reader still reaches the server:
+        then Redis is up and only this connection failed (cut by the server, and its
+        reconnection refused or stalled on a name lookup; service/queue/connections.py).
+        Should the failed attempt have been written after all, the request runs twice and
+        its second reply is dropped as a duplicate. Without the reader (an outage), or past
+        the deadline, 503."""
+        pauses = iter(ENQUEUE_PAUSES_S)
+        while True:
+            try:
+                # Bounded by the deadline: the answer is due by then anyway.
+                return await asyncio.wait_for(
+                    self._add(keys=[self._streams.requests(key)], args=args),
+                    max(deadline - time.monotonic(), 1e-3),
+                )
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                pause = next(pauses, 0.5)
+                if not self._reading or time.monotonic() + pause >= deadline:
+                    raise QueueUnavailable(
+                        "the request queue is unreachable", retry_after=1.0
+                    ) from None
+                self._metrics.enqueue_retries.labels(type(error).__name__).inc()
+                await asyncio.sleep(pause)
+            except RedisError:  # refused by the server (e.g. out of memory): no retry helps
+                raise QueueUnavailable(
+                    "the request queue is unreachable", retry_after=1.0
+                ) from None
 
     async def _await_worker(self, key: str, deadline: float) -> None:
         """Return once a live worker serves ``key``; past ``deadline``, 503. Queuing without
@@ -252,7 +286,7 @@ class RedisQueue(InferenceQueue):
                 pipe.xread({self.reply_stream: last}, 256, READ_BLOCK_MS)
                 *_, up, got = await pipe.execute()
                 self._metrics.queue_up.set(1)
-                self._reachable = True
+                self._reachable = self._reading = True
             except asyncio.CancelledError:
                 raise
             except RedisError:
@@ -260,7 +294,7 @@ class RedisQueue(InferenceQueue):
                 # queued entries and their replies, so the waiting requests keep waiting
                 # (up to their deadlines) and reading resumes where it stopped.
                 self._metrics.queue_up.set(0)
-                self._reachable = False
+                self._reachable = self._reading = False
                 await asyncio.sleep(0.2)
                 continue
             ids = []

@@ -26,13 +26,13 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from service import looplag
 from service.config import Settings
 from service.errors import ServiceError
 from service.metrics import WorkerMetrics
+from service.queue import connections
 from service.queue.base import ItemResult, WorkItem
 from service.queue.batcher import infer_isolated, spread
 from service.queue.wire import (
@@ -71,14 +71,20 @@ class Worker(Recovery):
         self._executor = ThreadPoolExecutor(max(sessions, default=1), thread_name_prefix="infer")
         self._stopping = asyncio.Event()
         self.ready = False
-        self.redis = aioredis.from_url(
-            settings.queue_url, socket_timeout=settings.worker_block_ms / 1e3 + 5
+        # The read, heartbeat and recovery loops, and one reply in flight per batch in hand.
+        size = max(settings.queue_connections, self._lanes() + settings.worker_read_ahead + 4)
+        self.redis = connections.open_client(
+            settings.queue_url,
+            size,
+            f"endofuse-worker:{self.consumer}",
+            socket_timeout=settings.worker_block_ms / 1e3 + 5,
         )
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
         tasks = [
+            asyncio.create_task(connections.warm(self.redis), name="queue-connect"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
             asyncio.create_task(looplag.watch(self.metrics.loop_lag), name="loop-lag"),
