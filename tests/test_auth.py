@@ -21,6 +21,7 @@ from service.registry import Registry
 from tests.conftest import make_settings
 from tests.images import jpeg
 from tests.redis_harness import REPO, RedisServer
+from tests.redis_scenarios import wait_for
 
 FRAME = jpeg(np.full((32, 32, 3), 120, np.uint8))
 
@@ -135,8 +136,17 @@ def test_budget_is_shared_by_replicas_through_redis(
         settings = make_settings(tiny_models_dir, api_keys_file=path, queue_url=redis.url)
         apps = [create_app(settings, tiny_registry) for _ in range(2)]
         with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+            # The budget store's connections are opened at start (4 per replica), not when a
+            # request first spends: a name lookup that stalls then holds no request.
+            admin = redis.client()
+
+            def budget_connections() -> int:
+                return sum(c["name"].startswith("endofuse-limits:") for c in admin.client_list())
+
+            wait_for(lambda: budget_connections() == 8, 5, "the budget store's connections")
             replicas = (a, b, a, b)
             codes = [c.get("/models", headers={"X-API-Key": key}).status_code for c in replicas]
+            assert budget_connections() == 8
     finally:
         redis.kill()
     assert codes == [200, 200, 200, 429]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from redis.exceptions import RedisError
 
 from service import __version__, looplag
 from service.admission import AdmissionControl
@@ -25,7 +28,7 @@ from service.api.routes import router
 from service.config import Settings
 from service.metrics import Metrics, multiprocess
 from service.pipeline import ServiceContext
-from service.queue import create_queue
+from service.queue import connections, create_queue
 from service.queue.factory import redacted, uses_remote_workers
 from service.registry import ModelVersion, Registry, load_from_settings
 from service.reload import ModelWatcher
@@ -57,9 +60,13 @@ def access_from_settings(settings: Settings) -> Access | None:
         return None
     # Budgets live beside the queue: in Redis, every replica spends from the same one.
     url = settings.queue_url
-    storage = "async+" + url if url.startswith(("redis://", "rediss://")) else "async+memory://"
     store = KeyStore.load(settings.api_keys_file)
-    return Access(store, settings.rate_limit, storage)
+    if not url.startswith(("redis://", "rediss://")):
+        return Access(store, settings.rate_limit, "async+memory://")
+    # Its own few connections, opened at start like the queue's (service/queue/connections.py).
+    name = f"endofuse-limits:{socket.gethostname()}:{os.getpid()}"
+    redis = connections.open_client(url, 4, name, socket_timeout=5, connect_timeout=2)
+    return Access(store, settings.rate_limit, "async+" + url, redis)
 
 
 def publish_model_info(metrics: Metrics, registry: Registry) -> None:
@@ -144,7 +151,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 model_watcher(app, ctx).run(settings.reload_s), name="model-watcher"
             )
         lag = asyncio.create_task(looplag.watch(metrics.loop_lag), name="loop-lag")
-        app.state.access = access_from_settings(settings)
+        access = app.state.access = access_from_settings(settings)
+        warming = None
+        if access is not None and access.redis is not None and access.spends():
+            warming = asyncio.create_task(connections.warm(access.redis), name="limits-connect")
         ctx.ready = True
         metrics.ready.set(1)
         log.info(
@@ -154,7 +164,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         try:
             yield
         finally:
-            for task in (lag, watcher):
+            for task in (lag, watcher, warming):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -162,6 +172,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             metrics.ready.set(0)
             reg.listeners.remove(listener)
             await queue.stop()
+            if access is not None and access.redis is not None:
+                with contextlib.suppress(RedisError, TimeoutError):
+                    await asyncio.wait_for(access.redis.aclose(), 5)
             pool.shutdown(wait=True)
             if multiprocess():
                 from prometheus_client import multiprocess as mp

@@ -20,11 +20,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from service.errors import QueueUnavailable, ServiceError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 SCOPES = ("predict", "models:read", "metrics")
 KEY_PREFIX = "efk_"
@@ -114,16 +117,32 @@ def presented_key(request: Request) -> str | None:
 class Access:
     """Checks a request's key and scope, then spends from that key's budget."""
 
-    def __init__(self, store: KeyStore, default_rate: str | None, storage_url: str) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        default_rate: str | None,
+        storage_url: str,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        """``redis``: the client whose connections a ``redis://`` budget store uses."""
         from limits import parse
         from limits.aio.strategies import MovingWindowRateLimiter
         from limits.storage import storage_from_string
 
         self.store = store
         self.default_rate = default_rate
+        self.redis = redis
         self._parse = parse
-        options = {"implementation": "redispy"} if storage_url.startswith("async+redis") else {}
+        options: dict[str, Any] = {}
+        if storage_url.startswith("async+redis"):
+            options["implementation"] = "redispy"
+        if redis is not None:
+            options["connection_pool"] = redis.connection_pool
         self._limiter = MovingWindowRateLimiter(storage_from_string(storage_url, **options))
+
+    def spends(self) -> bool:
+        """Whether any request is counted against a budget (then the store is used)."""
+        return bool(self.default_rate) or any(k.rate for k in self.store.keys)
 
     async def check(self, request: Request, scope: str) -> ApiKey:
         presented = presented_key(request)
