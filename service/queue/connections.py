@@ -1,4 +1,5 @@
-"""Connections to the Redis queue: a fixed set per process, opened at start.
+"""Connections to Redis (the queue; the API keys' budgets): a fixed set per process, opened
+at start.
 
 Serving must not depend on the name service. A pool that grows on demand opens its new
 connections exactly when load rises, and each one first looks up the server's name; if the
