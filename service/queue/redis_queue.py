@@ -98,20 +98,26 @@ class RedisQueue(InferenceQueue):
         self._accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: aioredis.Redis | None = None
+        self._replies: aioredis.Redis | None = None  # the reply reader's own connection
 
     async def start(self) -> None:
         # Start even if Redis is down: requests get 503 until it is reachable.
-        self._redis = connections.open_client(
-            self._url,
-            self._connections,
-            f"endofuse-api:{socket.gethostname()}:{os.getpid()}",
-            socket_timeout=READ_BLOCK_MS / 1e3 + 4,
-            connect_timeout=2,
-        )
+        name = f"endofuse-api:{socket.gethostname()}:{os.getpid()}"
+
+        def client(size: int, label: str) -> aioredis.Redis:
+            return connections.open_client(
+                self._url, size, label, socket_timeout=READ_BLOCK_MS / 1e3 + 4, connect_timeout=2
+            )
+
+        self._redis = client(self._connections - 1, name)
+        # The reply reader has a connection of its own: its blocking reads hold no slot of
+        # the requests' pool, and that it works tells that the server is up (_enqueue).
+        self._replies = client(1, name + ":replies")
         self._add = self._redis.register_script(ADD_IF_ROOM)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(connections.warm(self._redis), name="queue-connect"),
+            loop.create_task(connections.warm(self._replies), name="replies-connect"),
             loop.create_task(self._read_replies(), name="reply-reader"),
             loop.create_task(self._monitor(), name="queue-monitor"),
         ]
@@ -130,8 +136,9 @@ class RedisQueue(InferenceQueue):
         if self._redis is not None:
             with contextlib.suppress(RedisError, TimeoutError):
                 await asyncio.wait_for(self._redis.delete(self.reply_stream, self._marker), 5)
-            with contextlib.suppress(RedisError, TimeoutError):
-                await asyncio.wait_for(self._redis.aclose(), 5)
+            for client in (self._redis, self._replies):
+                with contextlib.suppress(RedisError, TimeoutError):
+                    await asyncio.wait_for(client.aclose(), 5)
 
     def depth(self, model_key: str) -> int:
         return self._depth.get(model_key, 0)
@@ -260,7 +267,8 @@ class RedisQueue(InferenceQueue):
                 future.set_exception(error)
 
     async def _read_replies(self) -> None:
-        assert self._redis is not None
+        redis = self._replies
+        assert redis is not None
         last, refreshed = "0-0", 0.0
         marked = False  # the marker is set (and so its absence would mean lost data)
         read: list[Any] = []  # entries already resolved, deleted in the next read's round trip
@@ -269,15 +277,15 @@ class RedisQueue(InferenceQueue):
                 if not marked:
                     # SET is refused at maxmemory (EXPIRE is not): then try again next round.
                     with contextlib.suppress(ResponseError):
-                        await self._redis.set(self._marker, 1, ex=self._reply_ttl_s)
+                        await redis.set(self._marker, 1, ex=self._reply_ttl_s)
                         marked = True
                 if time.monotonic() - refreshed > self._reply_ttl_s / 3:
-                    pipe = self._redis.pipeline(transaction=False)
+                    pipe = redis.pipeline(transaction=False)
                     pipe.expire(self.reply_stream, self._reply_ttl_s)
                     pipe.expire(self._marker, self._reply_ttl_s)
                     await pipe.execute()
                     refreshed = time.monotonic()
-                pipe = self._redis.pipeline(transaction=False)
+                pipe = redis.pipeline(transaction=False)
                 if read:
                     # Dropped if this round trip fails: a few stale replies are harmless.
                     pipe.xdel(self.reply_stream, *read)
