@@ -1,9 +1,8 @@
-"""Model repository: ``<models_dir>/<name>/<version>/{model.onnx,manifest.json}``."""
+"""The served versions: each opened from the model repository (``service/repository.py``),
+checked, profiled and warmed, and the routing table requests are answered from."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -14,11 +13,17 @@ from service import batch_profile, selfcheck
 from service.config import Settings
 from service.engine import EnginePool, open_pool, resolve_providers
 from service.errors import ManifestError, ModelNotFound, ModelUnavailable
-from service.manifest import Manifest, load_manifest
+from service.manifest import Manifest
+from service.repository import (
+    DEFAULT_FILE,
+    checked_manifest,
+    discover,
+    serving_config,
+    version_order,
+)
 from service.selfcheck import SelfCheck, SelfCheckRefused
 
 log = logging.getLogger(__name__)
-DEFAULT_FILE = "DEFAULT"
 
 
 @dataclass(frozen=True)
@@ -56,28 +61,6 @@ def version_key(name: str, version: str) -> str:
     return f"{name}:{version}"
 
 
-def _version_order(version: str) -> tuple[int, int | str]:
-    return (0, int(version)) if version.isdigit() else (1, version)
-
-
-def discover(models_dir: Path, only: list[str] | None = None) -> list[tuple[str, str, Path]]:
-    """List (name, version, dir) for every model directory, versions in ascending order."""
-    if not models_dir.is_dir():
-        raise ManifestError(f"models directory {models_dir} does not exist")
-    found = []
-    for name_dir in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-        if only and name_dir.name not in only:
-            continue
-        versions = [p for p in name_dir.iterdir() if (p / "model.onnx").is_file()]
-        for vdir in sorted(versions, key=lambda p: _version_order(p.name)):
-            found.append((name_dir.name, vdir.name, vdir))
-    if only:
-        missing = sorted(set(only) - {name for name, _, _ in found})
-        if missing:
-            raise ManifestError(f"requested models not found under {models_dir}: {missing}")
-    return found
-
-
 @dataclass(frozen=True)
 class LoadOptions:
     """How a version is opened: the same for start-up and for versions added later."""
@@ -101,7 +84,7 @@ class LoadOptions:
         """Check the manifest against its directory (and the graph's digest, where the
         manifest records one), open the graph, profile its batch sizes and warm it up."""
         start = time.perf_counter()
-        manifest = _checked_manifest(vdir, name, version)
+        manifest = checked_manifest(vdir, name, version)
         engine = None
         if self.load_engines:
             own = serving_config(vdir)
@@ -290,7 +273,7 @@ class Registry:
         if name not in self._by_name:
             self._raise_if_refused(name, None)
             raise ModelNotFound(f"unknown model; available: {self.names()}")
-        return sorted(self._by_name[name].values(), key=lambda m: _version_order(m.version))
+        return sorted(self._by_name[name].values(), key=lambda m: version_order(m.version))
 
     def all(self) -> list[ModelVersion]:
         return [mv for name in self.names() for mv in self.versions(name)]
@@ -335,52 +318,6 @@ class Registry:
                     "runs, its answers differ from those its decision thresholds were fitted "
                     f"on (self-check refused; GET /models/{name} says more)"
                 )
-
-
-SERVING_FILE = "serving.json"
-_SERVING_KEYS = ("instances", "intra_op_threads", "max_batch_size")
-
-
-def serving_config(vdir: Path) -> dict[str, int]:
-    """A version's own engine layout, set by whoever deploys it (``serving.json`` beside the
-    manifest, as Triton's model config): ``instances``, ``intra_op_threads``,
-    ``max_batch_size`` (a fixed limit: no profile). Each overrides the settings'."""
-    path = vdir / SERVING_FILE
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(raw, dict) or set(raw) - set(_SERVING_KEYS):
-        raise ManifestError(f"{path}: an object with keys among {', '.join(_SERVING_KEYS)}")
-    for key, value in raw.items():
-        low = 0 if key == "intra_op_threads" else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ManifestError(f"{path}: '{key}' must be an integer >= {low}")
-    return raw
-
-
-def _checked_manifest(vdir: Path, name: str, version: str) -> Manifest:
-    manifest = load_manifest(vdir / "manifest.json")
-    if manifest.name != name or manifest.version != version:
-        raise ManifestError(
-            f"{vdir}: manifest fields 'name'/'version' say {manifest.name}/{manifest.version} "
-            f"but the directory is {name}/{version}"
-        )
-    recorded = manifest.raw.get("files", {}).get("model.onnx", {}).get("sha256")
-    if recorded and recorded != file_digest(vdir / "model.onnx"):
-        # A graph still being copied in, or one that does not belong to this manifest.
-        raise ManifestError(f"{vdir}: model.onnx does not match the sha256 in manifest.json")
-    return manifest
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_from_settings(settings: Settings, *, load_engines: bool = True) -> Registry:

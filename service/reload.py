@@ -21,7 +21,8 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from service.errors import ManifestError
-from service.registry import ModelVersion, Refused, Registry, discover, version_key
+from service.registry import ModelVersion, Refused, Registry, version_key
+from service.repository import discover
 from service.selfcheck import SelfCheckRefused
 
 log = logging.getLogger(__name__)

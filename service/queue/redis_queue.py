@@ -4,7 +4,8 @@ submit: admission check + ``XADD`` in one atomic script -> wait on a future keye
 correlation id -> resolved by this process's reply reader. One reply stream per API process
 (host + pid + random); it carries a TTL so it disappears with its replica. A monitor task reads
 worker heartbeats (who serves which model, how fast) and stream statistics every
-``heartbeat_s``; admission uses them without an extra round trip per request. A request for a
+``heartbeat_s`` (``service/queue/fleet.py``); admission uses them without an extra round
+trip per request. A request for a
 model no live worker serves (start-up, a rolling restart) waits for one, up to its deadline,
 with the monitor looking every ``WORKER_POLL_S`` meanwhile.
 """
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import math
 import os
 import secrets
@@ -41,10 +40,9 @@ from service.errors import (
 from service.metrics import Metrics
 from service.queue import connections
 from service.queue.base import InferenceQueue, ItemResult, WorkItem
+from service.queue.fleet import Fleet
 from service.queue.wire import Reply, Streams, decode_reply, encode_request
-from service.registry import Refused, Registry
-
-log = logging.getLogger(__name__)
+from service.registry import Registry
 
 # Refuse when the stream already holds ARGV[1] entries; otherwise append (approximate MAXLEN
 # as a memory guard). Atomic, so concurrent replicas cannot overshoot the bound together.
@@ -72,7 +70,6 @@ class RedisQueue(InferenceQueue):
         connections: int = 16,
         metrics: Metrics | None = None,
     ) -> None:
-        self._registry = registry
         self._url = url
         self._connections = connections
         self._max_queue_size = max_queue_size
@@ -87,12 +84,8 @@ class RedisQueue(InferenceQueue):
         self._marker = f"{self.reply_stream}:up"
         self._waiting: dict[str, asyncio.Future[ItemResult]] = {}
         self._recent: OrderedDict[str, str] = OrderedDict()  # id -> "answered" | "expired"
-        self._capacity: dict[str, float] = {}  # model key -> items/s over live workers
-        self._workers: dict[str, int] = {}  # model key -> live workers
-        self._refused: set[str] = set()  # refused by a live worker's self-check, served by none
+        self._fleet = Fleet(registry, self._streams, self._metrics)
         self._look_now = asyncio.Event()  # someone waits for a worker: refresh sooner
-        self._depth: dict[str, int] = {}
-        self._monitored = False
         self._reachable = True  # until a Redis call fails
         self._reading = True  # the reply reader's own connection works (the server is up)
         self._accepting = False
@@ -141,16 +134,16 @@ class RedisQueue(InferenceQueue):
                     await asyncio.wait_for(client.aclose(), 5)
 
     def depth(self, model_key: str) -> int:
-        return self._depth.get(model_key, 0)
+        return self._fleet.depth.get(model_key, 0)
 
     def reachable(self) -> bool:
         return self._reachable
 
     def workers(self) -> dict[str, int]:
-        return dict(self._workers)
+        return dict(self._fleet.workers)
 
     def _retry_after(self, model_key: str) -> float:
-        rate = self._capacity.get(model_key) or 0.0
+        rate = self._fleet.capacity.get(model_key) or 0.0
         return max(1.0, math.ceil(self.depth(model_key) / rate)) if rate else 1.0
 
     async def submit(self, item: WorkItem, timeout_s: float) -> ItemResult:
@@ -161,9 +154,9 @@ class RedisQueue(InferenceQueue):
         await self._await_worker(key, deadline)
         timeout_s = max(deadline - time.monotonic(), 1e-3)
         limit = self._max_queue_size
-        if self._capacity.get(key):
+        if rate := self._fleet.capacity.get(key):
             # Admit only what the live workers can finish before the deadline.
-            limit = max(1, min(limit, int(timeout_s * self._capacity[key])))
+            limit = max(1, min(limit, int(timeout_s * rate)))
         corr = uuid.uuid4().hex
         fields = encode_request(item, self.reply_stream, time.time() + timeout_s)
         fields["id"] = corr
@@ -224,8 +217,9 @@ class RedisQueue(InferenceQueue):
     async def _await_worker(self, key: str, deadline: float) -> None:
         """Return once a live worker serves ``key``; past ``deadline``, 503. Queuing without
         one would only hold the request in Redis, unseen by admission control."""
-        while not (self._monitored and key in self._capacity):
-            if self._monitored and key in self._refused:
+        fleet = self._fleet
+        while not (fleet.seen and key in fleet.capacity):
+            if fleet.seen and key in fleet.refused:
                 # Waiting would not help: the workers up now have left it out for good.
                 raise ModelUnavailable(
                     f"model version '{key}' is not served: the live workers refused it at "
@@ -328,8 +322,8 @@ class RedisQueue(InferenceQueue):
     async def _monitor(self) -> None:
         while True:
             try:
-                await self._refresh()
-                self._monitored = True
+                assert self._redis is not None
+                await self._fleet.refresh(self._redis)
             except asyncio.CancelledError:
                 raise
             except RedisError:
@@ -340,60 +334,6 @@ class RedisQueue(InferenceQueue):
             if self._look_now.is_set():
                 self._look_now.clear()
                 await asyncio.sleep(WORKER_POLL_S)  # at most this often while requests wait
-
-    def _mark_refused(self) -> None:
-        """Versions of a model this replica routes that every live worker refused at its
-        self-check are refused here too (503 at once, never routed to), also one added while
-        serving that the API has not published; lifted once a live worker serves them."""
-        names = set(self._registry.names())
-        for key in sorted(self._refused - set(self._registry.refused)):
-            name, _, version = key.partition(":")
-            if name in names:
-                reason = "every live worker refused it at its self-check"
-                self._registry.refuse(Refused(name, version, reason, None))
-                log.warning(
-                    "model version refused by the workers",
-                    extra={"model": name, "version": version},
-                )
-        for key, record in list(self._registry.refused.items()):
-            if record.check is None and key not in self._refused:
-                self._registry.unrefuse(record.name, record.version)
-
-    async def _refresh(self) -> None:
-        """Live workers and their measured throughput; stream depth, pending and lag."""
-        assert self._redis is not None
-        keys = [k async for k in self._redis.scan_iter(self._streams.worker_pattern, count=500)]
-        capacity: dict[str, float] = {}
-        workers: dict[str, int] = {}
-        refused: set[str] = set()
-        for raw in await self._redis.mget(keys) if keys else []:
-            if raw is None:
-                continue  # expired between SCAN and MGET
-            beat = json.loads(raw)
-            for key in beat["models"]:
-                # A worker that has not measured itself yet still counts as alive.
-                capacity[key] = capacity.get(key, 0.0) + float(beat["rate"].get(key, 0.0))
-                workers[key] = workers.get(key, 0) + 1
-            refused.update(beat.get("refused", ()))
-        self._capacity = capacity
-        self._workers = workers
-        self._refused = refused - capacity.keys()
-        self._mark_refused()
-        for mv in self._registry.all():
-            stream = self._streams.requests(mv.key)
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xlen(stream)
-            pipe.exists(stream)
-            depth, exists = await pipe.execute()
-            self._depth[mv.key] = int(depth)
-            pending = lag = 0
-            if exists:
-                for group in await self._redis.xinfo_groups(stream):
-                    pending += int(group.get("pending") or 0)
-                    lag += int(group.get("lag") or 0)
-            self._metrics.queue_pending.labels(mv.name, mv.version).set(pending)
-            self._metrics.queue_lag.labels(mv.name, mv.version).set(lag)
-            self._metrics.workers.labels(mv.name, mv.version).set(workers.get(mv.key, 0))
 
 
 def _remote_error(reply: Reply) -> ServiceError:

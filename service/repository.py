@@ -1,0 +1,83 @@
+"""The model repository on disk: ``<models_dir>/<name>/<version>/{model.onnx,manifest.json}``,
+optionally a ``serving.json`` beside them, and a ``DEFAULT`` file naming the default model.
+What is read here is checked before anything is opened: a manifest that names another
+directory, or a graph that does not match its recorded digest, is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from service.errors import ManifestError
+from service.manifest import Manifest, load_manifest
+
+DEFAULT_FILE = "DEFAULT"
+
+
+def version_order(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+def discover(models_dir: Path, only: list[str] | None = None) -> list[tuple[str, str, Path]]:
+    """List (name, version, dir) for every model directory, versions in ascending order."""
+    if not models_dir.is_dir():
+        raise ManifestError(f"models directory {models_dir} does not exist")
+    found = []
+    for name_dir in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+        if only and name_dir.name not in only:
+            continue
+        versions = [p for p in name_dir.iterdir() if (p / "model.onnx").is_file()]
+        for vdir in sorted(versions, key=lambda p: version_order(p.name)):
+            found.append((name_dir.name, vdir.name, vdir))
+    if only:
+        missing = sorted(set(only) - {name for name, _, _ in found})
+        if missing:
+            raise ManifestError(f"requested models not found under {models_dir}: {missing}")
+    return found
+
+
+SERVING_FILE = "serving.json"
+_SERVING_KEYS = ("instances", "intra_op_threads", "max_batch_size")
+
+
+def serving_config(vdir: Path) -> dict[str, int]:
+    """A version's own engine layout, set by whoever deploys it (``serving.json`` beside the
+    manifest, as Triton's model config): ``instances``, ``intra_op_threads``,
+    ``max_batch_size`` (a fixed limit: no profile). Each overrides the settings'."""
+    path = vdir / SERVING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(raw, dict) or set(raw) - set(_SERVING_KEYS):
+        raise ManifestError(f"{path}: an object with keys among {', '.join(_SERVING_KEYS)}")
+    for key, value in raw.items():
+        low = 0 if key == "intra_op_threads" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ManifestError(f"{path}: '{key}' must be an integer >= {low}")
+    return raw
+
+
+def checked_manifest(vdir: Path, name: str, version: str) -> Manifest:
+    manifest = load_manifest(vdir / "manifest.json")
+    if manifest.name != name or manifest.version != version:
+        raise ManifestError(
+            f"{vdir}: manifest fields 'name'/'version' say {manifest.name}/{manifest.version} "
+            f"but the directory is {name}/{version}"
+        )
+    recorded = manifest.raw.get("files", {}).get("model.onnx", {}).get("sha256")
+    if recorded and recorded != file_digest(vdir / "model.onnx"):
+        # A graph still being copied in, or one that does not belong to this manifest.
+        raise ManifestError(f"{vdir}: model.onnx does not match the sha256 in manifest.json")
+    return manifest
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
