@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +40,18 @@ def start_redis(port: int) -> subprocess.Popen:
     )  # fmt: skip
     time.sleep(0.5)
     return proc
+
+
+@contextlib.contextmanager
+def local_redis() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A throwaway ``redis-server`` on a free loopback port: its URL and process."""
+    port = free_port()
+    proc = start_redis(port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def measure(port: int, images: list[bytes], seconds: float) -> dict[int, LoadResult]:

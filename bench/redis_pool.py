@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO))
 
 import redis.asyncio as aioredis  # noqa: E402
 
-from bench.redis_hop import start_redis  # noqa: E402
-from bench.serving import free_port, write_section  # noqa: E402
+from bench.redis_hop import local_redis  # noqa: E402
+from bench.serving import write_section  # noqa: E402
 from service.queue import connections  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
@@ -68,13 +68,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    port = free_port()
-    server = start_redis(port)
-    try:
-        runs = [asyncio.run(compare(f"redis://127.0.0.1:{port}/0", args.rounds)) for _ in range(2)]
-    finally:
-        server.terminate()
-        server.wait()
+    with local_redis() as (url, _):
+        runs = [asyncio.run(compare(url, args.rounds)) for _ in range(2)]
     lines = [
         f"XADD of a 150 KB entry, {WRITES} per round, median of {args.rounds} alternating "
         "rounds; two runs in one invocation. Per write, the service's fixed set of 16 "
