@@ -312,5 +312,20 @@ def decision(
             )
 
 
+@app.command()
+def card(
+    model_dirs: list[Path] = typer.Argument(..., exists=True),
+    out: Path | None = typer.Option(None, "--out", help="Card file (one model directory only)"),
+) -> None:
+    """Write each version's model card from its manifest and recorded reports (no model is
+    run): docs/models/<name>/<version>/card.md for a bundled version."""
+    from training.card import main
+
+    if out is not None and len(model_dirs) > 1:
+        raise typer.BadParameter("--out takes one model directory")
+    for model_dir in model_dirs:
+        typer.echo(main(model_dir, out))
+
+
 if __name__ == "__main__":
     app()

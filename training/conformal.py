@@ -289,7 +289,7 @@ def main(
         scale = params.ood_scale.get(pattern) if params.ood_scale else None
         report["ood"] |= ood.study(
             session, manifest, test_out[pattern][1], test_scored.uniform,
-            ood_inputs(manifest, test_table), threshold, scale,
+            ood_inputs(manifest, test_table), threshold, scale, np.asarray(test_labels),
         )  # fmt: skip
         n_in = report["ood"]["n_in"]
         flagged = round(report["ood"]["in_distribution_flagged"] * n_in)

@@ -134,5 +134,19 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         ]
         for name, r in o["sets"].items():
             lines.append(f"| {name} | {r['n']} | {r['auroc']:.3f} | {100 * r['flagged']:.1f} % |")
+        by_class = o.get("in_distribution_flagged_by_class")
+        if by_class:
+            lines += [
+                "",
+                "In-distribution test inputs flagged, by their true class (a class flagged "
+                "more often than the others is referred more often for the flag alone):",
+                "",
+                "| class | flagged | n | share |",
+                "|---|---|---|---|",
+                *(
+                    f"| {label} | {k} | {n} | {100 * k / max(n, 1):.1f} % |"
+                    for label, (k, n) in by_class.items()
+                ),
+            ]
     lines += ["", "![Referral trade-off and out-of-distribution ROC](decision.png)"]
     (out / "decision.md").write_text("\n".join(lines) + "\n")

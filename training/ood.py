@@ -244,9 +244,11 @@ def study(
     session: Any, manifest: Any, in_logits: np.ndarray, in_uniform: np.ndarray,
     outside: dict[str, list[bytes]], threshold: float,
     scale: dict[str, tuple[float, float]] | None = None,
+    in_labels: np.ndarray | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """AUROC and share flagged per set, scored as the service scores: a flat-colour image
-    is flagged whatever its score (ranked above every other input)."""
+    is flagged whatever its score (ranked above every other input). With ``in_labels``, the
+    in-distribution inputs flagged per true class ([flagged, n])."""
     n_labels = len(manifest.labels)
 
     def scores(rows: np.ndarray, uniform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +262,13 @@ def study(
         "sets": {},
         "roc": {},
     }
+    if in_labels is not None:
+        # A class whose own images are flagged more often is referred more often for no
+        # fault of the input: the share per true class shows it.
+        out["in_distribution_flagged_by_class"] = {
+            label: [int(in_flagged[in_labels == k].sum()), int((in_labels == k).sum())]
+            for k, label in enumerate(manifest.labels)
+        }
     for name, frames in outside.items():
         s, flagged = scores(*logits_of(session, manifest, frames))
         out["sets"][name] = {
