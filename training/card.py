@@ -22,12 +22,8 @@ SETTINGS = {
     "ham10000": "dermoscopy images of pigmented skin lesions, with the patient's age, sex "
     "and the lesion's body site where known",
 }
-PATTERN_TITLES = {
-    "all": "all inputs",
-    "image_only": "image only",
-    "partial": "partial fields",
-    "tabular_only": "tabular only",
-}
+PATTERN_TITLES = {"all": "all inputs", "image_only": "image only", "partial": "partial fields"}
+PATTERN_TITLES["tabular_only"] = "tabular only"
 RULES = {
     "argmax": "the most probable class",
     "balanced": "the class whose probability is largest relative to its training share, so "
@@ -35,10 +31,12 @@ RULES = {
 }
 NOMINAL_FLAGGED = 0.05  # the out-of-distribution threshold lets 95 % of in-distribution pass
 FLIP_NOTE = 0.02  # a capture change that flips more answers than this is listed
+METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "auroc_macro_ovr", "ece_15")
+METRICS += ("ece_15_before_temperature",)  # the table's columns after inputs and n
+KINDS = ("results", "decision", "twins")  # the reports a card reads, <kind>.json
 
 
-def table(columns: list[str], rows: list[list[Any]]) -> list[str]:
-    """A markdown table, cells already formatted."""
+def table(columns: list[str], rows: list[list[Any]]) -> list[str]:  # cells formatted already
     return [
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -46,11 +44,13 @@ def table(columns: list[str], rows: list[list[Any]]) -> list[str]:
     ]
 
 
-def n_classes(results: dict[str, Any]) -> int:
-    return len(next(iter(results["patterns"].values()))["per_class_recall"])
+def num(value: float | None, spec: str) -> str:
+    """A figure as ``spec`` formats it; a dash where the report has none (e.g. a class absent
+    from a small split)."""
+    return "—" if value is None else format(value, spec)
 
 
-def load_json(path: Path) -> dict[str, Any] | None:
+def load_json(path: Path) -> dict[str, Any] | None:  # None: the report was never written
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -59,9 +59,7 @@ def card(model_dir: Path, reports: Path) -> str:
     ``reports`` (missing ones are said to be missing)."""
     manifest = load_manifest(model_dir / "manifest.json")
     raw = manifest.raw
-    results = load_json(reports / "results.json")
-    decision = load_json(reports / "decision.json")
-    twins = load_json(reports / "twins.json")
+    results, decision, twins = (load_json(reports / f"{k}.json") for k in KINDS)
     lines = [
         f"# {manifest.name}/{manifest.version}: model card",
         "",
@@ -196,12 +194,7 @@ def evaluation(results: dict[str, Any] | None) -> list[str]:
                 [
                     PATTERN_TITLES.get(pattern, pattern),
                     r["n"],
-                    f"{r['balanced_accuracy']:.3f}",
-                    f"{r['macro_f1']:.3f}",
-                    f"{r['accuracy']:.3f}",
-                    f"{r['auroc_macro_ovr']:.3f}",
-                    f"{r['ece_15']:.3f}",
-                    f"{r.get('ece_15_before_temperature', float('nan')):.3f}",
+                    *(num(r.get(k), ".3f") for k in METRICS),
                 ]
                 for pattern, r in results["patterns"].items()
             ],
@@ -215,7 +208,7 @@ def evaluation(results: dict[str, Any] | None) -> list[str]:
         *table(
             ["class", "recall", "F1"],
             [
-                [label, f"{recall:.3f}", f"{first['per_class_f1'][label]:.3f}"]
+                [label, num(recall, ".3f"), num(first["per_class_f1"].get(label), ".3f")]
                 for label, recall in first["per_class_recall"].items()
             ],
         ),
@@ -237,12 +230,14 @@ def decision_support(decision: dict[str, Any] | None) -> list[str]:
         r = levels.get("0.9")
         if r is None:
             continue
-        worst = min(range(len(r["class_coverage"])), key=lambda k: r["class_coverage"][k])
+        seen = [k for k, c in enumerate(r["class_coverage"]) if c is not None]
+        worst = min(seen, key=lambda k: r["class_coverage"][k]) if seen else None
         rows.append(
-            [PATTERN_TITLES.get(pattern, pattern), f"{r['coverage']:.3f}",
-             f"{r['class_coverage'][worst]:.3f} ({decision['labels'][worst]})",
-             f"{r['mean_set_size']:.2f}", f"{r['referral_rate']:.1%}",
-             f"{r['accuracy_not_referred']:.3f}"]
+            [PATTERN_TITLES.get(pattern, pattern), num(r["coverage"], ".3f"),
+             "—" if worst is None
+             else f"{r['class_coverage'][worst]:.3f} ({decision['labels'][worst]})",
+             num(r["mean_set_size"], ".2f"), num(r["referral_rate"], ".1%"),
+             num(r["accuracy_not_referred"], ".3f")]
         )  # fmt: skip
     lines += table(
         ["inputs", "coverage", "worst class", "mean set size", "referred", "accuracy not referred"],
@@ -273,6 +268,9 @@ def capture_audit(results: dict[str, Any] | None) -> list[str]:
         return ["## Capture-shift audit", "", "No audit recorded.", ""]
     cf = audit["counterfactual"]
     ranked = sorted(cf["changes"].items(), key=lambda kv: -kv[1]["flip_rate"])
+    rows = [[name, f"{c['flip_rate']:.1%}", f"{c['macro_f1']:.3f}"] for name, c in ranked]
+    if len(rows) > 5:
+        rows[5:] = [[f"*{len(rows) - 5} more changes*", f"≤ {rows[5][1]}", ""]]
     lines = [
         "## Capture-shift audit",
         "",
@@ -280,15 +278,7 @@ def capture_audit(results: dict[str, Any] | None) -> list[str]:
         "share of answers that change, and macro-F1 under the change "
         f"(macro-F1 as captured: {cf['original']['macro_f1']:.3f}). Most changed first:",
         "",
-        *table(
-            ["change", "answers changed", "macro-F1"],
-            [[name, f"{c['flip_rate']:.1%}", f"{c['macro_f1']:.3f}"] for name, c in ranked[:5]]
-            + (
-                [[f"*{len(ranked) - 5} more changes*", f"≤ {ranked[5][1]['flip_rate']:.1%}", ""]]
-                if len(ranked) > 5
-                else []
-            ),
-        ),
+        *table(["change", "answers changed", "macro-F1"], rows),
     ]
     meta = audit.get("metadata")
     if meta:
@@ -299,7 +289,7 @@ def capture_audit(results: dict[str, Any] | None) -> list[str]:
             "What the capture alone tells about the label (a classifier on frame size, "
             "borders and overlay statistics, no tissue): balanced accuracy "
             f"{seen:.3f} on the frame as captured, {model_input:.3f} on the model's input "
-            f"(chance: {1 / n_classes(results):.3f}).",
+            f"(chance: {1 / len(results['patterns']['all']['per_class_recall']):.3f}).",
         ]
     return [*lines, ""]
 
@@ -314,11 +304,13 @@ def limitations(
     out: list[str] = []
     if results:
         first = next(iter(results["patterns"].values()))
-        weakest = min(first["per_class_recall"], key=first["per_class_recall"].get)
-        out.append(
-            f"Weakest class: `{weakest}`, recall {first['per_class_recall'][weakest]:.3f} "
-            "with all inputs; its prediction set is where a clinician sees the uncertainty."
-        )
+        recall = {k: v for k, v in first["per_class_recall"].items() if v is not None}
+        if recall:
+            weakest = min(recall, key=recall.__getitem__)
+            out.append(
+                f"Weakest class: `{weakest}`, recall {recall[weakest]:.3f} with all inputs; "
+                "its prediction set is where a clinician sees the uncertainty."
+            )
         for pattern, r in results["patterns"].items():
             p = r.get("ece_15_calibrated_at_least")
             if p is not None and p < 0.1:
@@ -388,12 +380,19 @@ def provenance(manifest: Any) -> list[str]:
     ]
 
 
-def main(model_dir: Path, out: Path | None = None) -> Path:
-    """Write ``model_dir``'s card to ``out`` (default: beside its reports, which it reads)."""
-    from training.conformal import report_dir
-
-    reports = report_dir(model_dir, load_manifest(model_dir / "manifest.json"))
+def refresh(model_dir: Path, reports: Path, out: Path | None = None) -> Path:
+    """Write the card from the reports in ``reports`` to ``out`` (default: beside them);
+    ``evaluate`` and ``decision`` call it after rewriting one."""
     out = out or reports / "card.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(card(model_dir, reports))
     return out
+
+
+def main(model_dir: Path, out: Path | None = None) -> Path:
+    """Write ``model_dir``'s card from its default report directory."""
+    from training.conformal import report_dir
+
+    return refresh(
+        model_dir, report_dir(model_dir, load_manifest(model_dir / "manifest.json")), out
+    )

@@ -33,7 +33,7 @@ from service.decision import DecisionParams, is_uniform, nonconformity
 from service.label_rule import LabelRule
 from service.manifest import load_manifest
 from service.sessions import open_session
-from training import decision_plots, ood
+from training import card, decision_plots, ood
 from training.config import load_config
 from training.decision_report import write_report
 from training.evaluate import decode_all, manifest_split, run_session
@@ -301,7 +301,9 @@ def main(
     # The thresholds hold for this host's answers: record them, so that a server elsewhere
     # can tell whether it answers the same (service/selfcheck.py).
     selfcheck.record(model_dir)
-    write_report(report, out or report_dir(model_dir, manifest))
+    out = out or report_dir(model_dir, manifest)
+    write_report(report, out)
+    card.refresh(model_dir, out)
     return report
 
 

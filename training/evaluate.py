@@ -15,6 +15,7 @@ from tqdm import tqdm
 from service.manifest import load_manifest
 from service.preprocess import decode_image
 from service.sessions import open_session
+from training import card
 from training.audit import CHANGES, Predict, counterfactual, metadata_risk
 from training.calibrate import softmax
 from training.config import from_dict
@@ -254,5 +255,6 @@ def main(
             f"capture audit: worst flip rate {cf['worst_flip_rate']:.4f}, "
             f"worst macro-F1 {cf['worst_macro_f1']:.4f}"
         )
+    card.refresh(model_dir, out)
     print(f"report written to {out}")
     return results
