@@ -71,8 +71,8 @@ def test_card_of_an_unevaluated_version(tmp_path: Path) -> None:
     assert out == model_dir / "decision-report" / "card.md"
     text = out.read_text()
     assert "Not evaluated: no `results.json`" in text
-    assert "No fitted decision parameters." in text
-    assert "No audit recorded." in text
+    assert "No `decision.json` beside this card" in text
+    assert "No audit in `results.json`" in text
     assert "age, sex, localization" in text  # the tabular schema, from the manifest
 
 

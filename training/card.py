@@ -50,6 +50,10 @@ def num(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def section(title: str, text: str) -> list[str]:
+    return [f"## {title}", "", text, ""]
+
+
 def load_json(path: Path) -> dict[str, Any] | None:  # None: the report was never written
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -172,7 +176,7 @@ def training_data(manifest: Any) -> list[str]:
 
 def evaluation(results: dict[str, Any] | None) -> list[str]:
     if results is None:
-        return ["## Performance", "", "Not evaluated: no `results.json` beside this card.", ""]
+        return section("Performance", "Not evaluated: no `results.json` beside this card.")
     lines = [
         "## Performance",
         "",
@@ -219,7 +223,7 @@ def evaluation(results: dict[str, Any] | None) -> list[str]:
 
 def decision_support(decision: dict[str, Any] | None) -> list[str]:
     if decision is None:
-        return ["## Decision support", "", "No fitted decision parameters.", ""]
+        return section("Decision support", "No `decision.json` beside this card (`decision`).")
     lines = [
         "## Decision support",
         "",
@@ -265,7 +269,7 @@ def decision_support(decision: dict[str, Any] | None) -> list[str]:
 def capture_audit(results: dict[str, Any] | None) -> list[str]:
     audit = (results or {}).get("audit")
     if not audit:
-        return ["## Capture-shift audit", "", "No audit recorded.", ""]
+        return section("Capture-shift audit", "No audit in `results.json` (`evaluate`).")
     cf = audit["counterfactual"]
     ranked = sorted(cf["changes"].items(), key=lambda kv: -kv[1]["flip_rate"])
     rows = [[name, f"{c['flip_rate']:.1%}", f"{c['macro_f1']:.3f}"] for name, c in ranked]
