@@ -165,7 +165,9 @@ def training_data(manifest: Any) -> list[str]:
         "",
         f"- **Dataset**: `{data.get('dataset', 'not recorded')}` ({data.get('citation', '')}); "
         f"licence {data.get('licence', 'not recorded')}; fixed splits: {split}.",
-        f"- **Recipe**: {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
+        f"- **Recipe**: {train.get('epochs')} epochs"
+        + (f" continued from the run `{train['init_from']}`" if train.get("init_from") else "")
+        + f", batch {train.get('batch_size')}, "
         f"class balance {train.get('class_balance')}, seed {train.get('seed')}; best epoch "
         f"{training.get('best_epoch')} on val; trained on {training.get('device', 'unrecorded')}. "
         "The whole configuration is in the manifest (`training.config`).",
