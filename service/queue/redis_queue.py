@@ -5,9 +5,8 @@ correlation id -> resolved by this process's reply reader. One reply stream per 
 (host + pid + random); it carries a TTL so it disappears with its replica. A monitor task reads
 worker heartbeats (who serves which model, how fast) and stream statistics every
 ``heartbeat_s`` (``service/queue/fleet.py``); admission uses them without an extra round
-trip per request. A request for a
-model no live worker serves (start-up, a rolling restart) waits for one, up to its deadline,
-with the monitor looking every ``WORKER_POLL_S`` meanwhile.
+trip per request. A request for a model no live worker serves (start-up, a rolling restart)
+waits for one, up to its deadline, with the monitor looking every ``WORKER_POLL_S`` meanwhile.
 """
 
 from __future__ import annotations
