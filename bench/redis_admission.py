@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +24,9 @@ sys.path.insert(0, str(REPO))
 
 import redis.asyncio as aioredis  # noqa: E402
 
+from bench.decision_overhead import cpu_seconds  # noqa: E402
 from bench.redis_hop import local_redis  # noqa: E402
+from bench.redis_pool import burst  # noqa: E402
 from bench.serving import write_section  # noqa: E402
 from service.queue import connections  # noqa: E402
 from service.queue.redis_queue import ADD_IF_ROOM  # noqa: E402
@@ -35,30 +36,15 @@ WRITES = 600  # per round
 FIELDS = {"id": "0" * 32, "image": b"x" * 150_528}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def burst(client: aioredis.Redis, how: str, concurrency: int) -> float:
-    """Microseconds per write, ``WRITES`` of them with ``concurrency`` in flight."""
-    room = asyncio.Semaphore(concurrency)
+def writer(client: aioredis.Redis, how: str) -> Callable[[], Awaitable[object]]:
+    """One write of the entry: through the admission script, or a plain XADD."""
+    if how == "xadd":
+        return lambda: client.xadd("bench", FIELDS, maxlen=1000, approximate=True)
     script = client.register_script(ADD_IF_ROOM)
     args: list[bytes | str | int] = [1_000_000, 1000]
     for name, value in FIELDS.items():
         args += [name, value]
-
-    async def one() -> None:
-        async with room:
-            if how == "script":
-                await script(keys=["bench"], args=args)
-            else:
-                await client.xadd("bench", FIELDS, maxlen=1000, approximate=True)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(WRITES)))
-    return (time.perf_counter() - start) / WRITES * 1e6
+    return lambda: script(keys=["bench"], args=args)
 
 
 async def compare(url: str, pid: int, rounds: int) -> list[tuple[int, dict[str, float]]]:
@@ -73,7 +59,7 @@ async def compare(url: str, pid: int, rounds: int) -> list[tuple[int, dict[str, 
                 for how in ("xadd", "script"):
                     await client.delete("bench")
                     before = cpu_seconds(pid)
-                    wall[how].append(await burst(client, how, c))
+                    wall[how].append(await burst(writer(client, how), c, WRITES))
                     cpu[how].append((cpu_seconds(pid) - before) / WRITES * 1e6)
             row = {
                 f"{k}_{how}": statistics.median(v[how])

@@ -15,6 +15,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,17 +32,23 @@ WRITES = 400  # per round
 ENTRY = b"x" * 150_528
 
 
-async def burst(client: aioredis.Redis, concurrency: int) -> float:
-    """Microseconds per XADD, ``WRITES`` of them with ``concurrency`` in flight."""
+async def burst(
+    write: Callable[[], Awaitable[object]], concurrency: int, writes: int = WRITES
+) -> float:
+    """Microseconds per ``write()``, ``writes`` of them with ``concurrency`` in flight."""
     room = asyncio.Semaphore(concurrency)
 
     async def one() -> None:
         async with room:
-            await client.xadd("bench", {"image": ENTRY}, maxlen=1000, approximate=True)
+            await write()
 
     start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(WRITES)))
-    return (time.perf_counter() - start) / WRITES * 1e6
+    await asyncio.gather(*(one() for _ in range(writes)))
+    return (time.perf_counter() - start) / writes * 1e6
+
+
+def xadd(client: aioredis.Redis) -> Callable[[], Awaitable[object]]:
+    return lambda: client.xadd("bench", {"image": ENTRY}, maxlen=1000, approximate=True)
 
 
 async def compare(url: str, rounds: int) -> list[tuple[int, float, float]]:
@@ -53,8 +60,8 @@ async def compare(url: str, rounds: int) -> list[tuple[int, float, float]]:
         for c in CONCURRENCY:
             a, b = [], []
             for _ in range(rounds):
-                a.append(await burst(growing, c))
-                b.append(await burst(fixed, c))
+                a.append(await burst(xadd(growing), c))
+                b.append(await burst(xadd(fixed), c))
             rows.append((c, statistics.median(a), statistics.median(b)))
             print(f"concurrency {c}: growing {rows[-1][1]:.0f} us, fixed {rows[-1][2]:.0f} us")
     finally:
