@@ -29,8 +29,15 @@ RULES = {
     "balanced": "the class whose probability is largest relative to its training share, so "
     "rare classes are named on weaker evidence",
 }
-METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "auroc_macro_ovr", "ece_15")
-METRICS += ("ece_15_before_temperature",)  # the table's columns after inputs and n
+# The performance table's columns after inputs and n: results.json key -> heading.
+METRICS = {
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro-F1",
+    "accuracy": "accuracy",
+    "auroc_macro_ovr": "AUROC",
+    "ece_15": "ECE",
+    "ece_15_before_temperature": "ECE before calibration",
+}
 KINDS = ("results", "decision", "twins")  # the reports a card reads, <kind>.json
 
 
@@ -192,16 +199,7 @@ def evaluation(results: dict[str, Any] | None) -> list[str]:
         + (f": `{results['command']}`." if results.get("command") else "."),
         "",
         *table(
-            [
-                "inputs",
-                "n",
-                "balanced accuracy",
-                "macro-F1",
-                "accuracy",
-                "AUROC",
-                "ECE",
-                "ECE before calibration",
-            ],
+            ["inputs", "n", *METRICS.values()],
             [
                 [
                     PATTERN_TITLES.get(pattern, pattern),
