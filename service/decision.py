@@ -67,6 +67,8 @@ class DecisionParams:
     # pattern -> signal ("energy", "distance", "distance_1", ...) -> (val median, val 95 %
     # quantile): the signals the score combines; absent: the score is the raw energy
     ood_scale: dict[str, dict[str, tuple[float, float]]] | None = None
+    # pattern -> label named -> its ``val_flagged`` response row (``val_flagged_rows``)
+    ood_val_flagged: dict[str, dict[str, dict[str, Any]]] | None = None
     _arrays: dict[tuple[str, str, str], np.ndarray] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -89,6 +91,10 @@ class DecisionParams:
                 {p: {k: (float(a), float(b)) for k, (a, b) in v.items()}
                  for p, v in ood["scale"].items()}
                 if ood and ood.get("scale") else None
+            ),
+            ood_val_flagged=(
+                {p: val_flagged_rows(v) for p, v in ood["val_flagged_by_label"].items()}
+                if ood and ood.get("val_flagged_by_label") else None
             ),
         )  # fmt: skip
 
@@ -131,6 +137,24 @@ class DecisionParams:
 
 
 SET_KINDS = ("class", "marginal")
+
+
+def val_flagged_rows(counts: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """Per label named, how often the flag marked val inputs (all in distribution) named so,
+    and val inputs of any label: a flag on a label it often marks is weaker evidence that the
+    input is out of distribution."""
+    total = sum(int(f) for f, _ in counts.values()), sum(int(n) for _, n in counts.values())
+    every = round(total[0] / total[1], 4) if total[1] else None
+    return {
+        label: {
+            "label": label,
+            "flagged": int(f),
+            "of": int(n),
+            "share": round(int(f) / int(n), 4) if n else None,
+            "share_all_labels": every,
+        }
+        for label, (f, n) in counts.items()
+    }
 
 
 def _key(level: float) -> str:
@@ -241,6 +265,10 @@ def decide(
         score = request_ood_score(logits, len(labels), params, pattern)
         flagged = score > params.ood_thresholds[pattern]
         out["ood"] = {"score": round(score, 4), "flagged": bool(flagged or uniform_image)}
+        label = labels[int(np.argmax(probs)) if named is None else named]
+        row = (params.ood_val_flagged or {}).get(pattern, {}).get(label)
+        if row is not None:
+            out["ood"]["val_flagged"] = dict(row)
         if uniform_image:
             reasons.append("the image is blank or a single flat colour")
         elif flagged:

@@ -4,6 +4,8 @@ uses: graph edits checked against numpy, the capture-shift rule, the pass thresh
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +13,8 @@ import pytest
 from onnx import helper
 
 from training.ood import PASS_RATE, choose_signals, fit_thresholds, pass_threshold
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _model_with_feature_map() -> onnx.ModelProto:
@@ -229,3 +233,79 @@ def test_int8_variant_leaves_out_what_is_refitted_on_its_own_outputs(tmp_path) -
     assert raw["outputs"] == ["probabilities", "logits"]
     assert not {"decision", "ood_embedding"} & set(raw)
     assert raw["files"]["model.onnx"]["bytes"] == 5
+
+
+def test_each_answer_carries_how_often_its_label_is_flagged_on_val() -> None:
+    """Per pattern and per label named (by the label rule, not the most probable), the val
+    inputs above the threshold or flat: counted at the fit, carried by the manifest, and
+    returned beside the flag; a manifest without the counts answers without them."""
+    from types import SimpleNamespace
+
+    from service.decision import DecisionParams, decide
+    from service.label_rule import LabelRule
+    from training.ood import flagged_by_label
+
+    rng = np.random.default_rng(0)
+    labels = ("a", "b", "c")
+    probs = rng.dirichlet(np.ones(3), size=200)
+    rows = np.c_[np.log(probs), rng.normal(size=200) + 5 * (np.argmax(probs, 1) == 2)]
+    uniform = np.zeros(200, bool)
+    uniform[:3] = True
+    rule = LabelRule("balanced", (0.6, 0.3, 0.1))
+    raw = {
+        "score": "lac", "levels": [0.9],
+        "thresholds": {p: {"0.9": [0.5] * 3} for p in ("all", "tabular_only")},
+        "ood": {"thresholds": {"all": 1.0, "tabular_only": 1.0},
+                "scale": {"all": {"distance": [0.0, 1.0]}}},
+    }  # fmt: skip
+    params = DecisionParams.from_manifest(raw)
+    manifest = SimpleNamespace(labels=labels, label_rule=rule)
+    counts = flagged_by_label(
+        {"all": (probs, rows), "tabular_only": (probs, rows)}, manifest, params, uniform
+    )
+    named = rule.pick(probs)
+    # With an image, the scaled distance or a flat image; tabular only, the energy of the
+    # logits (log-probabilities here: 0, below the threshold), and no image to be flat.
+    flagged = {"all": (rows[:, 3] > 1.0) | uniform, "tabular_only": np.zeros(200, bool)}
+    for pattern, marked in flagged.items():
+        expected = {k: [int(marked[named == i].sum()), int((named == i).sum())]
+                    for i, k in enumerate(labels)}  # fmt: skip
+        assert counts[pattern] == expected, pattern
+    assert counts["all"]["c"][0] > counts["all"]["a"][0]  # the distance was raised for c
+
+    params = DecisionParams.from_manifest(
+        raw | {"ood": raw["ood"] | {"val_flagged_by_label": counts}}
+    )
+    i = int(np.flatnonzero(named != np.argmax(probs, 1))[0])  # the rule names a rarer class
+    answer = decide(params, labels, probs[i], "all", 0.9, 0.0, rows[i], named=int(named[i]))
+    row = answer["ood"]["val_flagged"]
+    f, n = counts["all"][labels[named[i]]]
+    assert row == {
+        "label": labels[named[i]], "flagged": f, "of": n, "share": round(f / n, 4),
+        "share_all_labels": round(sum(c[0] for c in counts["all"].values()) / 200, 4),
+    }  # fmt: skip
+    old = decide(DecisionParams.from_manifest(raw), labels, probs[0], "all", 0.9, 0.0, rows[0])
+    assert "val_flagged" not in old["ood"] and "flagged" in old["ood"]
+
+
+@pytest.mark.parametrize(
+    "model_dir",
+    sorted(p.parent for p in (REPO / "models").glob("*/*/manifest.json")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_bundled_val_flag_counts_agree_with_the_decision_report(model_dir) -> None:
+    """The counts each answer carries cover every val input once per pattern, and on the
+    pattern the report studies add up to the val inputs it found above the threshold (two
+    computations of the same flag)."""
+    raw = json.loads((model_dir / "manifest.json").read_text())
+    decision = raw["decision"]
+    counts = decision["ood"]["val_flagged_by_label"]
+    assert set(counts) == set(decision["ood"]["thresholds"])
+    for pattern, by_label in counts.items():
+        assert list(by_label) == raw["labels"], pattern
+        assert sum(n for _, n in by_label.values()) == decision["fitted_on"]["n"], pattern
+    report = REPO / "docs" / "models" / model_dir.parent.name / model_dir.name / "decision.json"
+    ood = json.loads(report.read_text())["ood"]
+    studied = ood["val_flagged_by_label"]
+    assert sum(f for f, _ in studied.values()) == ood["val_above"]
+    assert studied in counts.values()

@@ -153,3 +153,10 @@ def test_out_of_distribution_image_is_flagged_on_the_page(
     wait_for(browser, ec.text_to_be_present_in_element((By.ID, "flags"), "Out of distribution"))
     flags = browser.find_element(By.ID, "flags").text
     assert "Refer to a clinician" in flags and "No referral flag" not in flags
+    # Beside the flag, how often it marked val images given the same label.
+    v = expected["ood"]["val_flagged"]
+    assert v["label"] == expected["label"]
+    assert (
+        f"Of the validation images named {v['label']}, it marked {v['flagged']} of {v['of']}"
+        in flags
+    )

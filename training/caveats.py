@@ -70,6 +70,12 @@ def limitations(
             )
             + ". These cases are referred for the flag alone; the threshold is one for all "
             "classes ([decision support](decision.md))."
+            + (
+                " Each answer carries how often val inputs given its label were flagged "
+                "(`ood.val_flagged`), shown beside the flag on the clinician page."
+                if ood.get("val_flagged_by_label")
+                else ""
+            )
         )
     if twins and twins.get("conflicting"):
         out.append(

@@ -263,6 +263,10 @@ def main(
         if "scale" in block["ood"]:
             block["ood"]["scale"] = {p: block["ood"]["scale"]["all"] for p in PATTERN_NAMES}
     params = DecisionParams.from_manifest(block)
+    by_label = ood.flagged_by_label(val_out, manifest, params, val_scored.uniform)
+    block["ood"]["val_flagged_by_label"] = {
+        p: by_label[p if p in by_label else "all"] for p in block["ood"]["thresholds"]
+    }
     report = {
         "model": f"{manifest.name}/{manifest.version}",
         "score": kind,
@@ -284,7 +288,7 @@ def main(
             k: block["ood"][k]
             for k in ("score", "pass_confidence", "capture_shift_flagged", "unused")
             if k in block["ood"]
-        }
+        } | {"val_flagged_by_label": by_label[pattern]}
         threshold = block["ood"]["thresholds"][pattern]
         scale = params.ood_scale.get(pattern) if params.ood_scale else None
         report["ood"] |= ood.study(

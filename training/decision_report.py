@@ -141,12 +141,28 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 "In-distribution test inputs flagged, by their true class (a class flagged "
                 "more often than the others is referred more often for the flag alone):",
                 "",
-                "| class | flagged | n | share |",
-                "|---|---|---|---|",
-                *(
-                    f"| {label} | {k} | {n} | {100 * k / max(n, 1):.1f} % |"
-                    for label, (k, n) in by_class.items()
-                ),
+                *_share_table("class", by_class),
+            ]
+        by_label = o.get("val_flagged_by_label")
+        if by_label:
+            lines += [
+                "",
+                "Val inputs flagged, by the label the response names (each answer carries its "
+                "label's row as `ood.val_flagged`, so that a flag on a label the flag often "
+                "marks is read as weaker evidence):",
+                "",
+                *_share_table("label named", by_label),
             ]
     lines += ["", "![Referral trade-off and out-of-distribution ROC](decision.png)"]
     (out / "decision.md").write_text("\n".join(lines) + "\n")
+
+
+def _share_table(column: str, counts: dict[str, list[int]]) -> list[str]:
+    return [
+        f"| {column} | flagged | n | share |",
+        "|---|---|---|---|",
+        *(
+            f"| {label} | {k} | {n} | {100 * k / max(n, 1):.1f} % |"
+            for label, (k, n) in counts.items()
+        ),
+    ]

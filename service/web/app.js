@@ -137,7 +137,7 @@ function show(result) {
     ? `${Math.round(result.coverage * 100)} % coverage ${each}`
     : "coverage (not fitted)";
   const flags = [];
-  if (result.ood && result.ood.flagged) flags.push(["ood", "Out of distribution: not the kind of image the model was built for"]);
+  if (result.ood && result.ood.flagged) flags.push(["ood", "Out of distribution: not the kind of image the model was built for" + valFlagged(result.ood.val_flagged)]);
   if (result.refer) flags.push(["refer", `Refer to a clinician: ${result.reason}`]);
   if (!flags.length) flags.push(["ok", "No referral flag"]);
   $("flags").replaceChildren(...flags.map(([kind, text]) => {
@@ -162,6 +162,15 @@ function show(result) {
   if (tab) parts.push(`fields used: ${tab.used.join(", ") || "none"}`, `missing: ${tab.missing.join(", ") || "none"}`);
   $("inputs").textContent = parts.join(" · ");
   $("warnings").replaceChildren(...result.warnings.map((w) => Object.assign(document.createElement("li"), { textContent: w })));
+}
+
+// How often the flag marked validation images (all of the kind the model was built for) that
+// the model named the same: a flag on a label it often marks is weaker evidence.
+function valFlagged(v) {
+  if (!v || !v.of) return "";
+  const pct = (x) => `${(100 * x).toFixed(1)} %`;
+  return `. Of the validation images named ${v.label}, it marked ${v.flagged} of ${v.of} ` +
+    `(${pct(v.share)}; ${pct(v.share_all_labels)} over every label)`;
 }
 
 $("key").value = sessionStorage.getItem("endofuse-key") || "";
