@@ -313,6 +313,42 @@ def decision(
 
 
 @app.command()
+def validate(
+    model_dir: Path = typer.Argument(..., exists=True),
+    cases: Path = typer.Option(
+        ...,
+        "--cases",
+        exists=True,
+        dir_okay=False,
+        help="CSV of the site's cases: path (relative to the CSV), label, any tabular fields",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report directory (default: validation-<name>-<version> beside the CSV)"
+    ),
+    service: str | None = typer.Option(
+        None, "--service", help="Answer each case through a running service at this URL"
+    ),
+    coverage: float | None = typer.Option(None, "--coverage", help="Default: the service's"),
+    sets: str = typer.Option("class", "--sets", help="class or marginal"),
+    label_column: str = typer.Option("label", "--label-column"),
+    group_column: str | None = typer.Option(
+        None, "--group-column", help="CSV column whose equal values are one lesion"
+    ),
+) -> None:
+    """Score a version on a site's own labelled cases, as the service answers them, beside its
+    test figures: what differs beyond sampling (coverage, calibration, flags, accuracy)."""
+    from service.errors import ServiceError
+    from training.data import DatasetError
+    from training.validate import main
+
+    try:
+        main(model_dir, cases, out, service, coverage, sets, label_column, group_column)
+    except (DatasetError, ServiceError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
 def card(
     model_dirs: list[Path] = typer.Argument(..., exists=True),
     out: Path | None = typer.Option(None, "--out", help="Card file (one model directory only)"),

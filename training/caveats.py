@@ -88,7 +88,8 @@ def limitations(
     out += [
         f"Trained and tested on the fixed splits of one public dataset (`{dataset}`); not "
         "validated on another hospital's data or prospectively. Validate on local cases "
-        "before clinical use, with the capture audit (`endofuse evaluate`).",
+        "before clinical use (`endofuse validate`, [local validation]"
+        "(../../../validation.md)).",
         "Probabilities are calibrated on the validation split's class mix; a population with "
         "another mix shifts them.",
     ]

@@ -96,21 +96,13 @@ def http_predictor(url: str, manifest: Any, table: Table, concurrency: int = 8) 
     import httpx
 
     endpoint = f"{url.rstrip('/')}/models/{manifest.name}/versions/{manifest.version}/predict"
-    fields = [] if manifest.tabular is None else list(manifest.tabular.fields)
-
-    def tabular_json(row: int) -> str | None:
-        values = {}
-        for j, spec in enumerate(fields):
-            if table.mask[row, j]:
-                raw = float(table.tabular[row, j])
-                values[spec.name] = raw if spec.kind == "numeric" else spec.categories[int(raw)]
-        return json.dumps(values) if values else None
 
     def predict(frames: list[bytes]) -> np.ndarray:
         with httpx.Client(timeout=60) as client:
 
             def one(row: int) -> list[float]:
-                tab = tabular_json(row)
+                values = tabular_fields(manifest, table, row)
+                tab = json.dumps(values) if values else None
                 r = client.post(
                     endpoint,
                     files={"image": ("frame", frames[row])},
@@ -124,6 +116,16 @@ def http_predictor(url: str, manifest: Any, table: Table, concurrency: int = 8) 
                 return np.array(list(pool.map(one, range(len(frames)))), np.float32)
 
     return predict
+
+
+def tabular_fields(manifest: Any, table: Table, row: int) -> dict[str, Any]:
+    """Row ``row``'s recorded tabular fields as a client sends them (name -> value)."""
+    values: dict[str, Any] = {}
+    for j, spec in enumerate(manifest.tabular.fields if manifest.tabular else ()):
+        if table.mask[row, j]:
+            raw = float(table.tabular[row, j])
+            values[spec.name] = raw if spec.kind == "numeric" else spec.categories[int(raw)]
+    return values
 
 
 def stratified(table: Table, limit: int | None, seed: int = 0) -> Table:

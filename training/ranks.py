@@ -55,3 +55,17 @@ def exceed_tail(n: int, passed: int, m: int, k: int) -> float:
     for x in range(k, m + 1):
         total += math.exp(_log_comb(m, x) + log_beta(x + a, m - x + b) - base)
     return min(total, 1.0)
+
+
+def binomial_at_most(n: int, k: int, p: float) -> float:
+    """P(Binomial(n, p) <= k): how often a rate of ``p`` shows ``k`` or fewer of ``n``."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    return min(
+        sum(math.exp(_log_comb(n, i) + i * log_p + (n - i) * log_q) for i in range(k + 1)), 1.0
+    )

@@ -1,0 +1,218 @@
+"""Local validation: a model version scored on a site's own labelled cases before clinical use.
+
+Every model card ends with "validate on local cases": this is the command that does it. The
+site lists its cases in a CSV (``path`` relative to the CSV or absolute, ``label`` one of the
+version's labels, and any of the version's tabular fields, blank where not recorded); each
+case is answered as the service answers it, in process (the service's own decode, graph and
+decision code) or, with ``--service``, through a running endofuse service. The report puts
+the site's figures beside the version's own test figures, and says where they differ by
+more than sampling explains: the prediction sets' coverage, calibration, the share flagged
+out of distribution, and frame shapes that no training frame had.
+
+    endofuse validate models/hyperkvasir-lgi/2 --cases site/labels.csv [--service URL]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from service.config import Settings
+from service.decision import SET_KINDS, decide, is_uniform, pattern_of
+from service.errors import ServiceError
+from service.manifest import load_manifest
+from service.preprocess import decode_image
+from service.sessions import open_session
+from training.data import DatasetError, DatasetSpec, Table, load_split
+from training.evaluate import run_session, tabular_fields
+
+
+@dataclass
+class Answers:
+    """The cases the service would answer, as it answers them; the rest by error code."""
+
+    kept: np.ndarray  # row indices of the cases answered
+    probs: np.ndarray  # [N, K]
+    named: np.ndarray  # [N]: the class each response names (its label rule)
+    sets: np.ndarray  # bool [N, K]: the prediction set at the chosen coverage
+    flagged: np.ndarray  # bool [N]: out of distribution (False where not fitted)
+    patterns: list[str]  # per case: the missingness pattern its inputs make
+    rejected: dict[str, int] = field(default_factory=dict)  # error code -> cases
+
+
+def read_cases(
+    csv_path: Path, manifest: Any, label_column: str = "label", group_column: str | None = None
+) -> Table:
+    """The site's cases, checked: every label one of the version's, every image present.
+    Cases with equal ``group_column`` values (default: the training data's group column, if
+    the CSV has it) are one lesion: the ECE a calibrated model would measure is drawn per
+    lesion."""
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = [dict(r, split="test") for r in reader]
+        columns = set(reader.fieldnames or [])
+    for needed in ("path", label_column):
+        if needed not in columns:
+            raise DatasetError(
+                f"{csv_path}: column '{needed}' is missing (columns: {sorted(columns)})"
+            )
+    if not rows:
+        raise DatasetError(f"{csv_path}: no cases")
+    unknown = sorted({r[label_column] for r in rows} - set(manifest.labels))
+    if unknown:
+        raise DatasetError(
+            f"{csv_path}: labels {unknown} are not among {manifest.name}/{manifest.version}'s "
+            f"labels {list(manifest.labels)}"
+        )
+    fields = manifest.tabular.fields if manifest.tabular else ()
+    for r in rows:  # a field the site does not record is missing in every case
+        for f in fields:
+            r.setdefault(f.name, "")
+    if group_column is None:
+        dataset = manifest.raw.get("training", {}).get("config", {}).get("dataset", {})
+        group_column = dataset.get("group_column") or ""
+    elif group_column not in columns:
+        raise DatasetError(f"{csv_path}: group column '{group_column}' is missing")
+    spec = DatasetSpec(
+        name="site",
+        group_column=group_column if group_column in columns else "",
+        root=str(csv_path.resolve().parent),
+        csv=csv_path.name,
+        label_column=label_column,
+        labels=tuple(manifest.labels),
+        missing_tokens=tuple(manifest.tabular.missing_values) if manifest.tabular else ("",),
+    )
+    table = load_split(spec, "test", manifest.tabular, rows)
+    absent = [str(p) for p in table.paths if not p.is_file()]
+    if absent:
+        raise DatasetError(f"{len(absent)} image files not found, e.g. {absent[:3]}")
+    return table
+
+
+def answer_locally(
+    model_dir: Path, manifest: Any, table: Table, coverage: float, sets: str
+) -> Answers:
+    """The service's decode, graph and decision code, in this process."""
+    max_pixels = Settings().max_image_pixels
+    images, kept, rejected = [], [], Counter()
+    for i, path in enumerate(tqdm(table.paths, desc="decode", unit="img", leave=False)):
+        try:
+            images.append(decode_image(path.read_bytes(), manifest.image, max_pixels))
+        except ServiceError as exc:  # the service answers these with a 4xx
+            rejected[exc.code] += 1
+            continue
+        kept.append(i)
+    index = np.asarray(kept, np.int64)
+    cases = table.rows(index)
+    session = open_session(model_dir / "model.onnx")
+    ones = np.ones((len(index), 1), np.float32)
+    probs, rows = run_session(
+        session, np.stack(images), cases.tabular, cases.mask, ones, with_distance=True
+    )
+    named = manifest.label_rule.pick(probs)
+    n_fields = cases.mask.shape[1]
+    patterns = [pattern_of(True, int(m.sum()), n_fields) for m in cases.mask]
+    members = np.zeros(probs.shape, bool)
+    flagged = np.zeros(len(index), bool)
+    for i, pattern in enumerate(patterns):
+        answer = decide(
+            manifest.decision, manifest.labels, probs[i].astype(np.float64), pattern, coverage,
+            0.0, rows[i], is_uniform(images[i]), int(named[i]), sets,
+        )  # fmt: skip
+        members[i] = [k in answer.get("prediction_set", ()) for k in manifest.labels]
+        flagged[i] = bool(answer.get("ood", {}).get("flagged"))
+    return Answers(index, probs, named, members, flagged, patterns, dict(rejected))
+
+
+def answer_by_service(
+    url: str, manifest: Any, table: Table, coverage: float, sets: str, concurrency: int = 4
+) -> Answers:
+    """Each case as a ``POST /models/{name}/versions/{v}/predict`` to a running service."""
+    import httpx
+
+    endpoint = f"{url.rstrip('/')}/models/{manifest.name}/versions/{manifest.version}/predict"
+    params = {"coverage": coverage, "sets": sets} if manifest.decision else {}
+    labels = list(manifest.labels)
+
+    def one(client: httpx.Client, row: int) -> dict[str, Any]:
+        values = tabular_fields(manifest, table, row)
+        r = client.post(
+            endpoint,
+            params=params,
+            files={"image": ("frame", table.paths[row].read_bytes())},
+            data={"tabular": json.dumps(values)} if values else None,
+        )
+        if 400 <= r.status_code < 500 and r.status_code not in (401, 403, 404, 429):
+            return {"rejected": r.json().get("error", {}).get("code", str(r.status_code))}
+        r.raise_for_status()  # a service that fails is not a finding about the site's cases
+        return r.json()
+
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(concurrency) as pool:
+        bar = tqdm(total=len(table), desc="service", unit="case", leave=False)
+        answers = []
+        for answer in pool.map(lambda row: one(client, row), range(len(table))):
+            answers.append(answer)
+            bar.update()
+        bar.close()
+    rejected = Counter(a["rejected"] for a in answers if "rejected" in a)
+    kept = np.array([i for i, a in enumerate(answers) if "rejected" not in a], np.int64)
+    done = [answers[i] for i in kept]
+    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
+
+    def used(a: dict[str, Any]) -> int:
+        return len((a["modalities"].get("tabular") or {}).get("used", []))
+
+    return Answers(
+        kept,
+        np.array([[a["probabilities"][k] for k in labels] for a in done], np.float64),
+        np.array([labels.index(a["label"]) for a in done], np.int64),
+        np.array([[k in a.get("prediction_set", ()) for k in labels] for a in done], bool),
+        np.array([bool(a.get("ood", {}).get("flagged")) for a in done], bool),
+        [pattern_of(True, used(a), n_fields) for a in done],
+        dict(rejected),
+    )
+
+
+def main(
+    model_dir: Path,
+    cases_csv: Path,
+    out: Path | None = None,
+    service_url: str | None = None,
+    coverage: float | None = None,
+    sets: str = "class",
+    label_column: str = "label",
+    group_column: str | None = None,
+) -> dict[str, Any]:
+    from training.validate_report import analyse, write_report
+
+    manifest = load_manifest(model_dir / "manifest.json")
+    if sets not in SET_KINDS:
+        raise DatasetError(f"sets must be one of {', '.join(SET_KINDS)}")
+    coverage = coverage if coverage is not None else Settings().default_coverage
+    if manifest.decision is not None:
+        manifest.decision.level_key(coverage)  # one of the fitted levels, or a clear error
+    table = read_cases(cases_csv, manifest, label_column, group_column)
+    answers = (
+        answer_by_service(service_url, manifest, table, coverage, sets)
+        if service_url
+        else answer_locally(model_dir, manifest, table, coverage, sets)
+    )
+    if len(answers.kept) == 0:
+        raise DatasetError(f"no case could be answered: {answers.rejected}")
+    report = analyse(manifest, table, answers, coverage, sets)
+    report["scored_by"] = (
+        f"a running endofuse service ({service_url})"
+        if service_url
+        else "in process (ONNX Runtime)"
+    )
+    out = out or cases_csv.resolve().parent / f"validation-{manifest.name}-{manifest.version}"
+    write_report(report, out)
+    return report
