@@ -334,16 +334,21 @@ def validate(
     group_column: str | None = typer.Option(
         None, "--group-column", help="CSV column whose equal values are one lesion"
     ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="ENDOFUSE_API_KEY", help="Sent to --service as X-API-Key"
+    ),
 ) -> None:
     """Score a version on a site's own labelled cases, as the service answers them, beside its
     test figures: what differs beyond sampling (coverage, calibration, flags, accuracy)."""
+    import httpx
+
     from service.errors import ServiceError
     from training.data import DatasetError
     from training.validate import main
 
     try:
-        main(model_dir, cases, out, service, coverage, sets, label_column, group_column)
-    except (DatasetError, ServiceError) as exc:
+        main(model_dir, cases, out, service, coverage, sets, label_column, group_column, api_key)
+    except (DatasetError, ServiceError, httpx.HTTPError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 

@@ -109,8 +109,9 @@ def letterboxed(rows: list[dict[str, str]], folder: Path) -> list[dict[str, str]
 
 def test_the_service_answers_as_the_process_does(tmp_path: Path) -> None:
     """The same cases scored in process and through a running service (its real HTTP
-    stack): the same labels, sets and flags, the same figures."""
+    stack, API keys on): the same labels, sets and flags, the same figures."""
     from service.api import create_app
+    from service.api.auth import create_key
     from service.registry import Registry
     from tests.conftest import make_settings
     from tests.http_server import running
@@ -120,14 +121,23 @@ def test_the_service_answers_as_the_process_does(tmp_path: Path) -> None:
         [{"path": r["path"], "label": r["class"]} for r in rows], tmp_path / "frames"
     )
     cases = write_cases(tmp_path / "cases.csv", rows)
-    settings = make_settings(REPO / "models", models=["hyperkvasir-lgi"], warmup_runs=0)
+    key = create_key(tmp_path / "keys.json", "validation", ["predict"])
+    settings = make_settings(
+        REPO / "models",
+        models=["hyperkvasir-lgi"],
+        warmup_runs=0,
+        api_keys_file=tmp_path / "keys.json",
+    )
     registry = Registry.load(
         REPO / "models", providers=["CPUExecutionProvider"], warmup_runs=0, only=["hyperkvasir-lgi"]
     )
     with running(create_app(settings, registry), settings) as (host, port):
+        url = f"http://{host}:{port}"
+        refused = run(HK, "--cases", cases, "--out", tmp_path / "no-key", "--service", url)
         code, output = run(
-            HK, "--cases", cases, "--out", tmp_path / "http", "--service", f"http://{host}:{port}"
+            HK, "--cases", cases, "--out", tmp_path / "http", "--service", url, "--api-key", key
         )
+    assert refused[0] == 2 and "401" in refused[1], refused
     assert code == 0, output
     assert run(HK, "--cases", cases, "--out", tmp_path / "local")[0] == 0
     http, local = (

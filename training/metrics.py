@@ -132,6 +132,20 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def label_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class of a confusion matrix: recall, F1, and whether the class has cases (the
+    classes balanced accuracy and macro-F1 average over)."""
+    k = len(cm)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm).astype(np.float64)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    return recall, f1, support > 0
+
+
 def summarize(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -142,14 +156,7 @@ def summarize(
     k = len(names)
     preds = probs.argmax(axis=1) if preds is None else preds
     cm = confusion(labels, preds, k)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    tp = np.diag(cm).astype(np.float64)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
-    present = support > 0
+    recall, f1, present = label_scores(cm)
     nll = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())
     return {
         "n": len(labels),

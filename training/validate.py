@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.config import Settings
-from service.decision import SET_KINDS, decide, is_uniform, pattern_of
+from service.decision import decide, is_uniform, pattern_of
 from service.errors import ServiceError
 from service.manifest import load_manifest
 from service.preprocess import decode_image
@@ -110,6 +110,8 @@ def answer_locally(
             rejected[exc.code] += 1
             continue
         kept.append(i)
+    if not kept:
+        raise DatasetError(f"no case could be answered: {dict(rejected)}")
     index = np.asarray(kept, np.int64)
     cases = table.rows(index)
     session = open_session(model_dir / "model.onnx")
@@ -133,7 +135,13 @@ def answer_locally(
 
 
 def answer_by_service(
-    url: str, manifest: Any, table: Table, coverage: float, sets: str, concurrency: int = 4
+    url: str,
+    manifest: Any,
+    table: Table,
+    coverage: float,
+    sets: str,
+    api_key: str | None = None,
+    concurrency: int = 4,
 ) -> Answers:
     """Each case as a ``POST /models/{name}/versions/{v}/predict`` to a running service."""
     import httpx
@@ -155,7 +163,11 @@ def answer_by_service(
         r.raise_for_status()  # a service that fails is not a finding about the site's cases
         return r.json()
 
-    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(concurrency) as pool:
+    headers = {"X-API-Key": api_key} if api_key else {}
+    with (
+        httpx.Client(timeout=120, headers=headers) as client,
+        ThreadPoolExecutor(concurrency) as pool,
+    ):
         bar = tqdm(total=len(table), desc="service", unit="case", leave=False)
         answers = []
         for answer in pool.map(lambda row: one(client, row), range(len(table))):
@@ -190,18 +202,18 @@ def main(
     sets: str = "class",
     label_column: str = "label",
     group_column: str | None = None,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     from training.validate_report import analyse, write_report
 
     manifest = load_manifest(model_dir / "manifest.json")
-    if sets not in SET_KINDS:
-        raise DatasetError(f"sets must be one of {', '.join(SET_KINDS)}")
     coverage = coverage if coverage is not None else Settings().default_coverage
-    if manifest.decision is not None:
-        manifest.decision.level_key(coverage)  # one of the fitted levels, or a clear error
+    if manifest.decision is not None:  # a fitted level and kind of sets, or a clear error
+        manifest.decision.level_key(coverage)
+        manifest.decision.check_sets(sets)
     table = read_cases(cases_csv, manifest, label_column, group_column)
     answers = (
-        answer_by_service(service_url, manifest, table, coverage, sets)
+        answer_by_service(service_url, manifest, table, coverage, sets, api_key)
         if service_url
         else answer_locally(model_dir, manifest, table, coverage, sets)
     )

@@ -20,11 +20,18 @@ import numpy as np
 from PIL import Image
 
 from training.data import DatasetError, Table
-from training.metrics import calibrated_eces, floor_of, reliability, summarize
+from training.metrics import (
+    calibrated_eces,
+    confusion,
+    floor_of,
+    label_scores,
+    reliability,
+    summarize,
+)
 from training.ranks import binomial_at_most, exceed_tail
 
 ALPHA = 0.01
-NEW_SHAPE = 0.1  # a share of frames whose shape training never had that is raised as a finding
+NEW_SHAPE = 0.1  # the share of frames of an unknown width/height ratio raised as a finding
 RATIO_TOLERANCE = 0.02  # relative: a width/height ratio this close to a training one is not new
 COMMON_SHAPE = 0.01  # the share of training frames a width/height ratio needs to count as known
 REPO = Path(__file__).resolve().parent.parent
@@ -47,21 +54,16 @@ def reference(manifest: Any) -> tuple[dict[str, Any], str]:
 
 
 def bootstrap(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    named: np.ndarray,
-    names: tuple[str, ...],
-    draws: int = 500,
-    seed: int = 0,
+    labels: np.ndarray, named: np.ndarray, k: int, draws: int = 1000, seed: int = 0
 ) -> dict[str, list[float]]:
     """95 % intervals of balanced accuracy and macro-F1 over resampled cases."""
     rng = np.random.default_rng(seed)
     got: dict[str, list[float]] = {"balanced_accuracy": [], "macro_f1": []}
     for _ in range(draws):
         i = rng.integers(0, len(labels), len(labels))
-        s = summarize(probs[i], labels[i], names, named[i])
-        for k in got:
-            got[k].append(s[k])
+        recall, f1, present = label_scores(confusion(labels[i], named[i], k))
+        got["balanced_accuracy"].append(float(recall[present].mean()))
+        got["macro_f1"].append(float(f1[present].mean()))
     return {k: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] for k, v in got.items()}
 
 
@@ -130,10 +132,13 @@ def capture(manifest: Any, table: Table) -> dict[str, Any]:
     # A shape one training frame in a thousand had taught the model little: only shapes of
     # at least COMMON_SHAPE of the training frames count as known.
     counts = Counter(round(w / h, 3) for w, h in train)
-    known = np.array([r for r, c in counts.items() if c >= COMMON_SHAPE * len(train)])
+    known = np.array(
+        [r for r, c in counts.items() if c >= COMMON_SHAPE * len(train)] or list(counts)
+    )
     nearest = [np.min(np.abs(known - w / h)) / (w / h) for w, h in site]
-    found["training_sizes"] = len(set(train))
-    found["new_size_share"] = float(np.mean([s not in set(train) for s in site]))
+    trained = set(train)
+    found["training_sizes"] = len(trained)
+    found["new_size_share"] = float(np.mean([s not in trained for s in site]))
     found["new_ratio_share"] = float(np.mean(np.asarray(nearest) > RATIO_TOLERANCE))
     return found
 
@@ -146,7 +151,7 @@ def analyse(manifest: Any, table: Table, answers: Any, level: float, sets: str) 
     null = calibrated_eces(probs, draws=1000, groups=cases.groups)
     figures["ece_15_floor"] = list(floor_of(null))
     figures["ece_15_calibrated_at_least"] = float(np.mean(null >= figures["ece_15"]))
-    figures["interval"] = bootstrap(probs, y, answers.named, names)
+    figures["interval"] = bootstrap(y, answers.named, len(names))
     figures["reliability"] = reliability(probs, y)
     ref, source = reference(manifest)
     patterns = Counter(answers.patterns)
