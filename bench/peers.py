@@ -194,7 +194,9 @@ def main() -> None:
     parser.add_argument("--version", default="2", help="the version every stack serves")
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", help="comma list of stack-name prefixes to run")
+    parser.add_argument(
+        "--only", help="comma list of words: run the stacks whose names hold one (e.g. Redis)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model_dir = args.models_dir / args.model / args.version
@@ -205,8 +207,8 @@ def main() -> None:
     images = frames(data_dir())
     table = stacks(repo, args.model, model_dir, images[0])
     if args.only:
-        wanted = args.only.split(",")
-        table = {k: v for k, v in table.items() if any(k.startswith(w) for w in wanted)}
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        table = {k: v for k, v in table.items() if any(w in k for w in wanted)}
     results: dict[str, list[dict[int, Point]]] = {name: [] for name in table}
     for round_ in range(args.rounds):
         order = list(table.items()) if round_ % 2 == 0 else list(reversed(table.items()))
