@@ -167,6 +167,12 @@ def test_bad_cases_are_refused_clearly(tmp_path: Path) -> None:
         HK, "--cases", write_cases(tmp_path / "d.csv", [{"file": "x", "label": "polyp"}])
     )
     assert code == 2 and "column 'path' is missing" in output
+    # As a spreadsheet exports it: a byte-order mark and ";" between the columns.
+    text = "path;label\n" + "".join(f"{r['path']};{r['label']}\n" for r in good)
+    (tmp_path / "excel.csv").write_text(text, encoding="utf-8-sig")
+    code, output = run(HK, "--cases", tmp_path / "excel.csv", "--out", tmp_path / "excel")
+    assert code == 0, output
+    assert json.loads((tmp_path / "excel" / "validation.json").read_text())["n_answered"] == 6
     # One unreadable file among readable ones: refused as the service refuses it, the rest scored.
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     mixed = [*good, {"path": "broken.jpg", "label": "polyp"}]

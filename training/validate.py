@@ -15,6 +15,7 @@ out of distribution, and frame shapes that no training frame had.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -55,10 +56,15 @@ def read_cases(
     Cases with equal ``group_column`` values (default: the training data's group column, if
     the CSV has it) are one lesion: the ECE a calibrated model would measure is drawn per
     lesion."""
-    with csv_path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = [dict(r, split="test") for r in reader]
-        columns = set(reader.fieldnames or [])
+    # As spreadsheets export it: a byte-order mark, and ";" or tabs where "," is the decimal mark.
+    text = csv_path.read_text(encoding="utf-8-sig")
+    try:
+        dialect: Any = csv.Sniffer().sniff(text.partition("\n")[0], delimiters=",;\t")
+    except csv.Error:  # one column: nothing to sniff
+        dialect = csv.excel
+    reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)
+    rows = [dict(r, split="test") for r in reader]
+    columns = set(reader.fieldnames or [])
     for needed in ("path", label_column):
         if needed not in columns:
             raise DatasetError(
@@ -97,41 +103,60 @@ def read_cases(
     return table
 
 
+CHUNK = 256  # cases decoded and run at a time: a whole archive never sits in memory at once
+
+
 def answer_locally(
     model_dir: Path, manifest: Any, table: Table, coverage: float, sets: str
 ) -> Answers:
     """The service's decode, graph and decision code, in this process."""
     max_pixels = Settings().max_image_pixels
-    images, kept, rejected = [], [], Counter()
-    for i, path in enumerate(tqdm(table.paths, desc="decode", unit="img", leave=False)):
-        try:
-            images.append(decode_image(path.read_bytes(), manifest.image, max_pixels))
-        except ServiceError as exc:  # the service answers these with a 4xx
-            rejected[exc.code] += 1
+    session = open_session(model_dir / "model.onnx")
+    n_fields = table.mask.shape[1]
+    kept: list[int] = []
+    probs, members, flagged, patterns = [], [], [], []
+    rejected: Counter[str] = Counter()
+    bar = tqdm(total=len(table), desc="cases", unit="case", leave=False)
+    for start in range(0, len(table), CHUNK):
+        images, index = [], []
+        for i in range(start, min(start + CHUNK, len(table))):
+            try:
+                images.append(decode_image(table.paths[i].read_bytes(), manifest.image, max_pixels))
+                index.append(i)
+            except ServiceError as exc:  # the service answers these with a 4xx
+                rejected[exc.code] += 1
+        bar.update(min(CHUNK, len(table) - start))
+        if not index:
             continue
-        kept.append(i)
+        cases = table.rows(np.asarray(index))
+        ones = np.ones((len(index), 1), np.float32)
+        p, rows = run_session(
+            session, np.stack(images), cases.tabular, cases.mask, ones, with_distance=True
+        )
+        for j, named in enumerate(manifest.label_rule.pick(p)):
+            pattern = pattern_of(True, int(cases.mask[j].sum()), n_fields)
+            answer = decide(
+                manifest.decision, manifest.labels, p[j].astype(np.float64), pattern, coverage,
+                0.0, rows[j], is_uniform(images[j]), int(named), sets,
+            )  # fmt: skip
+            members.append([k in answer.get("prediction_set", ()) for k in manifest.labels])
+            flagged.append(bool(answer.get("ood", {}).get("flagged")))
+            patterns.append(pattern)
+        kept += index
+        probs.append(p)
+    bar.close()
     if not kept:
         raise DatasetError(f"no case could be answered: {dict(rejected)}")
-    index = np.asarray(kept, np.int64)
-    cases = table.rows(index)
-    session = open_session(model_dir / "model.onnx")
-    ones = np.ones((len(index), 1), np.float32)
-    probs, rows = run_session(
-        session, np.stack(images), cases.tabular, cases.mask, ones, with_distance=True
+    every = np.concatenate(probs)
+    return Answers(
+        np.asarray(kept, np.int64),
+        every,
+        manifest.label_rule.pick(every),
+        np.array(members, bool),
+        np.array(flagged, bool),
+        patterns,
+        dict(rejected),
     )
-    named = manifest.label_rule.pick(probs)
-    n_fields = cases.mask.shape[1]
-    patterns = [pattern_of(True, int(m.sum()), n_fields) for m in cases.mask]
-    members = np.zeros(probs.shape, bool)
-    flagged = np.zeros(len(index), bool)
-    for i, pattern in enumerate(patterns):
-        answer = decide(
-            manifest.decision, manifest.labels, probs[i].astype(np.float64), pattern, coverage,
-            0.0, rows[i], is_uniform(images[i]), int(named[i]), sets,
-        )  # fmt: skip
-        members[i] = [k in answer.get("prediction_set", ()) for k in manifest.labels]
-        flagged[i] = bool(answer.get("ood", {}).get("flagged"))
-    return Answers(index, probs, named, members, flagged, patterns, dict(rejected))
 
 
 def answer_by_service(
