@@ -337,6 +337,7 @@ def validate(
     api_key: str | None = typer.Option(
         None, "--api-key", envvar="ENDOFUSE_API_KEY", help="Sent to --service as X-API-Key"
     ),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Requests in flight"),
 ) -> None:
     """Score a version on a site's own labelled cases, as the service answers them, beside its
     test figures: what differs beyond sampling (coverage, calibration, flags, accuracy)."""
@@ -347,7 +348,10 @@ def validate(
     from training.validate import main
 
     try:
-        main(model_dir, cases, out, service, coverage, sets, label_column, group_column, api_key)
+        main(
+            model_dir, cases, out, service, coverage, sets, label_column, group_column, api_key,
+            concurrency,
+        )  # fmt: skip
     except (DatasetError, ServiceError, httpx.HTTPError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

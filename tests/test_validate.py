@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -122,11 +123,14 @@ def test_the_service_answers_as_the_process_does(tmp_path: Path) -> None:
     )
     cases = write_cases(tmp_path / "cases.csv", rows)
     key = create_key(tmp_path / "keys.json", "validation", ["predict"])
+    # A queue of one: the client's twelve requests at once meet 503s and must wait them out.
     settings = make_settings(
         REPO / "models",
         models=["hyperkvasir-lgi"],
         warmup_runs=0,
         api_keys_file=tmp_path / "keys.json",
+        max_queue_size=1,
+        engine_instances=1,
     )
     registry = Registry.load(
         REPO / "models", providers=["CPUExecutionProvider"], warmup_runs=0, only=["hyperkvasir-lgi"]
@@ -135,10 +139,17 @@ def test_the_service_answers_as_the_process_does(tmp_path: Path) -> None:
         url = f"http://{host}:{port}"
         refused = run(HK, "--cases", cases, "--out", tmp_path / "no-key", "--service", url)
         code, output = run(
-            HK, "--cases", cases, "--out", tmp_path / "http", "--service", url, "--api-key", key
-        )
+            HK, "--cases", cases, "--out", tmp_path / "http", "--service", url, "--api-key", key,
+            "--concurrency", "12",
+        )  # fmt: skip
+        metrics = httpx.get(f"{url}/metrics").text
     assert refused[0] == 2 and "401" in refused[1], refused
     assert code == 0, output
+    overloaded = [
+        line for line in metrics.splitlines()
+        if line.startswith("endofuse_requests_total") and 'outcome="overloaded"' in line
+    ]  # fmt: skip
+    assert overloaded and float(overloaded[0].split()[-1]) > 0, metrics
     assert run(HK, "--cases", cases, "--out", tmp_path / "local")[0] == 0
     http, local = (
         json.loads((tmp_path / d / "validation.json").read_text()) for d in ("http", "local")

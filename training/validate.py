@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ def read_cases(
     return table
 
 
+RETRIES = 6  # tries of a case the service answers 503 or 429, each after its Retry-After
+MAX_WAIT_S = 10.0
 CHUNK = 256  # cases decoded and run at a time: a whole archive never sits in memory at once
 
 
@@ -177,12 +180,17 @@ def answer_by_service(
 
     def one(client: httpx.Client, row: int) -> dict[str, Any]:
         values = tabular_fields(manifest, table, row)
-        r = client.post(
-            endpoint,
-            params=params,
-            files={"image": ("frame", table.paths[row].read_bytes())},
-            data={"tabular": json.dumps(values)} if values else None,
-        )
+        for _ in range(RETRIES):
+            r = client.post(
+                endpoint,
+                params=params,
+                files={"image": ("frame", table.paths[row].read_bytes())},
+                data={"tabular": json.dumps(values)} if values else None,
+            )
+            if r.status_code not in (429, 503):
+                break
+            # Busy (or past the key's rate): wait as the service asks, then send it again.
+            time.sleep(min(float(r.headers.get("Retry-After", 1)), MAX_WAIT_S))
         if 400 <= r.status_code < 500 and r.status_code not in (401, 403, 404, 429):
             return {"rejected": r.json().get("error", {}).get("code", str(r.status_code))}
         r.raise_for_status()  # a service that fails is not a finding about the site's cases
@@ -228,6 +236,7 @@ def main(
     label_column: str = "label",
     group_column: str | None = None,
     api_key: str | None = None,
+    concurrency: int = 4,
 ) -> dict[str, Any]:
     from training.validate_report import analyse, write_report
 
@@ -238,7 +247,7 @@ def main(
         manifest.decision.check_sets(sets)
     table = read_cases(cases_csv, manifest, label_column, group_column)
     answers = (
-        answer_by_service(service_url, manifest, table, coverage, sets, api_key)
+        answer_by_service(service_url, manifest, table, coverage, sets, api_key, concurrency)
         if service_url
         else answer_locally(model_dir, manifest, table, coverage, sets)
     )
