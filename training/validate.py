@@ -190,7 +190,8 @@ def answer_by_service(
             if r.status_code not in (429, 503):
                 break
             # Busy (or past the key's rate): wait as the service asks, then send it again.
-            time.sleep(min(float(r.headers.get("Retry-After", 1)), MAX_WAIT_S))
+            wait = r.headers.get("Retry-After", "1")
+            time.sleep(min(float(wait) if wait.isdigit() else 1.0, MAX_WAIT_S))
         if 400 <= r.status_code < 500 and r.status_code not in (401, 403, 404, 429):
             return {"rejected": r.json().get("error", {}).get("code", str(r.status_code))}
         r.raise_for_status()  # a service that fails is not a finding about the site's cases
