@@ -70,6 +70,17 @@ def test_the_test_split_as_a_site_gives_the_recorded_figures(tmp_path: Path) -> 
     )
     assert report["ood"]["patterns"]["all"]["p_more"] == pytest.approx(ood["p_as_many_flagged"])
     assert report["findings"]["differs"] == []
+    with (tmp_path / "out" / "validation-cases.csv").open(newline="") as fh:
+        listed = list(csv.DictReader(fh))
+    order = [
+        (r["flagged"] != "true", r["covered"] != "false", r["named"] == r["label"]) for r in listed
+    ]
+    assert len(listed) == len(rows) and order == sorted(order)
+    assert (
+        sum(r["flagged"] == "true" for r in listed) == report["ood"]["patterns"]["all"]["flagged"]
+    )
+    wrong = sum(r["named"] != r["label"] for r in listed)
+    assert wrong == round((1 - report["figures"]["accuracy"]) * len(rows))
     assert {"validation.md", "validation.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
 
 
@@ -90,6 +101,11 @@ def test_images_of_another_kind_differ_beyond_sampling(tmp_path: Path) -> None:
     assert "lower beyond sampling" in differs
     text = (tmp_path / "validation-hyperkvasir-lgi-2" / "validation.md").read_text()
     assert "| polyp | 30 |" in text
+    # The case list: one row per image, the flagged ones (here all) first.
+    with (tmp_path / "validation-hyperkvasir-lgi-2" / "validation-cases.csv").open() as fh:
+        listed = list(csv.DictReader(fh))
+    assert sorted(r["path"] for r in listed) == sorted(r["path"] for r in rows)
+    assert all(r["flagged"] == "true" and r["label"] == "polyp" for r in listed)
 
 
 def letterboxed(rows: list[dict[str, str]], folder: Path) -> list[dict[str, str]]:
@@ -193,6 +209,10 @@ def test_bad_cases_are_refused_clearly(tmp_path: Path) -> None:
     assert code == 0, output
     report = json.loads((tmp_path / "e" / "validation.json").read_text())
     assert report["n_answered"] == 6 and report["rejected"] == {"undecodable_image": 1}
+    with (tmp_path / "e" / "validation-cases.csv").open(newline="") as fh:
+        listed = list(csv.DictReader(fh))
+    assert len(listed) == 7 and listed[-1]["named"] == "undecodable_image"
+    assert listed[-1]["path"].endswith("broken.jpg")
     assert "1 of 7 cases refused (undecodable_image: 1)" in report["findings"]["differs"][0]
 
 

@@ -7,7 +7,8 @@ case is answered as the service answers it, in process (the service's own decode
 decision code) or, with ``--service``, through a running endofuse service. The report puts
 the site's figures beside the version's own test figures, and says where they differ by
 more than sampling explains: the prediction sets' coverage, calibration, the share flagged
-out of distribution, and frame shapes that no training frame had.
+out of distribution, and frame shapes that the training frames seldom had; a case list
+(``validation-cases.csv``) puts the cases to look at first on top.
 
     endofuse validate models/hyperkvasir-lgi/2 --cases site/labels.csv [--service URL]
 """
@@ -47,7 +48,12 @@ class Answers:
     sets: np.ndarray  # bool [N, K]: the prediction set at the chosen coverage
     flagged: np.ndarray  # bool [N]: out of distribution (False where not fitted)
     patterns: list[str]  # per case: the missingness pattern its inputs make
-    rejected: dict[str, int] = field(default_factory=dict)  # error code -> cases
+    refused: dict[int, str] = field(default_factory=dict)  # row index -> the error code
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Refused cases by error code."""
+        return dict(Counter(self.refused.values()))
 
 
 def read_cases(
@@ -118,7 +124,7 @@ def answer_locally(
     n_fields = table.mask.shape[1]
     kept: list[int] = []
     probs, members, flagged, patterns = [], [], [], []
-    rejected: Counter[str] = Counter()
+    refused: dict[int, str] = {}
     bar = tqdm(total=len(table), desc="cases", unit="case", leave=False)
     for start in range(0, len(table), CHUNK):
         images, index = [], []
@@ -127,7 +133,7 @@ def answer_locally(
                 images.append(decode_image(table.paths[i].read_bytes(), manifest.image, max_pixels))
                 index.append(i)
             except ServiceError as exc:  # the service answers these with a 4xx
-                rejected[exc.code] += 1
+                refused[i] = exc.code
         bar.update(min(CHUNK, len(table) - start))
         if not index:
             continue
@@ -149,7 +155,7 @@ def answer_locally(
         probs.append(p)
     bar.close()
     if not kept:
-        raise DatasetError(f"no case could be answered: {dict(rejected)}")
+        raise DatasetError(f"no case could be answered: {dict(Counter(refused.values()))}")
     every = np.concatenate(probs)
     return Answers(
         np.asarray(kept, np.int64),
@@ -158,7 +164,7 @@ def answer_locally(
         np.array(members, bool),
         np.array(flagged, bool),
         patterns,
-        dict(rejected),
+        refused,
     )
 
 
@@ -208,7 +214,7 @@ def answer_by_service(
             answers.append(answer)
             bar.update()
         bar.close()
-    rejected = Counter(a["rejected"] for a in answers if "rejected" in a)
+    refused = {i: a["rejected"] for i, a in enumerate(answers) if "rejected" in a}
     kept = np.array([i for i, a in enumerate(answers) if "rejected" not in a], np.int64)
     done = [answers[i] for i in kept]
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
@@ -223,7 +229,7 @@ def answer_by_service(
         np.array([[k in a.get("prediction_set", ()) for k in labels] for a in done], bool),
         np.array([bool(a.get("ood", {}).get("flagged")) for a in done], bool),
         [pattern_of(True, used(a), n_fields) for a in done],
-        dict(rejected),
+        refused,
     )
 
 
@@ -262,4 +268,48 @@ def main(
     )
     out = out or cases_csv.resolve().parent / f"validation-{manifest.name}-{manifest.version}"
     write_report(report, out)
+    write_cases(out / "validation-cases.csv", manifest, table, answers)
     return report
+
+
+def write_cases(path: Path, manifest: Any, table: Table, answers: Answers) -> None:
+    """One row per case, the ones to look at first on top: flagged out of distribution, then
+    not covered by their set, then named wrongly; refused cases last, their error code in
+    ``named``."""
+    labels = manifest.labels
+    has_sets = manifest.decision is not None
+    rows = []
+    for j, i in enumerate(answers.kept):
+        truth, named = int(table.labels[i]), int(answers.named[j])
+        members = [k for k, m in zip(labels, answers.sets[j], strict=True) if m]
+        rows.append({
+            "path": str(table.paths[i]),
+            "label": labels[truth],
+            "named": labels[named],
+            "probability": f"{answers.probs[j, named]:.4f}",
+            "prediction_set": " ".join(members),
+            "covered": str(labels[truth] in members).lower() if has_sets else "",
+            "flagged": str(bool(answers.flagged[j])).lower(),
+            "pattern": answers.patterns[j],
+        })  # fmt: skip
+    rows.sort(
+        key=lambda r: (r["flagged"] != "true", r["covered"] != "false", r["named"] == r["label"])
+    )
+    rows += [
+        {"path": str(table.paths[i]), "label": labels[int(table.labels[i])], "named": code}
+        for i, code in sorted(answers.refused.items())
+    ]
+    fields = [
+        "path",
+        "label",
+        "named",
+        "probability",
+        "prediction_set",
+        "covered",
+        "flagged",
+        "pattern",
+    ]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
