@@ -251,4 +251,18 @@ def test_tabular_fields_set_each_case_pattern(tmp_path: Path) -> None:
     assert code == 0, output
     report = json.loads((tmp_path / "b" / "validation.json").read_text())
     assert report["patterns"] == {"image_only": 40}
+    assert not any("fewer pixels" in d for d in report["findings"]["differs"])
+    # The same lesions from a camera with half the resolution: said, whatever the answers.
+    (tmp_path / "half").mkdir()
+    for i, row in enumerate(bare):
+        with Image.open(row["path"]) as im:
+            im.resize((im.width // 2, im.height // 2)).save(tmp_path / "half" / f"{i}.jpg")
+    half = [{"path": f"half/{i}.jpg", "label": r["label"]} for i, r in enumerate(bare)]
+    code, output = run(
+        model, "--cases", write_cases(tmp_path / "c.csv", half), "--out", tmp_path / "c"
+    )
+    assert code == 0, output
+    report = json.loads((tmp_path / "c" / "validation.json").read_text())
+    assert report["capture"]["smaller_share"] == 1.0
+    assert any("fewer pixels" in d for d in report["findings"]["differs"])
     assert sum(map(sum, report["figures"]["confusion"])) == 40
