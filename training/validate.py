@@ -123,7 +123,7 @@ def answer_locally(
     session = open_session(model_dir / "model.onnx")
     n_fields = table.mask.shape[1]
     kept: list[int] = []
-    probs, members, flagged, patterns = [], [], [], []
+    probs, named, members, flagged, patterns = [], [], [], [], []
     refused: dict[int, str] = {}
     bar = tqdm(total=len(table), desc="cases", unit="case", leave=False)
     for start in range(0, len(table), CHUNK):
@@ -142,25 +142,26 @@ def answer_locally(
         p, rows = run_session(
             session, np.stack(images), cases.tabular, cases.mask, ones, with_distance=True
         )
-        for j, named in enumerate(manifest.label_rule.pick(p)):
+        picked = manifest.label_rule.pick(p)
+        for j, k in enumerate(picked):
             pattern = pattern_of(True, int(cases.mask[j].sum()), n_fields)
             answer = decide(
                 manifest.decision, manifest.labels, p[j].astype(np.float64), pattern, coverage,
-                0.0, rows[j], is_uniform(images[j]), int(named), sets,
+                0.0, rows[j], is_uniform(images[j]), int(k), sets,
             )  # fmt: skip
             members.append([k in answer.get("prediction_set", ()) for k in manifest.labels])
             flagged.append(bool(answer.get("ood", {}).get("flagged")))
             patterns.append(pattern)
         kept += index
         probs.append(p)
+        named.append(picked)
     bar.close()
     if not kept:
         raise DatasetError(f"no case could be answered: {dict(Counter(refused.values()))}")
-    every = np.concatenate(probs)
     return Answers(
         np.asarray(kept, np.int64),
-        every,
-        manifest.label_rule.pick(every),
+        np.concatenate(probs),
+        np.concatenate(named),
         np.array(members, bool),
         np.array(flagged, bool),
         patterns,

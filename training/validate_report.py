@@ -240,24 +240,22 @@ def findings(r: dict[str, Any]) -> dict[str, list[str]]:
             f"(p = {o['p_more']:.2g})",
             "the site's images differ from the training data; look at the flagged cases first",
         )
-    new = r["capture"].get("new_ratio_share")
-    if new is not None:
-        judge(
-            new > NEW_SHAPE,
-            f"{pct(new)} of the frames have a width/height ratio that fewer than "
-            f"{pct(COMMON_SHAPE)} of the training frames had",
+    captures = {  # share of the frames -> what it is, and what it means when raised
+        "new_ratio_share": (
+            f"a width/height ratio that fewer than {pct(COMMON_SHAPE)} of the training frames had",
             "a capture set-up the version was not trained on (its report's capture-shift "
             "audit says how much such changes move its answers)",
-        )
-    smaller = r["capture"].get("smaller_share")
-    if smaller is not None:
-        judge(
-            smaller > NEW_SHAPE,
-            f"{pct(smaller)} of the frames have fewer pixels than {pct(1 - COMMON_SHAPE)} of "
-            "the training frames",
+        ),
+        "smaller_share": (
+            f"fewer pixels than {pct(1 - COMMON_SHAPE)} of the training frames",
             "another camera or export resolution than the training data's (its report's "
             "capture-shift audit measures half resolution)",
-        )
+        ),
+    }
+    for key, (what, why) in captures.items():
+        share = r["capture"].get(key)  # absent where the training data is not reachable
+        if share is not None:
+            judge(share > NEW_SHAPE, f"{pct(share)} of the frames have {what}", why)
     return {"differs": differs, "holds": holds}
 
 
