@@ -172,14 +172,19 @@ def _keep(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray
     return keep
 
 
-def canonical_frame(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """RGB ``image`` -> uint8 [height, width, 3]: FOV crop, aspect-keeping fit, ellipse mask."""
+def canonical_frame(
+    image: Image.Image, height: int, width: int, ellipse: bool = True
+) -> np.ndarray:
+    """RGB ``image`` -> uint8 [height, width, 3]: FOV crop, aspect-keeping fit, and (with
+    ``ellipse``) the mask outside the inscribed ellipse."""
     left, top, right, bottom = find_fov(image)
     crop = image.crop((left, top, right, bottom))
     box = fit_box(crop.width, crop.height, width, height)
     resized = crop.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR)
     out = np.zeros((height, width, 3), np.uint8)
     out[box[1] : box[3], box[0] : box[2]] = np.asarray(resized, dtype=np.uint8)
+    if not ellipse:
+        return out
     flat = out.reshape(height, width * 3)
     np.bitwise_and(flat, _keep(height, width, box), out=flat)
     return out

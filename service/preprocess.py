@@ -41,7 +41,9 @@ _EXIF_ORIENTATION = 0x0112
 #   1: squash the whole frame to the input size, then black out fixed fractional regions.
 #   2: crop to the field of view, fit keeping the aspect, pad, black out beyond the inscribed
 #      ellipse (service/geometry.py): the capture's frame shape and overlays carry no signal.
-PREPROCESSING_VERSIONS = (1, 2)
+#   3: version 2 without the ellipse mask, for images whose content reaches the corners
+#      (dermoscopy: a large lesion's border is diagnostic); bars around it still carry none.
+PREPROCESSING_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ class ImageSpec:
             steps = ["decode", "exif-orientation", "rgb", "squash-resize", "mask-regions"]
         else:
             resize = "field-of-view crop, bilinear-antialiased, aspect kept, black padding"
-            steps = ["decode", "exif-orientation", "rgb", "fov-crop", "fit-pad", "ellipse-mask"]
+            steps = ["decode", "exif-orientation", "rgb", "fov-crop", "fit-pad"]
+            if self.version == 2:
+                steps.append("ellipse-mask")
         return {
             "height": self.height,
             "width": self.width,
@@ -170,8 +174,8 @@ def from_pixels(pixels: np.ndarray, spec: ImageSpec, max_pixels: int = 40_000_00
 
 def prepare(rgb: Image.Image, spec: ImageSpec) -> np.ndarray:
     """A decoded RGB frame -> the model's uint8 input, by the spec's preprocessing version."""
-    if spec.version == 2:
-        return canonical_frame(rgb, spec.height, spec.width)
+    if spec.version in (2, 3):
+        return canonical_frame(rgb, spec.height, spec.width, ellipse=spec.version == 2)
     if rgb.size != (spec.width, spec.height):
         rgb = rgb.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     array = np.asarray(rgb, dtype=np.uint8)

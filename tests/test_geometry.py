@@ -202,3 +202,24 @@ def test_version_one_spec_unchanged() -> None:
 def test_unknown_preprocessing_version_refused() -> None:
     with pytest.raises(ValueError, match="preprocessing version"):
         ImageSpec.from_manifest({"height": 8, "width": 8, "preprocessing": {"version": 9}})
+
+
+V3 = ImageSpec(150, 200, version=3)
+
+
+def test_version_three_keeps_the_corners_and_still_cuts_the_bars() -> None:
+    """Version 3 is version 2 without the ellipse: content in the corners survives, bars from
+    another frame shape are still cut away, and the manifest says which steps ran."""
+    image = tissue(200, 150)
+    stored = decode_image(encode(image), V3)
+    assert stored[:10, :10].min() > 0 and stored[-10:, -10:].min() > 0
+    np.testing.assert_array_equal(stored, np.asarray(image))  # a borderless frame, as stored
+    wide = Image.new("RGB", (480, 270))
+    wide.paste(image.resize((360, 270)), (60, 0))
+    assert np.abs(coarse(decode_image(encode(wide), V3)) - coarse(stored)).mean() < 6.0
+    squashed = np.asarray(wide.resize((200, 150), Image.Resampling.BILINEAR))
+    assert squashed[:, :10].max() == 0  # version 1 would have kept the bar
+    steps = V3.to_manifest()["preprocessing"]["steps"]
+    assert "fov-crop" in steps and "ellipse-mask" not in steps
+    assert "ellipse-mask" in V2.to_manifest()["preprocessing"]["steps"]
+    assert ImageSpec.from_manifest(V3.to_manifest()) == V3

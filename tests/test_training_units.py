@@ -328,3 +328,43 @@ def test_augment_params_override_a_recipe_and_unknown_fields_fail_early() -> Non
     assert load_config(config).image.augment_params == {"crop_scale": [0.75, 1.0]}
     with pytest.raises(ValueError, match="unknown fields"):
         load_config(config, {"image.augment_params": {"crop_sclae": [0.5, 1.0]}})
+
+
+def test_dermoscopy_bars_and_low_resolution_are_off_unless_asked() -> None:
+    """Off by default (ham10000/2's recipe never changes the frame size); asked for, each
+    changes the frame as said, and version 3 preprocessing cuts the bars away again."""
+    from PIL import Image
+
+    from service.preprocess import ImageSpec, prepare
+    from training.augment import make_augment
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(60, 200, (150, 200, 3), dtype=np.uint8))
+    plain = make_augment("dermoscopy", {})
+    assert all(plain(image, np.random.default_rng(s)).size == image.size for s in range(20))
+    only = {k: 0.0 for k in ("p_crop", "p_rotate", "p_colour", "p_hair", "p_ruler",
+                             "p_vignette", "p_blur", "p_jpeg")}  # fmt: skip
+    low = make_augment("dermoscopy", {**only, "p_lowres": 1.0, "lowres": [0.5, 0.5]})
+    assert low(image, np.random.default_rng(1)).size == (100, 75)
+    bars = make_augment("dermoscopy", {**only, "p_letterbox": 1.0})
+    framed = [bars(image, np.random.default_rng(s)) for s in range(8)]
+    assert any(f.size != image.size for f in framed)
+    v3 = ImageSpec(150, 200, version=3)
+    for f in framed:
+        out = prepare(f, v3)
+        # The bars are cut: a few black columns or rows at most, the FOV box's margin.
+        assert (out.max(axis=(0, 2)) == 0).sum() <= 6 and (out.max(axis=(1, 2)) == 0).sum() <= 6
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_every_recipe_in_the_repository_loads(config: Path) -> None:
+    """A recipe the docs tell users to run must at least parse and pass its checks (image
+    spec, augmentation fields) before an hour of training."""
+    from training.config import load_config
+
+    cfg = load_config(config)
+    assert cfg.image.spec().version == cfg.image.preprocessing

@@ -179,6 +179,11 @@ class DermoscopyAugment:
     p_blur: float = 0.15
     p_jpeg: float = 0.4
     jpeg_quality: tuple[int, int] = (40, 95)
+    # Off by default (ham10000/2's recipe): another camera's frame shape around the image and
+    # a lower-resolution sensor, for models whose preprocessing crops the bars away again.
+    p_letterbox: float = 0.0
+    p_lowres: float = 0.0
+    lowres: tuple[float, float] = (0.4, 0.9)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
         a, out = self, image
@@ -211,8 +216,16 @@ class DermoscopyAugment:
             out = capture.ruler(out, float(rng.choice([0.05, 0.95])), int(rng.integers(10, 30)))
         if rng.random() < a.p_vignette:
             out = capture.vignette(out, _u(rng, 0.2, 0.9))
+        if a.p_letterbox and rng.random() < a.p_letterbox:
+            aspect = ASPECTS[rng.integers(len(ASPECTS))] * _u(rng, 0.95, 1.05)
+            height = int(rng.integers(out.height, int(out.height * 1.6) + 1))
+            out = capture.letterbox(
+                out, max(out.width, round(height * aspect)), height, _u(rng, 0, 1), _u(rng, 0, 1)
+            )
         if rng.random() < a.p_blur:
             out = capture.blur(out, _u(rng, 0.3, 1.2))
+        if a.p_lowres and rng.random() < a.p_lowres:
+            out = capture.rescale(out, _u(rng, *a.lowres))
         if rng.random() < a.p_jpeg:
             out = capture.jpeg(out, int(rng.integers(a.jpeg_quality[0], a.jpeg_quality[1] + 1)))
         return out
