@@ -12,6 +12,9 @@ set-up instead of the tissue. Here every frame is brought to one canonical geome
 3. black out everything outside the ellipse inscribed in the resized FOV, so the FOV's own
    outline (octagon, circle, rounded rectangle) and anything in its corners look the same for
    every scope.
+
+Version 3 stops after step 2: for images whose content fills the corners (dermoscopy), where
+the ellipse would black out tissue rather than a scope's outline.
 """
 
 from __future__ import annotations

@@ -144,3 +144,34 @@ def test_stratified_subset_keeps_class_shares_and_is_repeatable() -> None:
     assert counts[0] == 180 and counts[1] == 18 and counts[2] == 5  # the rare class keeps 5
     assert [p.name for p in stratified(table, 200).paths] == [p.name for p in sub.paths]
     assert stratified(table, None) is table
+
+
+def test_argmax_flips_recorded_beside_a_label_rule_and_reported() -> None:
+    """A rule that names the rare class on weak evidence flips where the argmax does not;
+    the audit counts both, and the report shows the argmax column only for such a rule."""
+    from training.report import audit_lines
+
+    def near_boundary(data_list: list[bytes]) -> np.ndarray:
+        sizes = [Image.open(io.BytesIO(d)).size for d in data_list]
+        return np.array([[0.85, 0.15] if w / h > 1.25 else [0.88, 0.12] for w, h in sizes])
+
+    prior = np.array([0.87, 0.13])
+    data, labels = frames(4), np.array([0, 0, 0, 0])
+    rule = counterfactual(
+        data, labels, ("a", "b"), near_boundary, pick=lambda p: (p / prior).argmax(1)
+    )
+    plain = counterfactual(data, labels, ("a", "b"), near_boundary)
+    wide = rule["changes"]["letterbox 1920x1080 (16:9)"]
+    assert wide["flips"] == 4 and wide["argmax_flips"] == 0
+    assert "argmax_flips" not in plain["changes"]["letterbox 1920x1080 (16:9)"]
+
+    def table(cf: dict) -> str:
+        scores = {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5}
+        meta = {"majority_class_accuracy": 0.5, "frame as captured": scores, "model input": scores}
+        results = {"model": "m/1", "split": "test", "label_rule": "balanced",
+                   "patterns": {"all": {"n": 4}},
+                   "audit": {"counterfactual": cf, "scored_by": "x", "metadata": meta}}  # fmt: skip
+        return "\n".join(audit_lines(results, None))
+
+    assert "| letterbox 1920x1080 (16:9) | 100.0 % (4) | 0.0 % (0) |" in table(rule)
+    assert "argmax flips" not in table(plain)

@@ -216,6 +216,7 @@ class DermoscopyAugment:
             out = capture.ruler(out, float(rng.choice([0.05, 0.95])), int(rng.integers(10, 30)))
         if rng.random() < a.p_vignette:
             out = capture.vignette(out, _u(rng, 0.2, 0.9))
+        # Both new changes draw nothing when off, so ham10000/2's recipe replays as trained.
         if a.p_letterbox and rng.random() < a.p_letterbox:
             aspect = ASPECTS[rng.integers(len(ASPECTS))] * _u(rng, 0.95, 1.05)
             height = int(rng.integers(out.height, int(out.height * 1.6) + 1))

@@ -153,7 +153,7 @@ def capture_audit(
             manifest.labels,
             predict,
             lambda _: bar.update(),
-            manifest.label_rule.pick,
+            None if manifest.label_rule.kind == "argmax" else manifest.label_rule.pick,
         )
     # The metadata classifier needs no more training rows than a few times the audited ones.
     train = stratified(
