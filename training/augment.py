@@ -70,6 +70,14 @@ def _corner_rect(
     return x0, y0, x0 + bw, y0 + bh
 
 
+def _frame_shape(image: Image.Image, rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of another capture's frame around ``image``: a common aspect, jittered,
+    up to 1.6 times as tall."""
+    aspect = ASPECTS[rng.integers(len(ASPECTS))] * _u(rng, 0.95, 1.05)
+    height = int(rng.integers(image.height, int(image.height * 1.6) + 1))
+    return round(height * aspect), height
+
+
 def _random_text(rng: np.random.Generator) -> list[str]:
     lines = []
     for _ in range(int(rng.integers(1, 6))):
@@ -142,13 +150,10 @@ def augment(image: Image.Image, a: CaptureAugment, rng: np.random.Generator) -> 
         out = colour_jitter(out, a, rng)
     out = overlays(out, a, rng)
     if rng.random() < a.p_letterbox:
-        aspect = ASPECTS[rng.integers(len(ASPECTS))] * _u(rng, 0.95, 1.05)
-        height = int(rng.integers(out.height, int(out.height * 1.6) + 1))
+        width, height = _frame_shape(out, rng)
         # White bars too: some polyp frames were cropped onto white, so none may keep them.
         fill = (255, 255, 255) if rng.random() < a.p_white_bars else capture.BLACK
-        out = capture.letterbox(
-            out, round(height * aspect), height, _u(rng, 0, 1), _u(rng, 0, 1), fill
-        )
+        out = capture.letterbox(out, width, height, _u(rng, 0, 1), _u(rng, 0, 1), fill)
     if rng.random() < a.p_blur:
         out = capture.blur(out, _u(rng, 0.3, 1.5))
     if rng.random() < a.p_lowres:
@@ -218,10 +223,9 @@ class DermoscopyAugment:
             out = capture.vignette(out, _u(rng, 0.2, 0.9))
         # Both new changes draw nothing when off, so ham10000/2's recipe replays as trained.
         if a.p_letterbox and rng.random() < a.p_letterbox:
-            aspect = ASPECTS[rng.integers(len(ASPECTS))] * _u(rng, 0.95, 1.05)
-            height = int(rng.integers(out.height, int(out.height * 1.6) + 1))
+            width, height = _frame_shape(out, rng)
             out = capture.letterbox(
-                out, max(out.width, round(height * aspect)), height, _u(rng, 0, 1), _u(rng, 0, 1)
+                out, max(out.width, width), height, _u(rng, 0, 1), _u(rng, 0, 1)
             )
         if rng.random() < a.p_blur:
             out = capture.blur(out, _u(rng, 0.3, 1.2))

@@ -110,6 +110,13 @@ def read_cases(
     return table
 
 
+def _read_answer(answer: dict[str, Any], labels: Any) -> tuple[list[bool], bool]:
+    """A response's set membership per label and its out-of-distribution flag (each absent
+    where the version has none fitted)."""
+    members = answer.get("prediction_set", ())
+    return [label in members for label in labels], bool(answer.get("ood", {}).get("flagged"))
+
+
 RETRIES = 6  # tries of a case the service answers 503 or 429, each after its Retry-After
 MAX_WAIT_S = 10.0
 CHUNK = 256  # cases decoded and run at a time: a whole archive never sits in memory at once
@@ -149,8 +156,9 @@ def answer_locally(
                 manifest.decision, manifest.labels, p[j].astype(np.float64), pattern, coverage,
                 0.0, rows[j], is_uniform(images[j]), int(k), sets,
             )  # fmt: skip
-            members.append([k in answer.get("prediction_set", ()) for k in manifest.labels])
-            flagged.append(bool(answer.get("ood", {}).get("flagged")))
+            member, flag = _read_answer(answer, manifest.labels)
+            members.append(member)
+            flagged.append(flag)
             patterns.append(pattern)
         kept += index
         probs.append(p)
@@ -223,12 +231,13 @@ def answer_by_service(
     def used(a: dict[str, Any]) -> int:
         return len((a["modalities"].get("tabular") or {}).get("used", []))
 
+    read = [_read_answer(a, labels) for a in done]
     return Answers(
         kept,
         np.array([[a["probabilities"][k] for k in labels] for a in done], np.float64),
         np.array([labels.index(a["label"]) for a in done], np.int64),
-        np.array([[k in a.get("prediction_set", ()) for k in labels] for a in done], bool),
-        np.array([bool(a.get("ood", {}).get("flagged")) for a in done], bool),
+        np.array([member for member, _ in read], bool).reshape(len(done), len(labels)),
+        np.array([flag for _, flag in read], bool),
         [pattern_of(True, used(a), n_fields) for a in done],
         refused,
     )
