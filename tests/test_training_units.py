@@ -266,6 +266,27 @@ def test_bias_corrected_calibration_undoes_a_shifted_prior() -> None:
     assert fit_calibration(plain, fair, np.zeros(3000, np.int64))["all"]["method"] == "TS"
 
 
+def test_calibration_cross_validation_keeps_a_group_in_one_fold() -> None:
+    """A lesion's images (one diagnosis, and without an image the same input) stay in one
+    fold, so the calibrator choice is not scored on rows it was fitted to; the choice under a
+    shifted prior holds with groups too."""
+    from training.calibrate import _half, fit_calibration
+
+    groups = np.repeat(np.arange(300), 3)
+    for seed in range(5):
+        half = _half(len(groups), groups, np.random.default_rng(seed))
+        assert 0.4 < half.mean() < 0.6
+        for g in range(300):
+            assert len(set(half[groups == g])) == 1
+    plain = _half(900, None, np.random.default_rng(0))
+    assert plain.sum() == 450
+    assert any(len(set(plain[groups == g])) == 2 for g in range(300))
+    logits, labels = _shifted_prior_case(3000, 0)
+    lesions = np.arange(3000) // 2
+    chosen = fit_calibration(logits, labels, np.zeros(3000, np.int64), groups=lesions)
+    assert chosen["all"]["method"] == "BCTS"
+
+
 def test_calibration_parameters_round_trip_through_manifest_and_onnx(tmp_path: Path) -> None:
     """Per-pattern temperatures and class biases reach the ONNX graph: its probabilities are
     softmax(logits / T_pattern + b_pattern) for the pattern the masks imply."""

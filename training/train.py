@@ -253,7 +253,10 @@ def fit(
         np.concatenate([pid for _, pid in val_logits.values()]),
     )
     if tc.calibration == "auto":
-        params = fit_calibration(*fit_args)
+        groups = tables["val"].groups
+        params = fit_calibration(
+            *fit_args, groups=None if groups is None else np.tile(groups, len(val_logits))
+        )
     else:
         params = {
             name: {"temperature": t, "bias": [0.0] * n_classes, "method": "TS"}
