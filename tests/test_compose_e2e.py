@@ -198,6 +198,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         lines = d.logs()
         print("\n".join(flagged(lines)[-80:]))
         print("\n".join(lines[-40:])[-4000:])
+        # One `podman stop` stops every container at once; `down` alone stops them one by
+        # one, each with its own grace period, and once ran past pytest's stack-dump timer.
+        containers = d.all_containers()
+        if containers:
+            subprocess.run(
+                ["podman", "stop", "-t", "5", *containers],
+                env=d.env, capture_output=True, timeout=120,
+            )  # fmt: skip
         d.compose("down", "-t", "5", timeout=180)
         left = d.leftovers()
         if left:  # clear them whatever happens, then fail
