@@ -4,7 +4,7 @@ load generator and server, two rounds in opposite orders). Each model gets frame
 kind: the 40 full-resolution endoscopy frames, or 40 dermoscopy images of the test split.
 
     python bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 4 --out docs/performance.md
-    python bench/precision.py --model ham10000 --fp32 2 --int8 4 --out docs/performance.md
+    python bench/precision.py --model ham10000 --fp32 2 --int8 6 --out docs/performance.md
 """
 
 from __future__ import annotations

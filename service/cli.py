@@ -253,13 +253,24 @@ def quantize(
     target_kl: float = typer.Option(
         0.005, help="Put layers back in float until int8's KL to fp32 on them is at most this"
     ),
+    rounding_frames: int = typer.Option(
+        64, help="Calibration frames the int8 weights' rounding is learned on (0: nearest)"
+    ),
+    float_layer: list[str] | None = typer.Option(
+        None,
+        "--float-layer",
+        help="Keep this convolution in float instead of measuring which (repeatable; e.g. "
+        "another variant's quantization.kept_in_float)",
+    ),
 ) -> None:
     """Write a static int8 variant of a model version (precision: int8 in its manifest), and
     fit its decision parameters on its own outputs."""
     _training()
     from training import conformal, quantize
 
-    dst = quantize.main(model_dir, version, calibration, probe, target_kl)
+    dst = quantize.main(
+        model_dir, version, calibration, probe, target_kl, rounding_frames, float_layer or None
+    )
     typer.echo(f"wrote {dst}")
     conformal.main(dst)
 

@@ -47,6 +47,18 @@ def test_card_carries_the_recorded_figures() -> None:
         assert (f"`{label}` {flagged[label][0] / flagged[label][1]:.1%}" in text) == (label in over)
 
 
+def test_card_of_an_int8_variant_says_how_it_was_rounded() -> None:
+    """The card names the learned rounding where the manifest records it, and only there."""
+    for name, version, learned in (("ham10000", "6", True), ("hyperkvasir-lgi", "4", False)):
+        model_dir = REPO / "models" / name / version
+        quant = json.loads((model_dir / "manifest.json").read_text())["quantization"]
+        text = card(model_dir, REPO / "docs" / "models" / name / version)
+        layers = (quant.get("rounding") or {}).get("layers")
+        assert ("rounding learned and biases corrected" in text) == learned
+        if learned:
+            assert f"corrected in {layers} layers" in text
+
+
 def test_card_follows_an_edited_report(tmp_path: Path) -> None:
     """The card reads the reports: change one figure and the card says the new one."""
     model_dir = REPO / "models" / "hyperkvasir-lgi" / "2"

@@ -129,13 +129,15 @@ def test_kl_to_is_zero_for_the_same_probabilities_and_grows_with_the_shift() -> 
     assert 0 < kl_to(p, q) < kl_to(p, q[:, ::-1])
 
 
-@pytest.mark.parametrize("name", ["hyperkvasir-lgi", "ham10000"])
-def test_shipped_int8_variant_runs_its_backbone_in_int8(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name, version", [("hyperkvasir-lgi", "4"), ("ham10000", "6")])
+def test_shipped_int8_variant_runs_its_backbone_in_int8(
+    name: str, version: str, tmp_path: Path
+) -> None:
     """After ONNX Runtime's graph optimisation, every backbone convolution not recorded as
     kept in float runs as an int8 ``QLinearConv``, and no ``Pad`` is left between them."""
     import json
 
-    model_dir = MODELS / name / "4"
+    model_dir = MODELS / name / version
     quant = json.loads((model_dir / "manifest.json").read_text())["quantization"]
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
@@ -167,7 +169,8 @@ def test_calibration_batches_step_one_batch_at_a_time() -> None:
 
 
 def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
-    """``endofuse quantize`` end to end on a bundled model (32 calibration frames, no probe):
+    """``endofuse quantize`` end to end on a bundled model (32 calibration frames, no probe,
+    nearest rounding):
     a new version whose whole backbone runs in int8, its out-of-distribution distance refitted,
     answering as the fp32 model on val frames."""
     import json
@@ -181,11 +184,12 @@ def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
     require_data("hyperkvasir-lgi")
     src = tmp_path / "hyperkvasir-lgi" / "2"
     shutil.copytree(MODELS / "hyperkvasir-lgi" / "2", src)
-    out = quantize.main(src, "9", calibration=32, probe=0)
+    out = quantize.main(src, "9", calibration=32, probe=0, rounding_frames=0)
 
     raw = json.loads((out / "manifest.json").read_text())
     assert raw["precision"] == "int8" and raw["quantization"]["calibration"]["frames"] == 32
     assert raw["quantization"]["kept_in_float"] == {}
+    assert raw["quantization"]["rounding"] == {"method": "nearest"}  # tests/test_rounding.py
     assert raw["ood_embedding"] != json.loads((src / "manifest.json").read_text())["ood_embedding"]
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")

@@ -151,9 +151,11 @@ def model_details(manifest: Any) -> list[str]:
     lines.append(f"- **Label rule**: `{kind}` ({RULES.get(kind, 'see the manifest')}).")
     if manifest.precision == "int8":
         q = raw.get("quantization", {})
+        learned = (q.get("rounding") or {}).get("layers")
+        rounding = f"; rounding learned and biases corrected in {learned} layers" if learned else ""
         lines.append(
             f"- **Precision**: int8 variant of `{q.get('source')}` (ONNX Runtime static "
-            f"quantisation; {len(q.get('kept_in_float', {}))} layers kept in float). Its "
+            f"quantisation; {len(q.get('kept_in_float', {}))} layers kept in float{rounding}). Its "
             "answers depend on the CPU's integer kernels; the self-check compares them at "
             "load with those its thresholds were fitted on."
         )
