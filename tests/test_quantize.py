@@ -202,3 +202,17 @@ def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
     int8 = quantize._probabilities(out / "model.onnx", frames, 0)
     assert np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.9
     assert kl_to(fp32, int8) < 0.1
+
+
+def test_quantize_refuses_float_layers_the_backbone_does_not_have(tmp_path: Path) -> None:
+    """A layer named to stay in float must be one of the backbone's convolutions: refused
+    before any frame is read, nothing written."""
+    import shutil
+
+    from training import quantize
+
+    src = tmp_path / "hyperkvasir-lgi" / "2"
+    shutil.copytree(MODELS / "hyperkvasir-lgi" / "2", src)
+    with pytest.raises(ValueError, match="/head/Gemm"):
+        quantize.main(src, "9", keep_in_float=["/tail/_conv_stem/Conv", "/head/Gemm"])
+    assert not (src.parent / "9").exists()

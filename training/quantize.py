@@ -234,6 +234,11 @@ def main(
     dst = src.parent / version
     if dst.exists():
         raise ValueError(f"{dst} exists already")
+    unknown = sorted(
+        set(keep_in_float or ()) - set(backbone_convs(onnx.load(str(src / "model.onnx"))))
+    )
+    if unknown:
+        raise ValueError(f"not convolutions of the image backbone: {', '.join(unknown)}")
     frames, _ = evenly_sampled(manifest, "train", calibration)
     probe_frames = evenly_sampled(manifest, "val", probe)[0] if probe else frames[:0]
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
@@ -271,9 +276,6 @@ def main(
             return kl_to(reference, _probabilities(trial, probe_frames, n_fields))
 
         if keep_in_float is not None:
-            unknown = sorted(set(keep_in_float) - set(candidates))
-            if unknown:
-                raise ValueError(f"not backbone convolutions: {', '.join(unknown)}")
             keep, whole = list(keep_in_float), divergence([]) if probe else 0.0
             gains = {name: float("nan") for name in keep}
             nearest = divergence(keep) if probe else 0.0
