@@ -266,3 +266,29 @@ def test_tabular_fields_set_each_case_pattern(tmp_path: Path) -> None:
     assert report["capture"]["smaller_share"] == 1.0
     assert any("fewer pixels" in d for d in report["findings"]["differs"])
     assert sum(map(sum, report["figures"]["confusion"])) == 40
+
+
+def test_figures_compared_are_those_of_the_very_graph(tmp_path: Path) -> None:
+    """A bundled version is compared with its evaluation report; a graph exported under the
+    same name and version (another model file) with its own manifest's figures, and says so."""
+    import shutil
+
+    from service.manifest import load_manifest
+    from training.validate_report import reference
+
+    bundled = REPO / "models" / "ham10000" / "2"
+    figures, source = reference(load_manifest(bundled / "manifest.json"))
+    assert source == "test split (docs/models/ham10000/2/results.json)"
+    report = json.loads((REPO / "docs/models/ham10000/2/results.json").read_text())
+    assert figures == report["patterns"]
+
+    raw = json.loads((bundled / "manifest.json").read_text())
+    raw["files"]["model.onnx"]["sha256"] = "0" * 64  # another export under the same number
+    scratch = tmp_path / "ham10000" / "2"
+    scratch.mkdir(parents=True)
+    (scratch / "manifest.json").write_text(json.dumps(raw))
+    shutil.copy(bundled / "model.onnx", scratch / "model.onnx")
+    figures, source = reference(load_manifest(scratch / "manifest.json"))
+    assert source == "test split (manifest, not the bundled graph's report)"
+    assert figures and figures != report["patterns"]
+    assert figures == {k: v for k, v in raw["metrics"].items() if isinstance(v, dict)}

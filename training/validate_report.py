@@ -45,12 +45,25 @@ FIGURES = (
 
 def reference(manifest: Any) -> tuple[dict[str, Any], str]:
     """The version's own test figures per pattern: its evaluation report where the repository
-    has one (scored as served, by its label rule), else the manifest's (before export)."""
+    has one of this very graph (scored as served, by its label rule), else the manifest's
+    (before export). A graph exported under a bundled version's name and number is not the
+    bundled one: the model file's hash tells them apart."""
     path = REPO / "docs" / "models" / manifest.name / manifest.version / "results.json"
-    if path.is_file():
+    bundled = REPO / "models" / manifest.name / manifest.version / "manifest.json"
+    mine = _graph_hash(manifest.raw)
+    if path.is_file() and mine is not None and mine == _graph_hash(_read(bundled)):
         return json.loads(path.read_text())["patterns"], f"test split ({path.relative_to(REPO)})"
-    metrics = manifest.raw.get("metrics", {})
-    return {k: v for k, v in metrics.items() if isinstance(v, dict)}, "test split (manifest)"
+    figures = {k: v for k, v in manifest.raw.get("metrics", {}).items() if isinstance(v, dict)}
+    other = ", not the bundled graph's report" if path.is_file() else ""
+    return figures, f"test split (manifest{other})"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _graph_hash(raw: dict[str, Any]) -> str | None:
+    return raw.get("files", {}).get("model.onnx", {}).get("sha256")
 
 
 def bootstrap(
