@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from service.sessions import open_session  # noqa: E402
 from training import rounding  # noqa: E402
-from training.quantize import PERCENTILE, QUANTISED_OPS, CalibrationBatches  # noqa: E402
+from training.quantize import CalibrationBatches, static  # noqa: E402
 
 
 def _network() -> onnx.ModelProto:
@@ -67,17 +67,9 @@ def _frames(n: int, seed: int) -> np.ndarray:
 
 
 def _quantised(model: onnx.ModelProto, frames: np.ndarray, tmp_path: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     src, out = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     onnx.save(model, str(src))
-    quantize_static(
-        str(src), str(out), CalibrationBatches(frames, {"image"}, 0),
-        quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=CalibrationMethod.Percentile,
-        extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1},
-    )  # fmt: skip
+    static(src, out, CalibrationBatches(frames, {"image"}, 0), [])
     return onnx.load(str(out))
 
 

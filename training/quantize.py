@@ -204,6 +204,29 @@ class CalibrationBatches:
         return image_only_feeds(self.names, batch, self.n_fields)
 
 
+def static(
+    src: Path,
+    out: Path,
+    batches: CalibrationBatches,
+    exclude: list[str],
+    cache: Path | None = None,
+) -> None:
+    """ONNX Runtime's static quantisation of ``src`` into ``out`` as every variant is built:
+    QDQ, int8 weights per channel, uint8 activations at the ``PERCENTILE``th percentile of
+    ``batches``, the ``exclude``d nodes left in float (``cache``: where the ranges are kept)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(src), str(out), batches,
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=exclude,
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1},
+        calibration_cache_path=None if cache is None else str(cache),
+    )  # fmt: skip
+
+
 def main(
     src: Path,
     version: str,
@@ -220,12 +243,6 @@ def main(
     rounding), and its out-of-distribution distance refitted; returns its directory.
     ``keep_in_float`` names the layers kept in float instead of measuring them (another
     variant's choice, so that two variants differ only where the comparison is meant to)."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     manifest = load_manifest(src / "manifest.json")
@@ -234,22 +251,21 @@ def main(
     dst = src.parent / version
     if dst.exists():
         raise ValueError(f"{dst} exists already")
-    unknown = sorted(
-        set(keep_in_float or ()) - set(backbone_convs(onnx.load(str(src / "model.onnx"))))
-    )
+    source = onnx.load(str(src / "model.onnx"))
+    unknown = sorted(set(keep_in_float or ()) - set(backbone_convs(source)))
     if unknown:
         raise ValueError(f"not convolutions of the image backbone: {', '.join(unknown)}")
     frames, _ = evenly_sampled(manifest, "train", calibration)
     probe_frames = evenly_sampled(manifest, "val", probe)[0] if probe else frames[:0]
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
-    names = {i.name for i in onnx.load(str(src / "model.onnx")).graph.input}
+    names = {i.name for i in source.graph.input}
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         # The out-of-distribution distance is refitted on the variant's own features
         # (``training.ood_embed``): quantise the graph without it.
         plain = Path(tmp) / "plain.onnx"
-        onnx.save(without_distance(onnx.load(str(src / "model.onnx"))), str(plain))
+        onnx.save(without_distance(source), str(plain))
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared))
@@ -258,15 +274,8 @@ def main(
         candidates, outside = backbone_convs(graph), outside_backbone(graph)
 
         def quantise(keep: list[str], out: Path) -> Path:
-            quantize_static(
-                str(prepared), str(out), CalibrationBatches(frames, names, n_fields),
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=keep + outside,
-                calibrate_method=CalibrationMethod.Percentile,
-                extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1},
-                calibration_cache_path=str(Path(tmp) / "ranges.json"),
-            )  # fmt: skip
+            batches = CalibrationBatches(frames, names, n_fields)
+            static(prepared, out, batches, keep + outside, Path(tmp) / "ranges.json")
             return out
 
         reference = _probabilities(plain, probe_frames, n_fields) if probe else None

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from service.sessions import open_session
-from training.ood_embed import image_only_feeds, input_names
+from training.ood_embed import image_only_feeds, input_names, with_outputs
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
 ROUNDING_WEIGHT = 0.01
@@ -96,12 +96,7 @@ def learned_rounding(
 
 def _values(model: onnx.ModelProto, tensors: list[str], frames: np.ndarray, n_fields: int):
     """Each of ``tensors`` over ``frames`` (image only), concatenated over batches of 16."""
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model)
-    for name in tensors:
-        value = helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        tapped.graph.output.append(value)
-    session = open_session(tapped.SerializeToString())
+    session = open_session(with_outputs(model, tensors).SerializeToString())
     names = input_names(session)
     parts = [
         session.run(tensors, image_only_feeds(names, frames[s : s + 16], n_fields))
