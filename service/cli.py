@@ -275,6 +275,22 @@ def quantize(
     conformal.main(dst)
 
 
+@app.command()
+def recalibrate(
+    model_dir: Path = typer.Argument(..., exists=True, help="A version, e.g. models/m/2"),
+    version: str = typer.Option(..., "--version", help="Version of the recalibrated copy"),
+    group_column: str | None = typer.Option(
+        None, "--group-column", help="Rows sharing this column stay in one fold (a lesion)"
+    ),
+) -> None:
+    """Write a copy of a version with its calibration refitted (val, or train + val where
+    cross-validated val NLL says so), then fit its decision parameters."""
+    _training()
+    from training import recalibrate
+
+    typer.echo(f"wrote {recalibrate.main(model_dir, version, group_column)}")
+
+
 @app.command("ood-distance")
 def ood_distance(
     model_dir: Path = typer.Argument(..., exists=True),

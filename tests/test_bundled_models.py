@@ -235,16 +235,16 @@ def test_out_of_distribution_flag_on_the_dermoscopy_model(
 
 
 def _unnamed_and_int8(
-    client: TestClient, name: str, frames: list[Path], version: str
+    client: TestClient, name: str, frames: list[Path], version: str, fp32: str = "2"
 ) -> list[tuple]:
-    """Each frame posted to ``name`` without a version (answered by the fp32 version 2) and
-    to its int8 ``version``: the two responses, their versions checked."""
+    """Each frame posted to ``name`` without a version (answered by the newest fp32 version,
+    ``fp32``) and to its int8 ``version``: the two responses, their versions checked."""
     pairs = []
     for frame in frames:
         files = {"image": ("f", frame.read_bytes())}
         unnamed = client.post(f"/models/{name}/predict", files=files).json()
         int8 = client.post(f"/models/{name}/versions/{version}/predict", files=files).json()
-        assert unnamed["model"]["version"] == "2" and int8["model"]["version"] == version
+        assert unnamed["model"]["version"] == fp32 and int8["model"]["version"] == version
         pairs.append((unnamed, int8))
     return pairs
 
@@ -272,8 +272,9 @@ def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
 
 def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(client: TestClient) -> None:
     """ham10000/6 is the int8 variant of /2 (rounding learned), with its own decision fit:
-    requests that name no version keep getting /2; named, /6 names the same diagnosis for
-    nearly every image."""
+    requests that name no version get the newest fp32 version, /7 (/2 with its tabular-only
+    calibration refitted: the same answers wherever there is an image); named, /6 names the
+    same diagnosis for nearly every image."""
     bundled("ham10000", "6")
     meta = client.get("/models/ham10000/versions/6").json()
     assert meta["precision"] == "int8" and meta["quantization"]["source"] == "ham10000/2"
@@ -284,7 +285,7 @@ def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(client: TestCli
 
     spec = load_config(REPO / "training" / "configs" / "ham10000.yaml").dataset
     paths = sorted(load_split(spec, "test", None, read_rows(spec)).paths)[::37][:40]
-    pairs = _unnamed_and_int8(client, "ham10000", paths, "6")
+    pairs = _unnamed_and_int8(client, "ham10000", paths, "6", fp32="7")
     assert all(int8["label"] in int8["prediction_set"] and "ood" in int8 for _, int8 in pairs)
     same = sum(fp32["label"] == int8["label"] for fp32, int8 in pairs)
     assert same >= 0.9 * len(paths), f"{same}/{len(paths)} labels agree"

@@ -175,6 +175,12 @@ def test_manifest_contract(exported: tuple[Path, object]) -> None:
         "partial",
     }
     assert manifest["versions"]["torch"] and manifest["data"]["licence"]
+    if manifest["training"]["config"]["train"]["calibration"] == "auto":
+        # Each pattern says which rows its calibration was fitted on (the training frames,
+        # scored without augmentation, are a candidate).
+        fitted_on = manifest["calibration"]["fitted_on"]
+        assert set(fitted_on) == set(manifest["calibration"]["temperatures"])
+        assert set(fitted_on.values()) <= {"val", "train+val"}
     decision = manifest["decision"]  # fitted at export, for every missingness pattern
     assert set(decision["thresholds"]) == {"all", "image_only", "tabular_only", "partial"}
     assert all(len(q) == len(manifest["labels"]) for q in decision["thresholds"]["all"].values())

@@ -287,6 +287,33 @@ def test_calibration_cross_validation_keeps_a_group_in_one_fold() -> None:
     assert chosen["all"]["method"] == "BCTS"
 
 
+def test_calibration_takes_training_rows_only_where_they_are_honest() -> None:
+    """Training logits drawn as val's are (a small network that memorises little) make a
+    better calibrator from a small val split; training logits overconfident on their own
+    rows (a fine-tuned backbone in-sample) are left out. Only val rows decide."""
+    from training.calibrate import calibrated, fit_calibration
+
+    val_logits, val_labels = _shifted_prior_case(300, 3)
+    train_logits, train_labels = _shifted_prior_case(6000, 4)
+    fresh_logits, fresh_labels = _shifted_prior_case(20000, 5)
+    pids = np.zeros(300, np.int64)
+    honest = (train_logits, train_labels, np.zeros(6000, np.int64))
+    chosen = fit_calibration(val_logits, val_labels, pids, train=honest)["all"]
+    assert chosen["data"] == "train+val" and set(chosen["cv_nll"]) >= {"BCTS", "BCTS+train"}
+    alone = fit_calibration(val_logits, val_labels, pids)["all"]
+    assert alone["data"] == "val" and "BCTS+train" not in alone["cv_nll"]
+
+    def nll(params: dict) -> float:
+        p = calibrated(fresh_logits, params["temperature"], np.array(params["bias"]))
+        return float(-np.log(p[np.arange(len(fresh_labels)), fresh_labels]).mean())
+
+    assert nll(chosen) < nll(alone)
+    overconfident = (3.0 * train_logits, train_labels, np.zeros(6000, np.int64))
+    refused = fit_calibration(val_logits, val_labels, pids, train=overconfident)["all"]
+    assert refused["data"] == "val"
+    assert refused["cv_nll"]["BCTS+train"] > refused["cv_nll"]["BCTS"]
+
+
 def test_calibration_parameters_round_trip_through_manifest_and_onnx(tmp_path: Path) -> None:
     """Per-pattern temperatures and class biases reach the ONNX graph: its probabilities are
     softmax(logits / T_pattern + b_pattern) for the pattern the masks imply."""

@@ -1,4 +1,5 @@
-"""Temperature scaling, one temperature per missingness pattern, fitted on validation logits.
+"""Temperature scaling, one temperature per missingness pattern, fitted on validation logits
+(and the training split's, where cross-validation on val says they help).
 
 A missing modality changes how confident the model should be, so one temperature for all
 inputs leaves some patterns over- or under-confident.
@@ -9,6 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from training.patterns import PATTERN_NAMES
+
+METHOD = (
+    "per missingness pattern: temperature scaling (TS), or temperature plus per-class biases "
+    "(BCTS), fitted on the val split or on the training split plus val, whichever has the "
+    "lowest cross-validated val NLL (folds keep a group whole); "
+    "probabilities = softmax(logits / T + b)"
+)
 
 
 def softmax(logits: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
@@ -125,27 +133,63 @@ def _half(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.nda
     return np.isin(groups, rng.permutation(ids)[: len(ids) // 2])
 
 
+def _fit(
+    logits: np.ndarray, labels: np.ndarray, with_bias: bool
+) -> tuple[float, np.ndarray | None]:
+    if with_bias:
+        return fit_bcts(logits, labels)
+    return fit_temperature(logits, labels), None
+
+
 def _cv_nll(
     logits: np.ndarray,
     labels: np.ndarray,
     with_bias: bool,
     groups: np.ndarray | None = None,
     repeats: int = 5,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
     """Repeated 2-fold cross-validated NLL: a fair comparison between methods of different
     size. One split decides by chance where the two differ little; the mean of several
-    does not."""
+    does not. With ``extra`` (training rows), every fit also gets them; only val rows
+    are scored."""
     total = 0.0
     for seed in range(repeats):
         half = _half(len(labels), groups, np.random.default_rng(seed))
         for fit_rows, test_rows in ((half, ~half), (~half, half)):
-            if with_bias:
-                t, b = fit_bcts(logits[fit_rows], labels[fit_rows])
-            else:
-                t, b = fit_temperature(logits[fit_rows], labels[fit_rows]), None
+            lg, y = logits[fit_rows], labels[fit_rows]
+            if extra is not None:
+                lg, y = np.concatenate([extra[0], lg]), np.concatenate([extra[1], y])
+            t, b = _fit(lg, y, with_bias)
             p = calibrated(logits[test_rows], t, b)[np.arange(test_rows.sum()), labels[test_rows]]
             total += float(-np.log(np.clip(p, 1e-12, 1)).sum())
     return total / (repeats * len(labels))
+
+
+def choose(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray | None = None,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """Cross-validated val NLL of each candidate: ``TS`` / ``BCTS`` fitted on val, and with
+    ``extra`` the same fitted on the training rows plus val (``TS+train``, ``BCTS+train``).
+
+    Training logits are in-sample: a fine-tuned backbone is overconfident on its own
+    training images, and fitted there a calibrator learns that overconfidence. Without an
+    image the model reads three fields through a small network that memorises little, and
+    then the training rows are five times more data for the same few parameters. Only val
+    rows are scored, so the comparison says which of the two holds."""
+    k = logits.shape[1]
+    bias_ok = len(np.unique(labels)) == k
+    out = {"TS": _cv_nll(logits, labels, False, groups)}
+    if bias_ok:
+        out["BCTS"] = _cv_nll(logits, labels, True, groups)
+    if extra is not None and len(extra[1]):
+        out["TS+train"] = _cv_nll(logits, labels, False, groups, extra=extra)
+        if bias_ok or len(np.unique(extra[1])) == k:
+            out["BCTS+train"] = _cv_nll(logits, labels, True, groups, extra=extra)
+    return out
 
 
 def fit_calibration(
@@ -154,10 +198,12 @@ def fit_calibration(
     patterns: np.ndarray,
     min_samples: int = 30,
     groups: np.ndarray | None = None,
+    train: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, dict]:
-    """Per pattern: temperature alone or temperature + class biases, whichever has the lower
+    """Per pattern: temperature alone or temperature + class biases, fitted on val or on the
+    training rows ``train`` (logits, labels, pattern ids) plus val, whichever has the lowest
     cross-validated val NLL (folds kept whole by ``groups`` where rows come in groups); a
-    pattern too rare to fit uses the pooled temperature."""
+    pattern too rare to fit uses the pooled temperature. ``cv_nll`` records each candidate."""
     k = logits.shape[1]
     pooled = {"temperature": fit_temperature(logits, labels), "bias": [0.0] * k, "method": "TS"}
     out = {}
@@ -166,12 +212,22 @@ def fit_calibration(
         lg, y = logits[rows], labels[rows]
         g = None if groups is None else groups[rows]
         if rows.sum() < min_samples:
-            out[name] = dict(pooled)
+            out[name] = dict(pooled, data="val")
             continue
-        use_bias = len(np.unique(y)) == k and _cv_nll(lg, y, True, g) < _cv_nll(lg, y, False, g)
-        if use_bias:
-            t, b = fit_bcts(lg, y)
-            out[name] = {"temperature": t, "bias": b.tolist(), "method": "BCTS"}
-        else:
-            out[name] = {"temperature": fit_temperature(lg, y), "bias": [0.0] * k, "method": "TS"}
+        extra = None
+        if train is not None:
+            extra = (train[0][train[2] == pid], train[1][train[2] == pid])
+        scores = choose(lg, y, g, extra)
+        best = min(scores, key=scores.__getitem__)
+        method, _, with_train = best.partition("+")
+        if with_train:
+            lg, y = np.concatenate([extra[0], lg]), np.concatenate([extra[1], y])
+        t, b = _fit(lg, y, method == "BCTS")
+        out[name] = {
+            "temperature": t,
+            "bias": [0.0] * k if b is None else b.tolist(),
+            "method": method,
+            "data": "train+val" if with_train else "val",
+            "cv_nll": {key: round(v, 5) for key, v in scores.items()},
+        }
     return out

@@ -146,7 +146,13 @@ def model_details(manifest: Any) -> list[str]:
         )
     else:
         lines.append("- **Tabular input**: none (image only).")
-    lines.append(f"- **Calibration**: {raw.get('calibration', {}).get('method', 'none')}.")
+    calibration = raw.get("calibration", {})
+    fitted = calibration.get("fitted_on", {})
+    on_train = [p.replace("_", " ") for p, data in fitted.items() if data != "val"]
+    where = f" Fitted on train + val: {', '.join(on_train)}; on val: the rest." if on_train else ""
+    since = calibration.get("recalibrated_from")
+    where += f" Refitted from {since}, whose weights these are." if since else ""
+    lines.append(f"- **Calibration**: {calibration.get('method', 'none')}.{where}")
     kind = (raw.get("label_rule") or {"kind": "argmax"})["kind"]
     lines.append(f"- **Label rule**: `{kind}` ({RULES.get(kind, 'see the manifest')}).")
     if manifest.precision == "int8":

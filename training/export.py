@@ -21,6 +21,7 @@ from service.label_rule import LabelRule
 from service.preprocess import ImageSpec
 from service.sessions import open_session
 from service.tabular import TabularSchema
+from training import calibrate
 from training.backbone import EfficientNetLite0, load_pretrained, normalise_uint8_nhwc
 from training.config import Config, from_dict
 from training.data import load_split, read_rows
@@ -252,12 +253,12 @@ def build_manifest(
         "inputs": {"image_mask": schema is not None},
         "outputs": ["probabilities", "logits"],
         "calibration": {
-            "method": "per missingness pattern, fitted on the val split: temperature scaling "
-            "(TS), or temperature plus per-class biases (BCTS) where that has the lower "
-            "cross-validated NLL; probabilities = softmax(logits / T + b)",
+            "method": calibrate.METHOD,
             "temperatures": results["temperatures"],
             "biases": results.get("biases", {}),
             "methods": results.get("calibration_methods", {}),
+            "fitted_on": results.get("calibration_data", {}),
+            "cv_nll": results.get("calibration_cv_nll", {}),
             "pattern_rule": "image absent -> tabular_only; all fields -> all; "
             "no fields -> image_only; otherwise partial",
             "ece_15_val_before": {p: r["ece_15"] for p, r in results["val_uncalibrated"].items()},

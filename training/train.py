@@ -255,7 +255,9 @@ def fit(
     if tc.calibration == "auto":
         groups = tables["val"].groups
         params = fit_calibration(
-            *fit_args, groups=None if groups is None else np.tile(groups, len(val_logits))
+            *fit_args,
+            groups=None if groups is None else np.tile(groups, len(val_logits)),
+            train=training_rows(model, feats["train"], tables["train"], labelled),
         )
     else:
         params = {
@@ -270,6 +272,8 @@ def fit(
         "temperatures": temps,
         "biases": biases,
         "calibration_methods": {name: p["method"] for name, p in params.items()},
+        "calibration_data": {name: p.get("data", "val") for name, p in params.items()},
+        "calibration_cv_nll": {name: p.get("cv_nll", {}) for name, p in params.items()},
         "val_uncalibrated": score(val_logits, tables["val"]),
         "val": score(val_logits, tables["val"], temps, biases),
         "test_uncalibrated": score(test_logits, tables["test"]),
@@ -284,6 +288,26 @@ def fit(
     (run_dir / "calibration.json").write_text(json.dumps(params, indent=2))
     (run_dir / "results.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def training_rows(
+    model: FusionModel, feats: FeatureSet | AugmentedImages, table: Table, labelled: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(logits, labels, pattern ids) of the training frames as the service would see them
+    (no augmentation), every pattern: candidates for the calibration fit, which keeps them
+    only where val says they help. None when part of the labels is withheld from training
+    (they are not to be read here either)."""
+    if len(labelled) != len(table):
+        return None
+    if isinstance(feats, AugmentedImages):
+        plain = feats.plain(np.arange(len(table)))[None]
+        feats = FeatureSet(pooled=np.zeros((1, len(table), 0), np.float32), mid=plain)
+    logits = collect_logits(model, feats, table)
+    return (
+        np.concatenate([lg for lg, _ in logits.values()]),
+        np.concatenate([table.labels for _ in logits]),
+        np.concatenate([pid for _, pid in logits.values()]),
+    )
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
