@@ -142,9 +142,8 @@ def check(dst: Path, before: dict[str, Any], calibration: dict[str, Any]) -> Non
     for pattern, (_, rows) in out.items():
         if not np.array_equal(rows, before[pattern][1]):
             raise RuntimeError(f"{pattern}: the rewritten graph changed the logits")
-    temps = np.array([calibration["temperatures"][PATTERN_NAMES[p]] for p in pids])
-    bias = np.array([calibration["biases"][PATTERN_NAMES[p]] for p in pids])
-    expected = calibrate.calibrated(logits, temps[:, None], bias)
+    temps, biases = _table(calibration, logits.shape[1])
+    expected = calibrate.calibrated(logits, temps[pids].astype(np.float64), biases[pids])
     probs = np.concatenate([p for p, _ in out.values()])
     if not np.allclose(probs, expected, atol=1e-5):
         raise RuntimeError("the rewritten graph's probabilities are not the new calibration's")

@@ -242,7 +242,7 @@ def fit(
         )
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
 
-    # --- calibration: one temperature per missingness pattern, fitted on validation
+    # --- calibration per missingness pattern, fitted on val (or train + val, where val says)
     best_state = torch.load(run_dir / "ckpt_best.pt", weights_only=False)
     model.load_state_dict(best_state["model"])
     val_logits = collect_logits(model, feats["val"], tables["val"])
