@@ -247,11 +247,7 @@ def fit(
     model.load_state_dict(best_state["model"])
     val_logits = collect_logits(model, feats["val"], tables["val"])
     test_logits = collect_logits(model, feats["test"], tables["test"])
-    fit_args = (
-        np.concatenate([lg for lg, _ in val_logits.values()]),
-        np.concatenate([tables["val"].labels for _ in val_logits]),
-        np.concatenate([pid for _, pid in val_logits.values()]),
-    )
+    fit_args = stacked(val_logits, tables["val"])
     if tc.calibration == "auto":
         groups = tables["val"].groups
         params = fit_calibration(
@@ -302,7 +298,13 @@ def training_rows(
     if isinstance(feats, AugmentedImages):
         plain = feats.plain(np.arange(len(table)))[None]
         feats = FeatureSet(pooled=np.zeros((1, len(table), 0), np.float32), mid=plain)
-    logits = collect_logits(model, feats, table)
+    return stacked(collect_logits(model, feats, table), table)
+
+
+def stacked(
+    logits: dict[str, tuple[np.ndarray, np.ndarray]], table: Table
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``collect_logits``'s patterns as one set of rows: (logits, labels, pattern ids)."""
     return (
         np.concatenate([lg for lg, _ in logits.values()]),
         np.concatenate([table.labels for _ in logits]),
