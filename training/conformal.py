@@ -183,11 +183,11 @@ class Scored:
     uniform: np.ndarray  # per frame: a blank or flat-colour model input
 
 
-def pattern_probs(model_dir: Path, split: str) -> Scored:
+def pattern_probs(model_dir: Path, split: str, group_column: str | None = None) -> Scored:
     """Calibrated probabilities and logits of the exported graph on ``split``, per evaluation
     pattern, with what else the decision fit needs from the same decoded frames."""
     manifest = load_manifest(model_dir / "manifest.json")
-    table = manifest_split(manifest, split)
+    table = manifest_split(manifest, split, group_column)
     images = decode_all(table, manifest)
     session = open_session(model_dir / "model.onnx")
     out = {}

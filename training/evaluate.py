@@ -32,10 +32,13 @@ def decode_all(table: Table, manifest: Any) -> np.ndarray:
     return out
 
 
-def manifest_split(manifest: Any, split: str) -> Table:
-    """``split`` of the dataset the exported model was trained on (from its manifest)."""
-    cfg = from_dict(manifest.raw["training"]["config"])
-    return load_split(cfg.dataset, split, manifest.tabular, read_rows(cfg.dataset))
+def manifest_split(manifest: Any, split: str, group_column: str | None = None) -> Table:
+    """``split`` of the dataset the exported model was trained on (from its manifest);
+    ``group_column`` names the groups for a model trained before its config did."""
+    spec = from_dict(manifest.raw["training"]["config"]).dataset
+    if group_column is not None:
+        spec = replace(spec, group_column=group_column)
+    return load_split(spec, split, manifest.tabular, read_rows(spec))
 
 
 def evenly_sampled(manifest: Any, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:

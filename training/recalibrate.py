@@ -19,7 +19,6 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,7 @@ from onnx import numpy_helper
 
 from service.manifest import load_manifest
 from training import calibrate, conformal
-from training.config import from_dict
 from training.conformal import pattern_probs
-from training.data import load_split, read_rows
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, pattern_ids
 
 KEYS = ("temperatures", "biases", "methods", "fitted_on", "cv_nll")
@@ -42,15 +39,9 @@ def split_rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
     """The graph's raw logits on ``split`` in every evaluation pattern, stacked: (logits,
     labels, pattern ids, groups), and the per-pattern output ``pattern_probs`` gave."""
-    scored = pattern_probs(model_dir, split)
+    scored = pattern_probs(model_dir, split, group_column)
     n_labels = len(scored.manifest.labels)
     table = scored.table
-    if group_column is not None:
-        cfg = from_dict(scored.manifest.raw["training"]["config"])
-        spec = replace(cfg.dataset, group_column=group_column)
-        table = load_split(spec, split, scored.manifest.tabular, read_rows(spec))
-        if [p.name for p in table.paths] != [p.name for p in scored.table.paths]:
-            raise RuntimeError(f"{split}: rows read with groups are not the rows scored")
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     for pattern, (_, logits) in scored.out.items():
         mask = table.mask if scored.manifest.tabular else None
