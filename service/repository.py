@@ -1,12 +1,17 @@
 """The model repository on disk: ``<models_dir>/<name>/<version>/{model.onnx,manifest.json}``,
 optionally a ``serving.json`` beside them, and a ``DEFAULT`` file naming the default model.
 What is read here is checked before anything is opened: a manifest that names another
-directory, or a graph that does not match its recorded digest, is refused."""
+directory, or a graph that does not match its recorded digest, is refused. Hidden entries
+(a leading dot) are not models or versions: a version is built in one (``staged_version``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from service.errors import ManifestError
@@ -24,10 +29,10 @@ def discover(models_dir: Path, only: list[str] | None = None) -> list[tuple[str,
     if not models_dir.is_dir():
         raise ManifestError(f"models directory {models_dir} does not exist")
     found = []
-    for name_dir in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+    for name_dir in sorted(p for p in models_dir.iterdir() if p.is_dir() and _shown(p)):
         if only and name_dir.name not in only:
             continue
-        versions = [p for p in name_dir.iterdir() if (p / "model.onnx").is_file()]
+        versions = [p for p in name_dir.iterdir() if _shown(p) and (p / "model.onnx").is_file()]
         for vdir in sorted(versions, key=lambda p: version_order(p.name)):
             found.append((name_dir.name, vdir.name, vdir))
     if only:
@@ -35,6 +40,35 @@ def discover(models_dir: Path, only: list[str] | None = None) -> list[tuple[str,
         if missing:
             raise ManifestError(f"requested models not found under {models_dir}: {missing}")
     return found
+
+
+def _shown(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def refuse_existing(dst: Path) -> None:
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists already: name another version")
+
+
+@contextmanager
+def staged_version(dst: Path) -> Iterator[Path]:
+    """Build the version directory ``dst`` out of sight: in a hidden sibling, which
+    ``discover`` skips, renamed to ``dst`` once everything in it is written, and removed if
+    the build fails. A served version is opened once and never re-read, so a service
+    watching the repository must not find one half-made: a graph and a manifest without
+    its decision block yet pass every check a copy in progress fails."""
+    refuse_existing(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        refuse_existing(dst)  # made by someone else meanwhile: keep theirs
+        tmp.rename(dst)  # one step within a filesystem: absent, then complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 SERVING_FILE = "serving.json"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service import repository
 from service.api import create_app
 from tests.builders import write_model_dir
 from tests.conftest import make_settings
@@ -45,7 +46,7 @@ def metric(client: TestClient, event: str) -> float:
     return 0.0
 
 
-def staged_version(root: Path, version: str, seed: int) -> tuple[Path, bytes]:
+def built_aside(root: Path, version: str, seed: int) -> tuple[Path, bytes]:
     """A complete version directory built aside, with the graph's digest in its manifest."""
     vdir = write_model_dir(root, "endo", version, seed=seed)
     graph = (vdir / "model.onnx").read_bytes()
@@ -58,7 +59,7 @@ def staged_version(root: Path, version: str, seed: int) -> tuple[Path, bytes]:
 def test_versions_come_and_go_in_process(tmp_path: Path) -> None:
     models = tmp_path / "models"
     write_model_dir(models, "endo", "1", seed=1)
-    staged, graph = staged_version(tmp_path / "staging", "2", seed=2)
+    staged, graph = built_aside(tmp_path / "staging", "2", seed=2)
     settings = make_settings(models, reload_s=0.1)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         assert predict(client, 0).json()["model"]["version"] == "1"
@@ -93,13 +94,44 @@ def test_versions_come_and_go_in_process(tmp_path: Path) -> None:
         assert "/models/endo/versions/2/predict" not in client.get("/openapi.json").json()["paths"]
 
 
+def test_a_version_built_in_the_repository_is_served_only_once_complete(tmp_path: Path) -> None:
+    """``repository.staged_version``, through which export, quantize and recalibrate write:
+    a version being built under the watched directory is not even tried, though its files
+    already pass every check; a failed build leaves nothing; the finished one is served."""
+    models = tmp_path / "models"
+    write_model_dir(models, "endo", "1", seed=1)
+    built, _ = built_aside(tmp_path / "aside", "2", seed=2)
+    settings = make_settings(models, reload_s=0.1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        failing = pytest.raises(RuntimeError, match="fails")
+        with failing, repository.staged_version(models / "endo" / "2") as tmp:
+            shutil.copytree(built, tmp, dirs_exist_ok=True)
+            time.sleep(0.5)
+            raise RuntimeError("the build fails")
+        assert [p.name for p in (models / "endo").iterdir()] == ["1"]
+
+        with repository.staged_version(models / "endo" / "2") as tmp:
+            shutil.copytree(built, tmp, dirs_exist_ok=True)
+            time.sleep(0.5)  # several scans while the files are all there, the build unfinished
+            assert metric(client, "failed") == 0 and metric(client, "loaded") == 0
+            assert client.get("/models/endo").json()["versions"] == ["1"]
+        wait_for(lambda: metric(client, "loaded") == 1, 10, "version 2 to load")
+        assert predict(client, 0).json()["model"]["version"] == "2"
+        assert metric(client, "failed") == 0
+
+        taken = pytest.raises(FileExistsError, match="exists already")
+        with taken, repository.staged_version(models / "endo" / "2"):
+            pass
+        assert sorted(p.name for p in (models / "endo").iterdir()) == ["1", "2"]
+
+
 @pytest.mark.slow
 def test_api_publishes_a_new_version_once_a_worker_serves_it(tmp_path: Path) -> None:
     """Behind Redis, the API routes to a new version only after a worker runs it: readiness
     never drops and no request waits for a worker while the version arrives."""
     models = tmp_path / "models"
     write_model_dir(models, "endo", "1", seed=1)
-    staged, _ = staged_version(tmp_path / "staging", "2", seed=2)
+    staged, _ = built_aside(tmp_path / "staging", "2", seed=2)
     server = RedisServer().start()
     worker = WorkerProcess(server.url, models, reload_s=0.5, heartbeat_s=0.3)
     try:

@@ -97,6 +97,7 @@ def exported(
     run_dir = train.main(config, tmp / "run")
     models = tmp / "models"
     out = export.main(run_dir, models, "1")  # raises if parity exceeds 1e-4
+    assert [p.name for p in out.parent.iterdir()] == ["1"]  # built aside, nothing left there
     _, _, graph, _ = export.load_run(run_dir)
     yield out, graph
     mp.undo()

@@ -19,6 +19,7 @@ from torch import nn
 
 from service.label_rule import LabelRule
 from service.preprocess import ImageSpec
+from service.repository import refuse_existing, staged_version
 from service.sessions import open_session
 from service.tabular import TabularSchema
 from training import calibrate
@@ -295,43 +296,50 @@ def build_manifest(
 
 
 def main(run_dir: Path, models_dir: Path, version: str, label_rule: str = "argmax") -> Path:
+    """Export ``run_dir`` as ``models_dir/<name>/<version>``: the graph, parity-checked, its
+    manifest, the out-of-distribution distances and the decision block. The directory
+    appears only once all of it is written, so a service watching ``models_dir`` never
+    serves a version half-made."""
     cfg, schema, graph, results = load_run(run_dir)
     out = models_dir / cfg.name / version
-    out.mkdir(parents=True, exist_ok=True)
-    onnx_path = out / "model.onnx"
-    inputs = real_parity_inputs(cfg, schema)
-    export_onnx(graph, inputs, onnx_path)
-    error = parity(graph, onnx_path, inputs)
-    print(f"parity on real test images: max |torch - onnx| = {error:.2e}")
-    if error > PARITY_TOLERANCE:
-        raise SystemExit(f"parity check failed: {error:.2e} > {PARITY_TOLERANCE}")
+    refuse_existing(out)
     rows = read_rows(cfg.dataset)
+    rule = label_rule_block(cfg, rows, label_rule)
     sizes = {
         s: sum(r[cfg.dataset.split_column] == s for r in rows) for s in ("train", "val", "test")
     }
-    rule = {"kind": "argmax"}
-    if label_rule == "balanced":
-        index = {name: k for k, name in enumerate(cfg.dataset.labels)}
-        train = [
-            index[r[cfg.dataset.label_column]]
-            for r in rows
-            if r[cfg.dataset.split_column] == "train"
-        ]
-        rule = LabelRule.balanced(np.array(train), len(index)).to_manifest(
-            f"class shares of the train split (n = {len(train)})"
-        )
-    elif label_rule != "argmax":
-        raise SystemExit(f"unknown label rule {label_rule!r}: argmax or balanced")
-    manifest = build_manifest(cfg, schema, results, version, onnx_path, error, sizes, rule)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and manifest.json")
-    # The out-of-distribution distances and the prediction-set thresholds are fitted on what
-    # was just exported; the report stays in the run directory (`endofuse decision` writes
-    # the published one to docs/models/).
-    from training.conformal import main as fit_decision
-    from training.ood_embed import main as add_distances
+    with staged_version(out) as staged:
+        onnx_path = staged / "model.onnx"
+        inputs = real_parity_inputs(cfg, schema)
+        export_onnx(graph, inputs, onnx_path)
+        error = parity(graph, onnx_path, inputs)
+        print(f"parity on real test images: max |torch - onnx| = {error:.2e}")
+        if error > PARITY_TOLERANCE:
+            raise SystemExit(f"parity check failed: {error:.2e} > {PARITY_TOLERANCE}")
+        manifest = build_manifest(cfg, schema, results, version, onnx_path, error, sizes, rule)
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        # The out-of-distribution distances and the prediction-set thresholds are fitted on
+        # what was just exported; the report stays in the run directory (`endofuse decision`
+        # writes the published one to docs/models/).
+        from training.conformal import main as fit_decision
+        from training.ood_embed import main as add_distances
 
-    add_distances(out)
-    fit_decision(out, run_dir / "decision")
-    print("fitted prediction-set thresholds into manifest.json")
+        add_distances(staged)
+        fit_decision(staged, run_dir / "decision")
+        size = onnx_path.stat().st_size / 1e6
+    print(f"wrote {out}: model.onnx ({size:.1f} MB), manifest.json with its decision block")
     return out
+
+
+def label_rule_block(cfg: Any, rows: list[dict[str, str]], label_rule: str) -> dict[str, Any]:
+    """The manifest's label rule: argmax, or balanced by the train split's class shares."""
+    if label_rule == "argmax":
+        return {"kind": "argmax"}
+    if label_rule != "balanced":
+        raise SystemExit(f"unknown label rule {label_rule!r}: argmax or balanced")
+    index = {name: k for k, name in enumerate(cfg.dataset.labels)}
+    split, column = cfg.dataset.split_column, cfg.dataset.label_column
+    train = [index[r[column]] for r in rows if r[split] == "train"]
+    return LabelRule.balanced(np.array(train), len(index)).to_manifest(
+        f"class shares of the train split (n = {len(train)})"
+    )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from service.manifest import load_manifest
+from service.repository import refuse_existing, staged_version
 from training import calibrate, conformal
 from training.conformal import pattern_probs
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, pattern_ids
@@ -149,20 +149,18 @@ def main(
     parameters refitted (``endofuse decision``); returns its directory."""
     manifest = load_manifest(model_dir / "manifest.json")
     dst = model_dir.parent / version
-    if dst.exists():
-        raise ValueError(f"{dst} exists already")
+    refuse_existing(dst)
     old = manifest.raw["calibration"]
     val = split_rows(model_dir, "val", group_column)
     new = refit(old, model_dir, val)
     model = onnx.load(str(model_dir / "model.onnx"))
     rewrite(model, old, new, len(manifest.labels))
-    dst.mkdir(parents=True)
-    try:
-        onnx.save(model, str(dst / "model.onnx"))
+    with staged_version(dst) as tmp:
+        onnx.save(model, str(tmp / "model.onnx"))
         # The decision block is refitted below; until then the source's stays, so that the
         # refit keeps the record of the distance layers an earlier fit took out.
         raw = {k: v for k, v in manifest.raw.items() if k != "self_check"}
-        data = (dst / "model.onnx").read_bytes()
+        data = (tmp / "model.onnx").read_bytes()
         raw.update(
             version=version,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -170,10 +168,7 @@ def main(
             files={"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
             metrics={"see": f"docs/models/{manifest.name}/{version}/"},
         )
-        (dst / "manifest.json").write_text(json.dumps(raw, indent=2))
-        check(dst, val[4], new)
-        conformal.main(dst)  # the sets and the flag, on the new probabilities
-    except BaseException:
-        shutil.rmtree(dst)
-        raise
+        (tmp / "manifest.json").write_text(json.dumps(raw, indent=2))
+        check(tmp, val[4], new)
+        conformal.main(tmp)  # the sets and the flag, on the new probabilities
     return dst
