@@ -4,6 +4,8 @@ module when run, so the service itself never loads torch."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -17,6 +19,16 @@ def _training() -> None:
 
     if importlib.util.find_spec("torch") is None:
         raise typer.BadParameter("training needs the 'train' extra: pip install 'endofuse[train]'")
+
+
+@contextmanager
+def _new_version() -> Iterator[None]:
+    """A version that exists already is refused in one line, before any work is lost."""
+    try:
+        yield
+    except FileExistsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @models.command()
@@ -51,7 +63,8 @@ def export(
     _training()
     from training.export import main
 
-    main(run_dir, models_dir, version, label_rule)
+    with _new_version():
+        main(run_dir, models_dir, version, label_rule)
 
 
 @models.command()
@@ -130,17 +143,21 @@ def quantize(
         help="Keep this convolution in float instead of measuring which (repeatable; e.g. "
         "another variant's quantization.kept_in_float)",
     ),
+    weight_bits: int = typer.Option(
+        8, help="8, or 7: answers the same on CPUs with and without VNNI (no 16-bit saturation)"
+    ),
 ) -> None:
     """Write a static int8 variant of a model version (precision: int8 in its manifest), and
     fit its decision parameters on its own outputs."""
     _training()
-    from training import conformal, quantize
+    from training import quantize
 
-    dst = quantize.main(
-        model_dir, version, calibration, probe, target_kl, rounding_frames, float_layer or None
-    )
+    with _new_version():
+        dst = quantize.main(
+            model_dir, version, calibration, probe, target_kl, rounding_frames,
+            float_layer or None, weight_bits=weight_bits,
+        )  # fmt: skip
     typer.echo(f"wrote {dst}")
-    conformal.main(dst)
 
 
 @models.command()
@@ -156,7 +173,9 @@ def recalibrate(
     _training()
     from training import recalibrate
 
-    typer.echo(f"wrote {recalibrate.main(model_dir, version, group_column)}")
+    with _new_version():
+        dst = recalibrate.main(model_dir, version, group_column)
+    typer.echo(f"wrote {dst}")
 
 
 @models.command("ood-distance")

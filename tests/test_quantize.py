@@ -13,11 +13,11 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from service.sessions import open_session  # noqa: E402
+from training.fold_pads import fold_pads  # noqa: E402
 from training.quantize import (  # noqa: E402
     CALIBRATION_BATCH,
     CalibrationBatches,
     backbone_convs,
-    fold_pads,
     keep_until,
     kl_to,
     outside_backbone,
@@ -170,13 +170,15 @@ def test_calibration_batches_step_one_batch_at_a_time() -> None:
 
 def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
     """``endofuse quantize`` end to end on a bundled model (32 calibration frames, no probe,
-    nearest rounding):
+    nearest rounding, no decision block):
     a new version whose whole backbone runs in int8, its out-of-distribution distance refitted,
-    answering as the fp32 model on val frames."""
+    answering as the fp32 model on val frames; built out of the repository's sight, and not
+    over a version that exists."""
     import json
     import shutil
 
     from service.manifest import load_manifest
+    from service.repository import discover
     from tests.conftest import require_data
     from training import quantize
     from training.evaluate import evenly_sampled
@@ -184,7 +186,20 @@ def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
     require_data("hyperkvasir-lgi")
     src = tmp_path / "hyperkvasir-lgi" / "2"
     shutil.copytree(MODELS / "hyperkvasir-lgi" / "2", src)
-    out = quantize.main(src, "9", calibration=32, probe=0, rounding_frames=0)
+    fit_distance, listed = quantize.ood_embed.main, []
+
+    def fit_and_look(model_dir: Path, *args: object) -> object:
+        # Late in the build: what a service watching the repository would find now.
+        listed.append([v for _, v, _ in discover(tmp_path)])
+        return fit_distance(model_dir, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize.ood_embed, "main", fit_and_look)
+        out = quantize.main(src, "9", calibration=32, probe=0, rounding_frames=0, decide=False)
+    assert listed == [["2"]], "the version was visible before it was complete"
+    assert sorted(p.name for p in src.parent.iterdir()) == ["2", "9"]  # nothing left aside
+    with pytest.raises(FileExistsError, match="exists already"):
+        quantize.main(src, "9", calibration=32, probe=0)
 
     raw = json.loads((out / "manifest.json").read_text())
     assert raw["precision"] == "int8" and raw["quantization"]["calibration"]["frames"] == 32

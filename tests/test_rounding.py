@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from service.sessions import open_session  # noqa: E402
 from training import rounding  # noqa: E402
-from training.quantize import CalibrationBatches, static  # noqa: E402
+from training.quantize import WEIGHT_LIMIT, CalibrationBatches, static  # noqa: E402
 
 
 def _network() -> onnx.ModelProto:
@@ -133,3 +133,31 @@ def test_learned_rounding_and_bias_correction_bring_int8_closer_to_fp32(tmp_path
                 ).max()
                 <= 127
             )
+
+
+def test_seven_bit_weights_stay_within_64_and_match_the_exact_integers(tmp_path: Path) -> None:
+    """``weight_bits=7``: every int8 weight within ±64, through learned rounding too (the range
+    no CPU's 16-bit pair sums can overflow), the range used, and ONNX Runtime's fused int8
+    kernels giving what the unfused graph (float arithmetic on the same integers) gives."""
+    fp32, calibration, held_out = _network(), _frames(64, 1), _frames(64, 2)
+    src, out = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(fp32, str(src))
+    static(src, out, CalibrationBatches(calibration, {"image"}, 0), [], weight_bits=7)
+    nearest = onnx.load(str(out))
+    adjusted = onnx.ModelProto()
+    adjusted.CopyFrom(nearest)
+    rounding.adjust(adjusted, fp32, calibration, 0, iterations=300, limit=WEIGHT_LIMIT[7])
+    for model in (nearest, adjusted):
+        weights = [numpy_helper.to_array(i) for i in model.graph.initializer]
+        widest = max(np.abs(w.astype(int)).max() for w in weights if w.dtype == np.int8)
+        assert widest == 64, widest
+
+    reference = _y(fp32, held_out)
+    assert np.mean((_y(adjusted, held_out) - reference) ** 2) < np.mean(
+        (_y(nearest, held_out) - reference) ** 2
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = open_session(adjusted.SerializeToString(), options).run(["y"], {"image": held_out})[0]
+    fused = _y(adjusted, held_out)
+    assert np.abs(fused - unfused).mean() < 0.01 * reference.std()

@@ -21,6 +21,12 @@ decide whether int8 is faster here, each measured (docs/training.md, "int8 varia
 - **Rounding learned, biases corrected** (``training.rounding``): with the float layers chosen,
   each int8 convolution's weights are rounded up or down to fit the fp32 layer's output, and
   the mean error left goes into its bias; on ham10000/2 that more than halves the KL left.
+- **7-bit weights where the CPU has no VNNI** (``weight_bits=7``, ONNX Runtime's
+  ``reduce_range``): without VNNI, ONNX Runtime's int8 kernels add each pair of uint8 x int8
+  products in 16 bits, which saturates past 32,767; VNNI adds in 32 bits. So an 8-bit
+  variant answers differently on the two kinds of CPU, and its self-check record holds on
+  one only. With weights within ±64 no pair can reach the limit (2 x 255 x 64 = 32,640), and
+  both kinds compute the same integers.
 - **Ranges at the 99.99th percentile** of the calibration activations: plain min/max lets a
   few outliers stretch the range, and cost 4 points of macro-F1 on hyperkvasir-lgi in a first
   try.
@@ -46,13 +52,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from service.manifest import load_manifest
+from service.repository import refuse_existing, staged_version
 from service.sessions import DISABLED_OPTIMIZERS, open_session
-from training import ood_embed, rounding
+from training import conformal, ood_embed, rounding
 from training.evaluate import evenly_sampled
+from training.fold_pads import fold_pads
 from training.ood_embed import OUTPUT, image_only_feeds, without_distance
 
 BACKBONE = "/tail/"  # the exported image backbone's node names (training.model's ``tail``)
@@ -62,6 +69,7 @@ MAX_FLOAT = 16
 PERCENTILE = 99.99
 CALIBRATION_BATCH = 16
 ROUNDING_FRAMES = 64
+WEIGHT_LIMIT = {8: 127, 7: 64}  # ONNX Runtime's symmetric int8 range, and its reduce_range
 # For whoever runs the graph outside endofuse (service/sessions.py does this for every session).
 RUNTIME_NOTE = (
     f"open with ONNX Runtime's {', '.join(DISABLED_OPTIMIZERS)} pass disabled "
@@ -69,54 +77,6 @@ RUNTIME_NOTE = (
     "layers kept in float int8 weights of its own, and the variant "
     "loses accuracy (hyperkvasir-lgi/4: 5.7 % of val answers changed)"
 )
-
-
-def fold_pads(model: onnx.ModelProto) -> int:
-    """Fold each constant zero ``Pad`` over the spatial axes that feeds only a ``Conv`` into
-    that convolution's ``pads`` (in place; the same output). Returns how many were folded."""
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    folded = []
-    for pad in (n for n in graph.node if n.op_type == "Pad"):
-        conv = users.get(pad.output[0], [])
-        amounts = _spatial_zero_pad(pad, inits)
-        if amounts is None or len(conv) != 1 or conv[0].op_type != "Conv":
-            continue
-        attrs = {a.name: a for a in conv[0].attribute}
-        if "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET"):
-            continue
-        old = list(attrs["pads"].ints) if "pads" in attrs else [0, 0, 0, 0]
-        pads = [o + a for o, a in zip(old, amounts, strict=True)]
-        kept = [a for a in conv[0].attribute if a.name != "pads"]
-        del conv[0].attribute[:]
-        conv[0].attribute.extend([*kept, helper.make_attribute("pads", pads)])
-        conv[0].input[0] = pad.input[0]
-        folded.append(pad)
-    for pad in folded:
-        graph.node.remove(pad)
-    used = {name for node in graph.node for name in node.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
-    return len(folded)
-
-
-def _spatial_zero_pad(pad: onnx.NodeProto, inits: dict) -> list[int] | None:
-    """(top, left, bottom, right) of a constant-zero NCHW ``Pad`` that pads only H and W."""
-    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-    if mode != b"constant" or len(pad.input) < 2 or pad.input[1] not in inits:
-        return None
-    if len(pad.input) > 2 and pad.input[2]:
-        value = inits.get(pad.input[2])
-        if value is None or numpy_helper.to_array(value).any():
-            return None
-    p = numpy_helper.to_array(inits[pad.input[1]]).tolist()
-    if len(p) != 8 or any(p[i] for i in (0, 1, 4, 5)) or min(p) < 0:
-        return None
-    return [p[2], p[3], p[6], p[7]]
 
 
 def backbone_convs(model: onnx.ModelProto) -> list[str]:
@@ -210,15 +170,17 @@ def static(
     batches: CalibrationBatches,
     exclude: list[str],
     cache: Path | None = None,
+    weight_bits: int = 8,
 ) -> None:
     """ONNX Runtime's static quantisation of ``src`` into ``out`` as every variant is built:
     QDQ, int8 weights per channel, uint8 activations at the ``PERCENTILE``th percentile of
-    ``batches``, the ``exclude``d nodes left in float (``cache``: where the ranges are kept)."""
+    ``batches``, the ``exclude``d nodes left in float (``cache``: where the ranges are kept),
+    weights within ±``WEIGHT_LIMIT[weight_bits]``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(
         str(src), str(out), batches,
-        quant_format=QuantFormat.QDQ, per_channel=True,
+        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=weight_bits == 7,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=exclude,
         calibrate_method=CalibrationMethod.Percentile,
@@ -235,71 +197,107 @@ def main(
     target: float = TARGET_KL,
     rounding_frames: int = ROUNDING_FRAMES,
     keep_in_float: list[str] | None = None,
+    decide: bool = True,
+    weight_bits: int = 8,
 ) -> Path:
     """Write ``src``'s int8 variant as version ``version`` beside it: ranges from
     ``calibration`` training frames, the layers kept in float chosen on ``probe`` val frames
     (0: none measured, the whole backbone in int8), the int8 weights' rounding learned and
     the biases corrected on ``rounding_frames`` of the calibration frames (0: nearest
-    rounding), and its out-of-distribution distance refitted; returns its directory.
+    rounding), its out-of-distribution distance refitted and its decision parameters fitted
+    on its own outputs (``decide``; else it has none until ``endofuse decision``); returns
+    its directory, which appears only once complete.
     ``keep_in_float`` names the layers kept in float instead of measuring them (another
-    variant's choice, so that two variants differ only where the comparison is meant to)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    variant's choice, so that two variants differ only where the comparison is meant to).
+    ``weight_bits``: 8, or 7 for a variant that answers the same with and without VNNI."""
+    if weight_bits not in WEIGHT_LIMIT:
+        raise ValueError(f"weight bits: {' or '.join(map(str, WEIGHT_LIMIT))}, not {weight_bits}")
     manifest = load_manifest(src / "manifest.json")
     if manifest.precision != "fp32":
         raise ValueError(f"{src}: only an fp32 version can be quantised")
     dst = src.parent / version
-    if dst.exists():
-        raise ValueError(f"{dst} exists already")
+    refuse_existing(dst)
     source = onnx.load(str(src / "model.onnx"))
     unknown = sorted(set(keep_in_float or ()) - set(backbone_convs(source)))
     if unknown:
         raise ValueError(f"not convolutions of the image backbone: {', '.join(unknown)}")
     frames, _ = evenly_sampled(manifest, "train", calibration)
     probe_frames = evenly_sampled(manifest, "val", probe)[0] if probe else frames[:0]
-    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
-    names = {i.name for i in source.graph.input}
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        # The out-of-distribution distance is refitted on the variant's own features
-        # (``training.ood_embed``): quantise the graph without it.
-        plain = Path(tmp) / "plain.onnx"
-        onnx.save(without_distance(source), str(plain))
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared))
-        n_folded = fold_pads(graph)
-        onnx.save(graph, str(prepared))
-        candidates, outside = backbone_convs(graph), outside_backbone(graph)
+    with staged_version(dst) as out, tempfile.TemporaryDirectory() as tmp:
+        report = _build(source, manifest, out, Path(tmp), frames, probe_frames, target,
+                        rounding_frames, keep_in_float, weight_bits)  # fmt: skip
+        raw = variant_manifest(manifest.raw, out, version, len(frames), report)
+        raw["quantization"]["seconds"] = round(time.perf_counter() - start, 1)
+        (out / "manifest.json").write_text(json.dumps(raw, indent=2))
+        fitted = manifest.raw.get("ood_embedding")
+        if fitted:  # the same layers, fitted on the variant's own features
+            ood_embed.main(
+                out, [f["tensor"] for f in fitted.get("features", [])] or [fitted["feature"]]
+            )
+        if decide:  # the sets and the flag, on the variant's own outputs
+            conformal.main(out)
+    return dst
 
-        def quantise(keep: list[str], out: Path) -> Path:
-            batches = CalibrationBatches(frames, names, n_fields)
-            static(prepared, out, batches, keep + outside, Path(tmp) / "ranges.json")
-            return out
 
-        reference = _probabilities(plain, probe_frames, n_fields) if probe else None
+def _build(
+    source: onnx.ModelProto,
+    manifest: Any,
+    out: Path,
+    tmp: Path,
+    frames: np.ndarray,
+    probe_frames: np.ndarray,
+    target: float,
+    rounding_frames: int,
+    keep_in_float: list[str] | None,
+    weight_bits: int,
+) -> dict[str, Any]:
+    """Write the int8 graph to ``out / model.onnx``; returns the manifest's record of it."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        def divergence(keep: list[str]) -> float:
-            trial = quantise(keep, Path(tmp) / "trial.onnx")
-            return kl_to(reference, _probabilities(trial, probe_frames, n_fields))
+    probe = len(probe_frames) > 0
+    n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
+    names = {i.name for i in source.graph.input}
+    # The out-of-distribution distance is refitted on the variant's own features
+    # (``training.ood_embed``): quantise the graph without it.
+    plain = tmp / "plain.onnx"
+    onnx.save(without_distance(source), str(plain))
+    prepared = tmp / "prepared.onnx"
+    quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared))
+    n_folded = fold_pads(graph)
+    onnx.save(graph, str(prepared))
+    candidates, outside = backbone_convs(graph), outside_backbone(graph)
 
-        if keep_in_float is not None:
-            keep, whole = list(keep_in_float), divergence([]) if probe else 0.0
-            gains = {name: float("nan") for name in keep}
-            nearest = divergence(keep) if probe else 0.0
-        else:  # without probe frames: the whole backbone in int8, unmeasured
-            whole, gains = sensitivity(candidates, divergence) if probe else (0.0, {})
-            keep, nearest = keep_until(whole, gains, divergence, target) if probe else ([], 0.0)
-        dst.mkdir(parents=True)
-        quantise(keep, dst / "model.onnx")
-        adjusted = None
-        if rounding_frames:
-            model = onnx.load(str(dst / "model.onnx"))
-            adjusted = rounding.adjust(model, graph, frames[:rounding_frames], n_fields)
-            onnx.save(model, str(dst / "model.onnx"))
-        probs = _probabilities(dst / "model.onnx", probe_frames, n_fields) if probe else None
-    report = {
+    def quantise(keep: list[str], path: Path) -> Path:
+        batches = CalibrationBatches(frames, names, n_fields)
+        static(prepared, path, batches, keep + outside, tmp / "ranges.json", weight_bits)
+        return path
+
+    reference = _probabilities(plain, probe_frames, n_fields) if probe else None
+
+    def divergence(keep: list[str]) -> float:
+        trial = quantise(keep, tmp / "trial.onnx")
+        return kl_to(reference, _probabilities(trial, probe_frames, n_fields))
+
+    if keep_in_float is not None:
+        keep, whole = list(keep_in_float), divergence([]) if probe else 0.0
+        gains = {name: float("nan") for name in keep}
+        nearest = divergence(keep) if probe else 0.0
+    else:  # without probe frames: the whole backbone in int8, unmeasured
+        whole, gains = sensitivity(candidates, divergence) if probe else (0.0, {})
+        keep, nearest = keep_until(whole, gains, divergence, target) if probe else ([], 0.0)
+    quantise(keep, out / "model.onnx")
+    adjusted = None
+    if rounding_frames:
+        model = onnx.load(str(out / "model.onnx"))
+        adjusted = rounding.adjust(
+            model, graph, frames[:rounding_frames], n_fields, limit=WEIGHT_LIMIT[weight_bits]
+        )
+        onnx.save(model, str(out / "model.onnx"))
+    probs = _probabilities(out / "model.onnx", probe_frames, n_fields) if probe else None
+    return {
         "layers": len(candidates),
         "pads_folded": n_folded,
         "probe": {"split": "val", "frames": len(probe_frames), "labels_used": False},
@@ -320,16 +318,8 @@ def main(
         },
         "kept_in_float_chosen": "given" if keep_in_float is not None else "measured",
         "rounding": adjusted or {"method": "nearest"},
+        "weight_bits": weight_bits,
     }
-    raw = variant_manifest(manifest.raw, dst, version, len(frames), report)
-    raw["quantization"]["seconds"] = round(time.perf_counter() - start, 1)
-    (dst / "manifest.json").write_text(json.dumps(raw, indent=2))
-    source = manifest.raw.get("ood_embedding")
-    if source:  # the same layers, fitted on the variant's own features
-        ood_embed.main(
-            dst, [f["tensor"] for f in source.get("features", [])] or [source["feature"]]
-        )
-    return dst
 
 
 def _probabilities(path: Path, images: np.ndarray, n_fields: int) -> np.ndarray:

@@ -69,9 +69,10 @@ def learned_rounding(
     node: onnx.NodeProto,
     iterations: int,
     seed: int = 0,
+    limit: int = 127,
 ) -> torch.Tensor:
-    """Integer weights (as floats, within ±127) of ``w`` at per-channel ``scale``, each rounded
-    up or down so that ``conv(x, scale * q)`` comes closest to ``target``."""
+    """Integer weights (as floats, within ±``limit``) of ``w`` at per-channel ``scale``, each
+    rounded up or down so that ``conv(x, scale * q)`` comes closest to ``target``."""
     scale = scale.reshape((-1,) + (1,) * (w.dim() - 1))
     floor = torch.floor(w / scale)
     # Start where nearest rounding would: h(v) equals the fractional part.
@@ -82,7 +83,7 @@ def learned_rounding(
     warm = iterations // 5  # reconstruction alone first, then push every weight to 0 or 1
     for step in range(iterations):
         rows = torch.randint(0, len(x), (min(BATCH, len(x)),), generator=generator)
-        out = conv(x[rows], scale * torch.clamp(floor + _soft(v), -127, 127), node)
+        out = conv(x[rows], scale * torch.clamp(floor + _soft(v), -limit, limit), node)
         loss = (out - target[rows]).pow(2).sum(dim=(1, 2, 3)).mean()
         if step >= warm:
             beta = 20 - 18 * (step - warm) / max(iterations - warm, 1)
@@ -91,7 +92,7 @@ def learned_rounding(
         loss.backward()
         optimiser.step()
     with torch.no_grad():
-        return torch.clamp(floor + (_soft(v) >= 0.5).float(), -127, 127)
+        return torch.clamp(floor + (_soft(v) >= 0.5).float(), -limit, limit)
 
 
 def _values(model: onnx.ModelProto, tensors: list[str], frames: np.ndarray, n_fields: int):
@@ -125,10 +126,12 @@ def adjust(
     frames: np.ndarray,
     n_fields: int,
     iterations: int = 600,
+    limit: int = 127,
 ) -> dict[str, Any]:
     """Learned rounding and bias correction of every int8 convolution of ``qdq`` (changed in
-    place) against the same-named convolutions of ``fp32`` on ``frames``; returns the mean
-    output error (relative to the fp32 output's spread) before and after, over the layers."""
+    place) against the same-named convolutions of ``fp32`` on ``frames``, the weights kept
+    within ±``limit`` (the range they were quantised to); returns the mean output error
+    (relative to the fp32 output's spread) before and after, over the layers."""
     inits = {i.name: i for i in qdq.graph.initializer}
     fp32_convs = {n.name: n for n in fp32.graph.node if n.op_type == "Conv"}
     fp32_inits = {i.name: i for i in fp32.graph.initializer}
@@ -147,7 +150,7 @@ def adjust(
             raise ValueError(f"{node.name}: int8 weights with a zero point (not symmetric)")
         scale = torch.from_numpy(numpy_helper.to_array(inits[weights.input[1]]).copy())
         nearest = torch.from_numpy(numpy_helper.to_array(q_init).astype(np.float32))
-        q = learned_rounding(x, target, w, scale, node, iterations, seed=i)
+        q = learned_rounding(x, target, w, scale, node, iterations, seed=i, limit=limit)
         per_channel = scale.reshape((-1,) + (1,) * (w.dim() - 1))
         with torch.no_grad():
             spread = target.std().item() or 1.0
