@@ -15,6 +15,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app
+from service.manifest import load_manifest
 from service.registry import Registry
 from tests.conftest import REPO, make_settings, require_data
 from tests.images import png
@@ -249,15 +250,17 @@ def _unnamed_and_int8(
     return pairs
 
 
+@pytest.mark.parametrize("version", ["4", "5"])
 def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
-    client: TestClient, fullres_frames: list[Path]
+    client: TestClient, fullres_frames: list[Path], version: str
 ) -> None:
-    """hyperkvasir-lgi/4 is the int8 variant of /2: requests that name no version keep
-    getting /2 (ENDOFUSE_PRECISION=fp32, the default); named, /4 answers like /2."""
-    bundled("hyperkvasir-lgi", "4")
-    meta = client.get("/models/hyperkvasir-lgi/versions/4").json()
+    """hyperkvasir-lgi/4 (8-bit weights) and /5 (7-bit) are int8 variants of /2: requests
+    that name no version keep getting /2 (ENDOFUSE_PRECISION=fp32, the default); named, each
+    answers like /2; preferring int8 serves the newest, /5."""
+    bundled("hyperkvasir-lgi", version)
+    meta = client.get(f"/models/hyperkvasir-lgi/versions/{version}").json()
     assert meta["precision"] == "int8" and meta["quantization"]["source"] == "hyperkvasir-lgi/2"
-    pairs = _unnamed_and_int8(client, "hyperkvasir-lgi", fullres_frames, "4")
+    pairs = _unnamed_and_int8(client, "hyperkvasir-lgi", fullres_frames, version)
     same = sum(default["label"] == int8["label"] for default, int8 in pairs)
     assert same >= len(fullres_frames) - 1, f"{same}/{len(fullres_frames)} labels agree"
     registry = Registry.load(
@@ -267,28 +270,54 @@ def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
         only=["hyperkvasir-lgi"],
         precision="int8",
     )
-    assert registry.get("hyperkvasir-lgi").version == "4"
+    assert registry.get("hyperkvasir-lgi").version == "5"
 
 
-def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(client: TestClient) -> None:
-    """ham10000/6 is the int8 variant of /2 (rounding learned), with its own decision fit:
-    requests that name no version get the newest fp32 version, /7 (/2 with its tabular-only
-    calibration refitted: the same answers wherever there is an image); named, /6 names the
-    same diagnosis for nearly every image."""
-    bundled("ham10000", "6")
-    meta = client.get("/models/ham10000/versions/6").json()
-    assert meta["precision"] == "int8" and meta["quantization"]["source"] == "ham10000/2"
-    assert meta["quantization"]["rounding"]["layers"] == 46
+@pytest.mark.parametrize(("version", "source"), [("6", "2"), ("8", "7")])
+def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(
+    client: TestClient, version: str, source: str
+) -> None:
+    """ham10000/6 (int8 variant of /2) and /8 (of /7, 7-bit weights), rounding learned, each
+    with its own decision fit: requests that name no version get the newest fp32 version, /7
+    (/2 with its tabular-only calibration refitted: the same answers wherever there is an
+    image); named, each names the same diagnosis for nearly every image."""
+    bundled("ham10000", version)
+    meta = client.get(f"/models/ham10000/versions/{version}").json()
+    quantization = meta["quantization"]
+    assert meta["precision"] == "int8" and quantization["source"] == f"ham10000/{source}"
+    assert quantization["rounding"]["layers"] == 49 - len(quantization["kept_in_float"])
     require_data("ham10000")
     from training.config import load_config
     from training.data import load_split, read_rows
 
     spec = load_config(REPO / "training" / "configs" / "ham10000.yaml").dataset
     paths = sorted(load_split(spec, "test", None, read_rows(spec)).paths)[::37][:40]
-    pairs = _unnamed_and_int8(client, "ham10000", paths, "6", fp32="7")
+    pairs = _unnamed_and_int8(client, "ham10000", paths, version, fp32="7")
     assert all(int8["label"] in int8["prediction_set"] and "ood" in int8 for _, int8 in pairs)
     same = sum(fp32["label"] == int8["label"] for fp32, int8 in pairs)
     assert same >= 0.9 * len(paths), f"{same}/{len(paths)} labels agree"
+
+
+def test_seven_bit_variants_keep_every_int8_weight_within_64() -> None:
+    """The variants recorded with 7-bit weights hold them (no 16-bit pair sum can saturate,
+    so CPUs with and without VNNI compute the same integers); the 8-bit ones use the range."""
+    onnx = pytest.importorskip("onnx", reason="reading the graphs needs the 'train' extra")
+    from onnx import numpy_helper
+
+    widest = {}
+    for vdir in sorted(MODELS.glob("*/*/manifest.json")):
+        manifest = load_manifest(vdir)
+        if manifest.precision != "int8":
+            continue
+        bits = manifest.raw["quantization"].get("weight_bits", 8)
+        graph = onnx.load(str(vdir.parent / "model.onnx"))
+        values = [numpy_helper.to_array(i) for i in graph.graph.initializer]
+        widest[(manifest.name, manifest.version, bits)] = max(
+            int(np.abs(v.astype(int)).max()) for v in values if v.dtype == np.int8
+        )
+    assert {k[:2] for k in widest if k[2] == 7} == {("hyperkvasir-lgi", "5"), ("ham10000", "8")}
+    for (name, version, bits), value in widest.items():
+        assert value == (64 if bits == 7 else 127), (name, version, value)
 
 
 def _samples(client: TestClient, name: str, **labels: str) -> dict[str, float]:

@@ -159,9 +159,12 @@ def model_details(manifest: Any) -> list[str]:
         q = raw.get("quantization", {})
         learned = (q.get("rounding") or {}).get("layers")
         rounding = f"; rounding learned and biases corrected in {learned} layers" if learned else ""
+        kept = len(q.get("kept_in_float", {}))
+        seven = q.get("weight_bits") == 7
+        bits = "; 7-bit weights, so no 16-bit sum saturates on CPUs without VNNI" if seven else ""
         lines.append(
             f"- **Precision**: int8 variant of `{q.get('source')}` (ONNX Runtime static "
-            f"quantisation; {len(q.get('kept_in_float', {}))} layers kept in float{rounding}). Its "
+            f"quantisation; {kept} layer{'s' * (kept != 1)} kept in float{rounding}{bits}). Its "
             "answers depend on the CPU's integer kernels; the self-check compares them at "
             "load with those its thresholds were fitted on."
         )
