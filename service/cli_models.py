@@ -144,7 +144,7 @@ def quantize(
         "another variant's quantization.kept_in_float)",
     ),
     weight_bits: int = typer.Option(
-        8, help="8, or 7: answers the same on CPUs with and without VNNI (no 16-bit saturation)"
+        8, help="8, or 7: no 16-bit sum can saturate on CPUs without VNNI (exact integers there)"
     ),
 ) -> None:
     """Write a static int8 variant of a model version (precision: int8 in its manifest), and

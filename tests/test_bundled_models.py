@@ -300,7 +300,7 @@ def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(
 
 def test_seven_bit_variants_keep_every_int8_weight_within_64() -> None:
     """The variants recorded with 7-bit weights hold them (no 16-bit pair sum can saturate,
-    so CPUs with and without VNNI compute the same integers); the 8-bit ones use the range."""
+    so a CPU without VNNI sums their products exactly); the 8-bit ones use the whole range."""
     onnx = pytest.importorskip("onnx", reason="reading the graphs needs the 'train' extra")
     from onnx import numpy_helper
 

@@ -21,12 +21,12 @@ decide whether int8 is faster here, each measured (docs/training.md, "int8 varia
 - **Rounding learned, biases corrected** (``training.rounding``): with the float layers chosen,
   each int8 convolution's weights are rounded up or down to fit the fp32 layer's output, and
   the mean error left goes into its bias; on ham10000/2 that more than halves the KL left.
-- **7-bit weights where the CPU has no VNNI** (``weight_bits=7``, ONNX Runtime's
-  ``reduce_range``): without VNNI, ONNX Runtime's int8 kernels add each pair of uint8 x int8
-  products in 16 bits, which saturates past 32,767; VNNI adds in 32 bits. So an 8-bit
-  variant answers differently on the two kinds of CPU, and its self-check record holds on
-  one only. With weights within ±64 no pair can reach the limit (2 x 255 x 64 = 32,640), and
-  both kinds compute the same integers.
+- **7-bit weights, for a graph that does not depend on VNNI** (``weight_bits=7``, ONNX
+  Runtime's ``reduce_range``): without VNNI, ONNX Runtime's int8 kernels add each pair of
+  uint8 x int8 products in 16 bits, which saturates past 32,767; VNNI adds in 32 bits. So an
+  8-bit variant answers differently on the two kinds of CPU, and its self-check record holds
+  on one only. With weights within ±64 no pair can reach the limit (2 x 255 x 64 = 32,640),
+  so the sums are exact on both (measured on an AVX2 CPU only: docs/training.md).
 - **Ranges at the 99.99th percentile** of the calibration activations: plain min/max lets a
   few outliers stretch the range, and cost 4 points of macro-F1 on hyperkvasir-lgi in a first
   try.
@@ -209,7 +209,7 @@ def main(
     its directory, which appears only once complete.
     ``keep_in_float`` names the layers kept in float instead of measuring them (another
     variant's choice, so that two variants differ only where the comparison is meant to).
-    ``weight_bits``: 8, or 7 for a variant that answers the same with and without VNNI."""
+    ``weight_bits``: 8, or 7 for a variant whose integer sums cannot saturate without VNNI."""
     if weight_bits not in WEIGHT_LIMIT:
         raise ValueError(f"weight bits: {' or '.join(map(str, WEIGHT_LIMIT))}, not {weight_bits}")
     manifest = load_manifest(src / "manifest.json")
