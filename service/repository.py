@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from service.errors import ManifestError
 from service.manifest import Manifest, load_manifest
@@ -115,3 +116,10 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def files_record(vdir: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` block for the graph in ``vdir``: what ``checked_manifest``
+    compares the graph with before it is opened."""
+    graph = vdir / "model.onnx"
+    return {"model.onnx": {"sha256": file_digest(graph), "bytes": graph.stat().st_size}}

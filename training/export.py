@@ -4,7 +4,6 @@ checked with onnx.checker and a torch-vs-ONNX Runtime parity test on real images
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -19,7 +18,7 @@ from torch import nn
 
 from service.label_rule import LabelRule
 from service.preprocess import ImageSpec
-from service.repository import refuse_existing, staged_version
+from service.repository import files_record, refuse_existing, staged_version
 from service.sessions import open_session
 from service.tabular import TabularSchema
 from training import calibrate
@@ -286,12 +285,7 @@ def build_manifest(
             "split_sizes": split_sizes,
         },
         "versions": library_versions(),
-        "files": {
-            "model.onnx": {
-                "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-                "bytes": onnx_path.stat().st_size,
-            }
-        },
+        "files": files_record(onnx_path.parent),
     }
 
 

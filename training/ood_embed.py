@@ -18,7 +18,6 @@ probabilities and logits stay exactly as they were (checked before the file is r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from service.manifest import load_manifest
+from service.repository import files_record
 from service.sessions import open_session
 from training.evaluate import evenly_sampled
 
@@ -279,10 +279,7 @@ def main(
     raw = dict(manifest.raw, ood_embedding=info)
     outputs = [o for o in manifest.raw.get("outputs", ["probabilities", "logits"]) if o != OUTPUT]
     raw["outputs"] = [*outputs, OUTPUT]
-    onnx_bytes = (model_dir / "model.onnx").read_bytes()
-    raw["files"] = {
-        "model.onnx": {"sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)}
-    }
+    raw["files"] = files_record(model_dir)
     (model_dir / "manifest.json").write_text(json.dumps(raw, indent=2))
     return info
 

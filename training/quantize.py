@@ -42,7 +42,6 @@ float: they are cheap, and where the calibrated logits are formed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -55,7 +54,7 @@ import onnx
 from tqdm import tqdm
 
 from service.manifest import load_manifest
-from service.repository import refuse_existing, staged_version
+from service.repository import files_record, refuse_existing, staged_version
 from service.sessions import DISABLED_OPTIMIZERS, open_session
 from training import conformal, ood_embed, rounding
 from training.evaluate import evenly_sampled
@@ -340,12 +339,11 @@ def variant_manifest(
     raw = {k: v for k, v in source.items() if k not in drop}
     if "outputs" in raw:
         raw["outputs"] = [o for o in raw["outputs"] if o != OUTPUT]
-    data = (dst / "model.onnx").read_bytes()
     raw.update(
         version=version,
         precision="int8",
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        files={"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+        files=files_record(dst),
         quantization={
             "source": f"{source['name']}/{source['version']}",
             "method": "ONNX Runtime static quantisation, QDQ: the image backbone's convolutions, "

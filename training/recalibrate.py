@@ -15,7 +15,6 @@ quantize``, which copies its source's calibration.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,10 +25,11 @@ import onnx
 from onnx import numpy_helper
 
 from service.manifest import load_manifest
-from service.repository import refuse_existing, staged_version
+from service.repository import files_record, refuse_existing, staged_version
 from training import calibrate, conformal
 from training.conformal import pattern_probs
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, pattern_ids
+from training.train import stacked
 
 KEYS = ("temperatures", "biases", "methods", "fitted_on", "cv_nll")
 
@@ -42,20 +42,14 @@ def split_rows(
     scored = pattern_probs(model_dir, split, group_column)
     n_labels = len(scored.manifest.labels)
     table = scored.table
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    for pattern, (_, logits) in scored.out.items():
-        mask = table.mask if scored.manifest.tabular else None
-        image_mask, tab_mask = apply_eval_pattern(pattern, mask, len(table))
-        parts.append((logits[:, :n_labels], pattern_ids(image_mask, tab_mask)))
-    k = len(parts)
-    groups = None if table.groups is None else np.tile(table.groups, k)
-    return (
-        np.concatenate([lg for lg, _ in parts]).astype(np.float64),
-        np.tile(table.labels, k),
-        np.concatenate([pid for _, pid in parts]),
-        groups,
-        scored.out,
-    )
+    mask = table.mask if scored.manifest.tabular else None
+    per_pattern = {
+        pattern: (logits[:, :n_labels], pattern_ids(*apply_eval_pattern(pattern, mask, len(table))))
+        for pattern, (_, logits) in scored.out.items()
+    }
+    logits, labels, pids = stacked(per_pattern, table)
+    groups = None if table.groups is None else np.tile(table.groups, len(per_pattern))
+    return logits.astype(np.float64), labels, pids, groups, scored.out
 
 
 def refit(source: dict[str, Any], model_dir: Path, val: tuple[np.ndarray, ...]) -> dict[str, Any]:
@@ -160,12 +154,11 @@ def main(
         # The decision block is refitted below; until then the source's stays, so that the
         # refit keeps the record of the distance layers an earlier fit took out.
         raw = {k: v for k, v in manifest.raw.items() if k != "self_check"}
-        data = (tmp / "model.onnx").read_bytes()
         raw.update(
             version=version,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             calibration=dict(new, recalibrated_from=f"{manifest.name}/{manifest.version}"),
-            files={"model.onnx": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+            files=files_record(tmp),
             metrics={"see": f"docs/models/{manifest.name}/{version}/"},
         )
         (tmp / "manifest.json").write_text(json.dumps(raw, indent=2))
