@@ -58,7 +58,7 @@ def main() -> None:
     base = without_distance(onnx.load(str(REPO / "models" / name / version / "model.onnx")))
     classes = 5
     pooled = random_fit(pooled_feature(base), 1280, classes, False)
-    middle = random_fit(MID_FEATURES[0], 112, classes, True)
+    middle = random_fit(MID_FEATURES["efficientnet-lite0"], 112, classes, True)
     token = random_fit(image_token(base), 128, classes, False)
     variants = {
         "no distance": base,

@@ -11,7 +11,14 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training tests need the 'train' extra (torch)")
 
-from training.backbone import EfficientNetLite0, checkpoint_path, load_pretrained  # noqa: E402
+from training.backbone import (  # noqa: E402
+    VARIANTS,
+    EfficientNetLite,
+    checkpoint_path,
+    load_pretrained,
+    normalise_uint8_nhwc,
+    stage_ends,
+)
 from training.data import ColumnSpec, DatasetError, DatasetSpec, fit_schema, load_split, read_rows  # noqa: E402
 from training.metrics import summarize  # noqa: E402
 from training.patterns import (  # noqa: E402
@@ -30,10 +37,45 @@ def test_checkpoint_loads_strictly() -> None:
     state = torch.load(checkpoint_path(), map_location="cpu", weights_only=True)
     assert set(model.state_dict()) == set(state), "every key matches both ways"
     # A wrong architecture would not load strictly.
-    broken = EfficientNetLite0()
+    broken = EfficientNetLite()
     del broken._blocks[-1]
     with pytest.raises(RuntimeError):
         broken.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_lite_variant_loads_its_checkpoint_and_sees_imagenet(variant: str) -> None:
+    """The stage table derived from the width and depth multipliers matches each shipped
+    checkpoint key for key and shape for shape, and the weights, run with SAME padding and
+    [-1, 1] pixels, name the ImageNet class of a photograph (Grace Hopper, whose top class in
+    the TF reference is 'military uniform', 652) among their three most probable."""
+    import matplotlib
+    from PIL import Image
+
+    model = load_pretrained(variant=variant).eval()
+    state = torch.load(checkpoint_path(variant), map_location="cpu", weights_only=True)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in state.items()
+    }
+    with Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg") as im:
+        rgb = im.convert("RGB")
+    w, h = rgb.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    pixels = np.asarray(rgb.crop(box).resize((224, 224), Image.BILINEAR))[None].copy()
+    with torch.no_grad():
+        logits = model.imagenet_logits(normalise_uint8_nhwc(torch.from_numpy(pixels)))
+    assert 652 in logits[0].topk(3).indices.tolist()
+
+
+def test_the_ood_middle_layer_is_the_end_of_stage_five_in_every_variant() -> None:
+    from training.ood_embed import MID_FEATURES
+
+    assert set(MID_FEATURES) == set(VARIANTS)
+    for variant, tensor in MID_FEATURES.items():
+        assert tensor == f"/tail/blocks.{stage_ends(variant)[4]}/Add_output_0"
+    with pytest.raises(ValueError, match="unknown backbone"):
+        checkpoint_path("efficientnet-lite9")
 
 
 def test_backbone_handles_odd_sizes_with_same_padding() -> None:
@@ -216,3 +258,15 @@ def test_every_recipe_in_the_repository_loads(config: Path) -> None:
 
     cfg = load_config(config)
     assert cfg.image.spec().version == cfg.image.preprocessing
+
+
+def test_the_backbone_is_named_in_the_config_and_checked_when_loaded() -> None:
+    from training.config import load_config
+
+    base = Path("training/configs/hyperkvasir-lgi.yaml")
+    assert load_config(base).model.backbone == "efficientnet-lite0"
+    assert load_config(Path("training/configs/hyperkvasir-lgi-lite2.yaml")).model.backbone == (
+        "efficientnet-lite2"
+    )
+    with pytest.raises(ValueError, match=r"model\.backbone"):
+        load_config(base, {"model.backbone": "resnet50"})

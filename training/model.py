@@ -1,6 +1,6 @@
 """Fused image + tabular classifier that expects any modality, or any field, to be absent.
 
-- Image token: pooled EfficientNet-Lite0 features, projected; a learned *image modality token*
+- Image token: pooled EfficientNet-Lite features, projected; a learned *image modality token*
   replaces it when the image is absent.
 - Tabular tokens: one per field (numeric: standardised value times a learned vector;
   categorical: embedding), a learned *missing* embedding per field where the mask says absent,
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.tabular import TabularSchema
-from training.backbone import FEATURE_DIM, EfficientNetLite0, normalise_uint8_nhwc
+from training.backbone import FEATURE_DIM, EfficientNetLite, normalise_uint8_nhwc
 from training.config import ModelConfig
 
 
@@ -29,7 +29,7 @@ class BackboneTail(nn.Module):
     From block 0 the tail is the whole backbone, stem included, and takes uint8-valued NHWC
     pixels (the full fine-tune)."""
 
-    def __init__(self, backbone: EfficientNetLite0, start: int) -> None:
+    def __init__(self, backbone: EfficientNetLite, start: int) -> None:
         super().__init__()
         self.start = start
         if start == 0:

@@ -49,7 +49,9 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def build_model(cfg: Config, n_classes: int, schema: Any) -> FusionModel:
     tail = None
     if cfg.model.finetune_from_block is not None:
-        tail = BackboneTail(load_pretrained(), cfg.model.finetune_from_block)
+        tail = BackboneTail(
+            load_pretrained(variant=cfg.model.backbone), cfg.model.finetune_from_block
+        )
     return FusionModel(n_classes, schema, cfg.model, tail)
 
 
@@ -79,7 +81,7 @@ def load_data(cfg: Config) -> Data:
             **{s: pixel_set(tables[s].paths, spec, f"decode {s}") for s in ("val", "test")},
         }
         return Data(schema, tables, feats)
-    backbone = load_pretrained()
+    backbone = load_pretrained(variant=cfg.model.backbone)
     feats = {
         s: cached_features(
             backbone,
