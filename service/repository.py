@@ -6,12 +6,15 @@ directory, or a graph that does not match its recorded digest, is refused. Hidde
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from glob import escape
 from pathlib import Path
 from typing import Any
 
@@ -52,24 +55,75 @@ def refuse_existing(dst: Path) -> None:
         raise FileExistsError(f"{dst} exists already: name another version")
 
 
+PARTIAL = ".partial-"
+
+
+@contextmanager
+def _dir_lock(path: Path) -> Iterator[bool]:
+    """Try to take the directory's flock without waiting; yields whether it was taken. The
+    kernel drops an flock when its holder dies, however it dies, so a half-built version
+    whose lock can be taken was left by a builder that is gone."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned(name_dir: Path, version: str = "*") -> tuple[list[str], list[str]]:
+    """Remove the half-built versions under ``name_dir`` whose builder is gone (killed, out
+    of memory, the machine restarted). Returns (removed, still being built)."""
+    removed, building = [], []
+    for tmp in sorted(name_dir.glob(f".{version}{PARTIAL}*")):
+        try:
+            with _dir_lock(tmp) as abandoned:
+                if abandoned:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:  # finished or removed meanwhile
+            continue
+        (removed if abandoned else building).append(tmp.name)
+    return removed, building
+
+
 @contextmanager
 def staged_version(dst: Path) -> Iterator[Path]:
     """Build the version directory ``dst`` out of sight: in a hidden sibling, which
     ``discover`` skips, renamed to ``dst`` once everything in it is written, and removed if
     the build fails. A served version is opened once and never re-read, so a service
     watching the repository must not find one half-made: a graph and a manifest without
-    its decision block yet pass every check a copy in progress fails."""
+    its decision block yet pass every check a copy in progress fails. The sibling is locked
+    while the build runs: what a killed build left is removed by the next one, and a second
+    build of the same version is refused."""
     refuse_existing(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    remove_abandoned(dst.parent)
+    token = secrets.token_hex(4)
+    # Locked under a name no sweep looks at, then renamed: never seen unlocked.
+    start = dst.parent / f".{dst.name}.starting-{token}"
+    start.mkdir()
+    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    tmp = dst.parent / f".{dst.name}{PARTIAL}{token}"
+    start.rename(tmp)
     try:
+        others = [n for n in remove_abandoned(dst.parent, escape(dst.name))[1] if n != tmp.name]
+        if others:
+            raise FileExistsError(
+                f"{dst} is being built by another process: wait for it, or name another version"
+            )
         yield tmp
-        refuse_existing(dst)  # made by someone else meanwhile: keep theirs
+        refuse_existing(dst)  # copied in by hand meanwhile: keep it
         tmp.rename(dst)  # one step within a filesystem: absent, then complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
 
 
 SERVING_FILE = "serving.json"

@@ -7,6 +7,8 @@ import base64
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,8 @@ from tests.builders import write_model_dir
 from tests.conftest import make_settings
 from tests.images import png
 from tests.redis_harness import RedisServer, WorkerProcess
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -108,7 +112,7 @@ def test_a_version_built_in_the_repository_is_served_only_once_complete(tmp_path
             shutil.copytree(built, tmp, dirs_exist_ok=True)
             time.sleep(0.5)
             raise RuntimeError("the build fails")
-        assert [p.name for p in (models / "endo").iterdir()] == ["1"]
+        assert shown(models / "endo") == ["1"] and not list((models / "endo").glob("*partial*"))
 
         with repository.staged_version(models / "endo" / "2") as tmp:
             shutil.copytree(built, tmp, dirs_exist_ok=True)
@@ -122,7 +126,41 @@ def test_a_version_built_in_the_repository_is_served_only_once_complete(tmp_path
         taken = pytest.raises(FileExistsError, match="exists already")
         with taken, repository.staged_version(models / "endo" / "2"):
             pass
-        assert sorted(p.name for p in (models / "endo").iterdir()) == ["1", "2"]
+        assert shown(models / "endo") == ["1", "2"]
+
+
+def shown(name_dir: Path) -> list[str]:
+    return sorted(p.name for p in name_dir.iterdir() if not p.name.startswith("."))
+
+
+def test_a_killed_build_is_cleared_and_a_build_in_progress_is_not_doubled(tmp_path: Path) -> None:
+    """A builder killed mid-way (here a child process that exits inside ``staged_version``
+    without unwinding, as SIGKILL or an out-of-memory kill would) leaves its hidden
+    directory; the next build under that model removes it. A second builder of a version
+    being built is refused at once, and leaves the first one's files alone."""
+    name_dir = tmp_path / "models" / "endo"
+    child = (
+        "import os, sys; from pathlib import Path; from service import repository\n"
+        "with repository.staged_version(Path(sys.argv[1])) as tmp:\n"
+        "    (tmp / 'model.onnx').write_bytes(b'half')\n"
+        "    os._exit(9)\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", child, str(name_dir / "3")], cwd=REPO, check=False, timeout=60
+    )
+    assert killed.returncode == 9
+    leftovers = list(name_dir.glob(".3.partial-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "model.onnx").is_file()
+
+    with repository.staged_version(name_dir / "2") as building:
+        (building / "model.onnx").write_bytes(b"in progress")
+        assert not leftovers[0].exists(), "the killed build's files are gone"
+        refused = pytest.raises(FileExistsError, match="being built by another process")
+        with refused, repository.staged_version(name_dir / "2"):
+            pass
+        assert repository.remove_abandoned(name_dir) == ([], [building.name])
+        assert (building / "model.onnx").read_bytes() == b"in progress"
+    assert shown(name_dir) == ["2"] and not list(name_dir.glob("*partial*"))
 
 
 @pytest.mark.slow
