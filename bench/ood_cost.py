@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.serving import publish  # noqa: E402
 from training.ood_embed import (  # noqa: E402
-    MID_FEATURES,
     LayerFit,
     add_distances,
     image_token,
+    mid_feature,
     pooled_feature,
     without_distance,
 )
@@ -58,7 +58,7 @@ def main() -> None:
     base = without_distance(onnx.load(str(REPO / "models" / name / version / "model.onnx")))
     classes = 5
     pooled = random_fit(pooled_feature(base), 1280, classes, False)
-    middle = random_fit(MID_FEATURES["efficientnet-lite0"], 112, classes, True)
+    middle = random_fit(mid_feature(), 112, classes, True)
     token = random_fit(image_token(base), 128, classes, False)
     variants = {
         "no distance": base,

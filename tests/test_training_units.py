@@ -12,14 +12,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="training tests need the 'train' extra (torch)")
 
 from training.backbone import (  # noqa: E402
-    VARIANTS,
     EfficientNetLite,
     checkpoint_path,
     load_pretrained,
     normalise_uint8_nhwc,
-    stage_ends,
 )
 from training.data import ColumnSpec, DatasetError, DatasetSpec, fit_schema, load_split, read_rows  # noqa: E402
+from training.lite import VARIANTS  # noqa: E402
 from training.metrics import summarize  # noqa: E402
 from training.patterns import (  # noqa: E402
     ALL,
@@ -68,12 +67,32 @@ def test_every_lite_variant_loads_its_checkpoint_and_sees_imagenet(variant: str)
     assert 652 in logits[0].topk(3).indices.tolist()
 
 
-def test_the_ood_middle_layer_is_the_end_of_stage_five_in_every_variant() -> None:
-    from training.ood_embed import MID_FEATURES
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_ood_middle_layer_is_in_every_variants_exported_graph(
+    variant: str, tmp_path: Path
+) -> None:
+    """The out-of-distribution fit names its middle layer from the variant's stage table; the
+    tensor must exist in the exported graph and be the end of stage 5 (its channel count)."""
+    import onnx
 
-    assert set(MID_FEATURES) == set(VARIANTS)
-    for variant, tensor in MID_FEATURES.items():
-        assert tensor == f"/tail/blocks.{stage_ends(variant)[4]}/Add_output_0"
+    from service.sessions import open_session
+    from training.config import load_config
+    from training.export import ServingGraph, export_onnx
+    from training.lite import stages
+    from training.ood_embed import default_features, mid_feature, with_outputs
+    from training.train import build_model
+
+    cfg = load_config(Path("training/configs/hyperkvasir-lgi.yaml"), {"model.backbone": variant})
+    model = build_model(cfg, len(cfg.dataset.labels), None)
+    temps = dict.fromkeys(("all", "image_only", "tabular_only", "partial"), 1.0)
+    graph = ServingGraph(load_pretrained(variant=variant), model, temps, 0).eval()
+    image = torch.zeros(1, 224, 224, 3, dtype=torch.uint8)
+    export_onnx(graph, (image,), tmp_path / "model.onnx")
+    exported = onnx.load(str(tmp_path / "model.onnx"))
+    assert mid_feature(variant) in default_features(exported, variant)
+    session = open_session(with_outputs(exported, [mid_feature(variant)]).SerializeToString())
+    (mid,) = session.run([mid_feature(variant)], {"image": image.numpy()})
+    assert mid.shape[1] == stages(variant)[4][4]  # stage 5's width: 112 in Lite0, 120 in Lite2
     with pytest.raises(ValueError, match="unknown backbone"):
         checkpoint_path("efficientnet-lite9")
 

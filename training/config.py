@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from service.preprocess import ImageSpec
+from training import lite
 from training.augment import make_augment
 from training.data import ColumnSpec, DatasetSpec
 
@@ -51,14 +52,13 @@ class ModelConfig:
     # Backbone blocks from this index on are fine-tuned on cached block inputs; 0 fine-tunes
     # the whole backbone on decoded pixels; None trains on frozen pooled features only.
     finetune_from_block: int | None = 11
-    # ImageNet checkpoint the image branch starts from (training.backbone.VARIANTS).
-    backbone: str = "efficientnet-lite0"
+    # ImageNet checkpoint the image branch starts from (training.lite.VARIANTS).
+    backbone: str = lite.DEFAULT
 
     def __post_init__(self) -> None:
-        from training.backbone import VARIANTS
-
-        if self.backbone not in VARIANTS:
-            raise ValueError(f"model.backbone: {self.backbone!r} is not one of {sorted(VARIANTS)}")
+        if self.backbone not in lite.VARIANTS:
+            known = ", ".join(sorted(lite.VARIANTS))
+            raise ValueError(f"model.backbone: {self.backbone!r} is not one of {known}")
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,11 @@ from service.repository import files_record, refuse_existing, staged_version
 from service.sessions import open_session
 from service.tabular import TabularSchema
 from training import calibrate
-from training.backbone import (
-    EfficientNetLite,
-    backbone_name,
-    load_pretrained,
-    normalise_uint8_nhwc,
-)
+from training.backbone import EfficientNetLite, load_pretrained, normalise_uint8_nhwc
 from training.config import Config, from_dict
 from training.data import load_split, read_rows
 from training.features import load_images
+from training.lite import backbone_name
 from training.model import FusionModel
 from training.patterns import PATTERN_NAMES
 from training.train import build_model

@@ -31,18 +31,17 @@ from tqdm import tqdm
 from service.manifest import load_manifest
 from service.repository import files_record
 from service.sessions import open_session
+from training import lite
 from training.evaluate import evenly_sampled
 
 OUTPUT = "ood_distance"
-# A middle stage of the backbone (the output of stage 5, 112 channels at 1/16 of the input in
-# Lite0): deep enough to be the model's own reading of the tissue, shallow enough to keep
-# the texture and colour statistics of the imaging modality. Used where the graph has it.
-# Per variant (training.backbone.stage_ends(variant)[4]; a test keeps the two in step).
-MID_FEATURES = {
-    "efficientnet-lite0": "/tail/blocks.10/Add_output_0",
-    "efficientnet-lite1": "/tail/blocks.14/Add_output_0",
-    "efficientnet-lite2": "/tail/blocks.14/Add_output_0",
-}
+
+
+def mid_feature(variant: str = lite.DEFAULT) -> str:
+    """A middle stage of the backbone (the output of stage 5, 112 channels at 1/16 of the
+    input in Lite0, block 10): deep enough to be the model's own reading of the tissue,
+    shallow enough to keep the texture and colour statistics of the imaging modality."""
+    return f"/tail/blocks.{lite.stage_ends(variant)[4]}/Add_output_0"
 
 
 @dataclass(frozen=True)
@@ -83,12 +82,12 @@ def image_token(model: onnx.ModelProto) -> str | None:
     return outputs[-1] if outputs else None
 
 
-def default_features(model: onnx.ModelProto, variant: str = "efficientnet-lite0") -> list[str]:
+def default_features(model: onnx.ModelProto, variant: str = lite.DEFAULT) -> list[str]:
     """The candidate layers: the final pooling, the middle stage and the image token, those
     the graph has (the decision fit keeps the narrowest that ignores capture changes)."""
     produced = {out for node in model.graph.node for out in node.output}
     token = image_token(model)
-    mid = MID_FEATURES[variant]
+    mid = mid_feature(variant)
     return [
         pooled_feature(model),
         *([mid] if mid in produced else []),
@@ -249,7 +248,7 @@ def main(
         if not replace:
             raise ValueError(f"{model_dir}: the graph has an '{OUTPUT}' output already")
         model = without_distance(model)
-    variant = manifest.raw.get("training", {}).get("backbone_variant", "efficientnet-lite0")
+    variant = manifest.raw.get("training", {}).get("backbone_variant", lite.DEFAULT)
     features = features or default_features(model, variant)
     images, labels = evenly_sampled(manifest, "train", fit_frames)
     n_fields = len(manifest.tabular.fields) if manifest.tabular else 0
