@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from glob import escape
@@ -56,6 +57,10 @@ def refuse_existing(dst: Path) -> None:
 
 
 PARTIAL = ".partial-"
+STARTING = ".starting-"
+# A build directory is unlocked only between its mkdir and its flock; one older than this was
+# left by a builder that died in that moment.
+STALE_START_S = 60.0
 
 
 @contextmanager
@@ -87,6 +92,16 @@ def remove_abandoned(name_dir: Path, version: str = "*") -> tuple[list[str], lis
         except FileNotFoundError:  # finished or removed meanwhile
             continue
         (removed if abandoned else building).append(tmp.name)
+    for start in sorted(name_dir.glob(f".{version}{STARTING}*")):
+        try:
+            if time.time() - start.stat().st_mtime < STALE_START_S:
+                continue
+            with _dir_lock(start) as abandoned:
+                if abandoned:
+                    shutil.rmtree(start, ignore_errors=True)
+                    removed.append(start.name)
+        except FileNotFoundError:
+            continue
     return removed, building
 
 
@@ -104,7 +119,7 @@ def staged_version(dst: Path) -> Iterator[Path]:
     remove_abandoned(dst.parent)
     token = secrets.token_hex(4)
     # Locked under a name no sweep looks at, then renamed: never seen unlocked.
-    start = dst.parent / f".{dst.name}.starting-{token}"
+    start = dst.parent / f".{dst.name}{STARTING}{token}"
     start.mkdir()
     fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def shown(name_dir: Path) -> list[str]:
 def test_a_killed_build_is_cleared_and_a_build_in_progress_is_not_doubled(tmp_path: Path) -> None:
     """A builder killed mid-way (here a child process that exits inside ``staged_version``
     without unwinding, as SIGKILL or an out-of-memory kill would) leaves its hidden
-    directory; the next build under that model removes it. A second builder of a version
+    directory; the next build under that model removes it, and a directory a builder made but
+    died before locking once it is stale. A second builder of a version
     being built is refused at once, and leaves the first one's files alone."""
     name_dir = tmp_path / "models" / "endo"
     child = (
@@ -151,10 +153,17 @@ def test_a_killed_build_is_cleared_and_a_build_in_progress_is_not_doubled(tmp_pa
     assert killed.returncode == 9
     leftovers = list(name_dir.glob(".3.partial-*"))
     assert len(leftovers) == 1 and (leftovers[0] / "model.onnx").is_file()
+    # A builder that died between making its directory and locking it: swept once stale.
+    stale, fresh = name_dir / ".5.starting-dead", name_dir / ".6.starting-new"
+    stale.mkdir()
+    fresh.mkdir()
+    old = time.time() - 2 * repository.STALE_START_S
+    os.utime(stale, (old, old))
 
     with repository.staged_version(name_dir / "2") as building:
         (building / "model.onnx").write_bytes(b"in progress")
         assert not leftovers[0].exists(), "the killed build's files are gone"
+        assert not stale.exists() and fresh.exists(), "only a stale unlocked start is swept"
         refused = pytest.raises(FileExistsError, match="being built by another process")
         with refused, repository.staged_version(name_dir / "2"):
             pass
