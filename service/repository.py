@@ -15,7 +15,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from glob import escape
 from pathlib import Path
 from typing import Any
 
@@ -80,28 +79,33 @@ def _dir_lock(path: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def remove_abandoned(name_dir: Path, version: str = "*") -> tuple[list[str], list[str]]:
+def _remove_if_abandoned(path: Path) -> bool | None:
+    """Remove ``path`` if no builder holds its lock: True if removed, False if a build holds
+    it, None if it was gone already (finished or removed meanwhile)."""
+    try:
+        with _dir_lock(path) as abandoned:
+            if abandoned:
+                shutil.rmtree(path, ignore_errors=True)
+            return abandoned
+    except FileNotFoundError:
+        return None
+
+
+def remove_abandoned(name_dir: Path) -> tuple[list[str], list[str]]:
     """Remove the half-built versions under ``name_dir`` whose builder is gone (killed, out
     of memory, the machine restarted). Returns (removed, still being built)."""
     removed, building = [], []
-    for tmp in sorted(name_dir.glob(f".{version}{PARTIAL}*")):
+    for tmp in sorted(name_dir.glob(f".*{PARTIAL}*")):
+        outcome = _remove_if_abandoned(tmp)
+        if outcome is not None:
+            (removed if outcome else building).append(tmp.name)
+    for start in sorted(name_dir.glob(f".*{STARTING}*")):
         try:
-            with _dir_lock(tmp) as abandoned:
-                if abandoned:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        except FileNotFoundError:  # finished or removed meanwhile
-            continue
-        (removed if abandoned else building).append(tmp.name)
-    for start in sorted(name_dir.glob(f".{version}{STARTING}*")):
-        try:
-            if time.time() - start.stat().st_mtime < STALE_START_S:
-                continue
-            with _dir_lock(start) as abandoned:
-                if abandoned:
-                    shutil.rmtree(start, ignore_errors=True)
-                    removed.append(start.name)
+            age = time.time() - start.stat().st_mtime
         except FileNotFoundError:
             continue
+        if age >= STALE_START_S and _remove_if_abandoned(start):
+            removed.append(start.name)
     return removed, building
 
 
@@ -116,29 +120,29 @@ def staged_version(dst: Path) -> Iterator[Path]:
     build of the same version is refused."""
     refuse_existing(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(dst.parent)
     token = secrets.token_hex(4)
-    # Locked under a name no sweep looks at, then renamed: never seen unlocked.
+    # Locked under a name no sweep takes before it is a minute old, then renamed: a build
+    # directory is never seen unlocked.
     start = dst.parent / f".{dst.name}{STARTING}{token}"
     start.mkdir()
-    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    tmp = dst.parent / f".{dst.name}{PARTIAL}{token}"
-    start.rename(tmp)
-    try:
-        others = [n for n in remove_abandoned(dst.parent, escape(dst.name))[1] if n != tmp.name]
-        if others:
-            raise FileExistsError(
-                f"{dst} is being built by another process: wait for it, or name another version"
-            )
-        yield tmp
-        refuse_existing(dst)  # copied in by hand meanwhile: keep it
-        tmp.rename(dst)  # one step within a filesystem: absent, then complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(fd)
+    with _dir_lock(start) as held:
+        if not held:
+            raise RuntimeError(f"{start}: a directory just made is locked by another process")
+        tmp = dst.parent / f".{dst.name}{PARTIAL}{token}"
+        start.rename(tmp)
+        try:
+            ours = f".{dst.name}{PARTIAL}"
+            building = remove_abandoned(dst.parent)[1]
+            if any(n.startswith(ours) and n != tmp.name for n in building):
+                raise FileExistsError(
+                    f"{dst} is being built by another process: wait for it, or name another version"
+                )
+            yield tmp
+            refuse_existing(dst)  # copied in by hand meanwhile: keep it
+            tmp.rename(dst)  # one step within a filesystem: absent, then complete
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 SERVING_FILE = "serving.json"
