@@ -1,5 +1,6 @@
 """Cost of the preprocessing on the hot path: version 1 (squash) against version 2 (field-of-view
-crop, aspect-keeping fit, ellipse mask), same frames, same process, interleaved rounds.
+crop, aspect-keeping fit, ellipse mask) and version 4 (black bars cut, aspect-keeping fit), same
+frames, same process, interleaved rounds.
 
 Usage: python bench/preprocess.py [--rounds 20] [--out docs/performance.md]
 """
@@ -25,6 +26,7 @@ SPECS = {
         224, 224, ((0.0, 0.0, 0.17, 0.67), (0.0, 0.67, 0.36, 1.0), (0.92, 0.82, 1.0, 1.0)), 1
     ),
     "v2 (FOV crop, fit, ellipse)": ImageSpec(224, 224, version=2),
+    "v4 (bars cut, fit)": ImageSpec(224, 224, version=4),
 }
 
 

@@ -178,6 +178,29 @@ def recalibrate(
     typer.echo(f"wrote {dst}")
 
 
+@models.command()
+def reprocess(
+    model_dir: Path = typer.Argument(..., exists=True, help="A version, e.g. models/m/7"),
+    version: str = typer.Option(..., "--version", help="Version of the copy"),
+    preprocessing: int = typer.Option(
+        ..., "--preprocessing", help="Preprocessing version the copy reads its images with"
+    ),
+) -> None:
+    """Write a copy of a version that reads its images with another preprocessing version
+    (same graph and calibration; refused where that changes more than 2 % of val inputs),
+    then fit its decision parameters on val read the new way."""
+    _training()
+    from training import reprocess
+
+    with _new_version():
+        try:
+            dst = reprocess.main(model_dir, version, preprocessing)
+        except ValueError as exc:  # the same preprocessing, or one the model never saw
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"wrote {dst}")
+
+
 @models.command("ood-distance")
 def ood_distance(
     model_dir: Path = typer.Argument(..., exists=True),

@@ -43,7 +43,11 @@ _EXIF_ORIENTATION = 0x0112
 #      ellipse (service/geometry.py): the capture's frame shape and overlays carry no signal.
 #   3: version 2 without the ellipse mask, for images whose content reaches the corners
 #      (dermoscopy: a large lesion's border is diagnostic); bars around it still carry none.
-PREPROCESSING_VERSIONS = (1, 2, 3)
+#   4: only black bars cut (letterbox, pillarbox; edges set at full resolution), then the
+#      aspect-keeping fit: for a model trained on frames without bars (dermoscopy under
+#      version 1: a frame without bars gets version 1's pixels); content reaching the
+#      frame's edge, however dark or bright, is never cut.
+PREPROCESSING_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class ImageSpec:
         else:
             resize = "field-of-view crop, bilinear-antialiased, aspect kept, black padding"
             steps = ["decode", "exif-orientation", "rgb", "fov-crop", "fit-pad"]
+            if self.version == 4:
+                resize = "black-bar crop, bilinear-antialiased, aspect kept, black padding"
+                steps[3] = "bar-crop"
             if self.version == 2:
                 steps.append("ellipse-mask")
         return {
@@ -174,8 +181,10 @@ def from_pixels(pixels: np.ndarray, spec: ImageSpec, max_pixels: int = 40_000_00
 
 def prepare(rgb: Image.Image, spec: ImageSpec) -> np.ndarray:
     """A decoded RGB frame -> the model's uint8 input, by the spec's preprocessing version."""
-    if spec.version in (2, 3):
-        return canonical_frame(rgb, spec.height, spec.width, ellipse=spec.version == 2)
+    if spec.version in (2, 3, 4):
+        return canonical_frame(
+            rgb, spec.height, spec.width, ellipse=spec.version == 2, bars_only=spec.version == 4
+        )
     if rgb.size != (spec.width, spec.height):
         rgb = rgb.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     array = np.asarray(rgb, dtype=np.uint8)

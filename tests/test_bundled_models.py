@@ -273,14 +273,15 @@ def test_int8_variant_is_served_only_when_preferred_and_agrees_with_fp32(
     assert registry.get("hyperkvasir-lgi").version == "5"
 
 
-@pytest.mark.parametrize(("version", "source"), [("6", "2"), ("8", "7")])
+@pytest.mark.parametrize(("version", "source"), [("6", "2"), ("8", "7"), ("10", "7")])
 def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(
     client: TestClient, version: str, source: str
 ) -> None:
-    """ham10000/6 (int8 variant of /2) and /8 (of /7, 7-bit weights), rounding learned, each
-    with its own decision fit: requests that name no version get the newest fp32 version, /7
-    (/2 with its tabular-only calibration refitted: the same answers wherever there is an
-    image); named, each names the same diagnosis for nearly every image."""
+    """ham10000/6 (int8 variant of /2), /8 (of /7, 7-bit weights) and /10 (/8 read with
+    preprocessing version 4), rounding learned, each with its own decision fit: requests that
+    name no version get the newest fp32 version, /9 (/7 read with version 4; /7 is /2 with
+    its tabular-only calibration refitted: the same answers wherever there is an image);
+    named, each names the same diagnosis for nearly every image."""
     bundled("ham10000", version)
     meta = client.get(f"/models/ham10000/versions/{version}").json()
     quantization = meta["quantization"]
@@ -292,7 +293,7 @@ def test_dermoscopy_int8_variant_agrees_with_fp32_on_test_images(
 
     spec = load_config(REPO / "training" / "configs" / "ham10000.yaml").dataset
     paths = sorted(load_split(spec, "test", None, read_rows(spec)).paths)[::37][:40]
-    pairs = _unnamed_and_int8(client, "ham10000", paths, version, fp32="7")
+    pairs = _unnamed_and_int8(client, "ham10000", paths, version, fp32="9")
     assert all(int8["label"] in int8["prediction_set"] and "ood" in int8 for _, int8 in pairs)
     same = sum(fp32["label"] == int8["label"] for fp32, int8 in pairs)
     assert same >= 0.9 * len(paths), f"{same}/{len(paths)} labels agree"
@@ -315,7 +316,11 @@ def test_seven_bit_variants_keep_every_int8_weight_within_64() -> None:
         widest[(manifest.name, manifest.version, bits)] = max(
             int(np.abs(v.astype(int)).max()) for v in values if v.dtype == np.int8
         )
-    assert {k[:2] for k in widest if k[2] == 7} == {("hyperkvasir-lgi", "5"), ("ham10000", "8")}
+    assert {k[:2] for k in widest if k[2] == 7} == {
+        ("hyperkvasir-lgi", "5"),
+        ("ham10000", "8"),
+        ("ham10000", "10"),
+    }
     for (name, version, bits), value in widest.items():
         assert value == (64 if bits == 7 else 127), (name, version, value)
 

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from service.geometry import _open, canonical_frame, ellipse_mask, find_fov, fit_box
+from service.geometry import (
+    _open,
+    canonical_frame,
+    ellipse_mask,
+    find_bars,
+    find_fov,
+    fit_box,
+)
 from service.preprocess import ImageSpec, decode_image
+from tests.conftest import require_data
 
 V2 = ImageSpec(224, 224, version=2)
 
@@ -223,3 +231,86 @@ def test_version_three_keeps_the_corners_and_still_cuts_the_bars() -> None:
     assert "fov-crop" in steps and "ellipse-mask" not in steps
     assert "ellipse-mask" in V2.to_manifest()["preprocessing"]["steps"]
     assert ImageSpec.from_manifest(V3.to_manifest()) == V3
+
+
+V4 = ImageSpec(150, 200, version=4)
+
+
+@pytest.mark.parametrize(
+    ("canvas", "at", "content"),
+    [
+        ((1920, 1080), (240, 0), (1440, 1080)),  # 16:9 letterbox
+        ((1280, 1024), (0, 32), (1280, 960)),  # 5:4 pillarbox
+        ((1024, 768), (30, 100), (760, 570)),  # off-centre, bars on all four sides
+    ],
+)
+def test_version_four_cuts_bars_to_the_pixel(canvas: tuple, at: tuple, content: tuple) -> None:
+    """Version 3 finds a bar's edge on a thumbnail and keeps a thumbnail pixel of margin, a
+    sliver of black in the input; version 4 cuts the bar to the pixel."""
+    image = tissue(200, 150, seed=4)
+    frame = Image.new("RGB", canvas)
+    frame.paste(image.resize(content, Image.Resampling.BILINEAR), at)
+    exact = (at[0], at[1], at[0] + content[0], at[1] + content[1])
+    assert find_bars(frame) == exact
+    loose = find_fov(frame)
+    assert loose != exact and all(abs(a - b) <= 16 for a, b in zip(loose, exact, strict=True))
+    out = decode_image(encode(frame), V4)
+    assert min(out[:, 0].max(), out[:, -1].max(), out[0].max(), out[-1].max()) > 0
+    stored = np.asarray(image, np.float32)
+    assert np.abs(out.astype(np.float32) - stored).mean() < 4.0
+    sliver = decode_image(encode(frame), V3)
+    assert np.abs(sliver.astype(np.float32) - stored).mean() > np.abs(out - stored).mean()
+
+
+def test_version_four_is_version_one_on_a_borderless_frame_of_the_input_shape() -> None:
+    """Dermoscopy frames as stored have no bars: version 4 gives the pixels version 1 gave,
+    so a model trained with version 1 can be served with version 4 unchanged."""
+    image = tissue(400, 300, seed=5)
+    v1 = ImageSpec(150, 200, version=1)
+    np.testing.assert_array_equal(decode_image(encode(image), V4), decode_image(encode(image), v1))
+    assert "bar-crop" in V4.to_manifest()["preprocessing"]["steps"]
+    assert ImageSpec.from_manifest(V4.to_manifest()) == V4
+    for size in ((1, 1), (31, 40)):
+        assert find_bars(tissue(*size)) == (0, 0, *size)
+    assert find_bars(Image.new("RGB", (320, 240))) == (0, 0, 320, 240)
+
+
+def test_version_four_never_cuts_dark_or_bright_content_at_the_edge() -> None:
+    """A dark lesion reaching the frame's left edge and bright skin along its right edge are
+    content: version 3's field-of-view search cuts the dark one away, version 4 cuts only
+    rows and columns that are bar from end to end."""
+    pixels = np.asarray(tissue(200, 150, seed=6)).copy()
+    pixels[25:125, :90] = (25, 12, 10)  # pigment, darker than the tissue's own shadows
+    pixels[:, 170:] = (250, 248, 247)  # over-exposed skin
+    image = Image.fromarray(pixels)
+    assert find_fov(image) != (0, 0, 200, 150)
+    assert find_bars(image) == (0, 0, 200, 150)
+    boxed = Image.new("RGB", (1920, 1080))
+    boxed.paste(image.resize((1440, 1080), Image.Resampling.BILINEAR), (240, 0))
+    assert find_bars(boxed) == (240, 0, 1680, 1080)
+
+
+def test_version_four_on_real_dermoscopy() -> None:
+    """On stored HAM10000 images version 4 changes (almost) no input from version 1; in a
+    16:9 letterbox it restores the stored input where version 1 squashes in the bars."""
+    root = require_data("ham10000")
+    paths = sorted(root.glob("images/*/*.jpg"))[::97][:60]
+    v1 = ImageSpec(150, 200, version=1)
+    same, gaps = 0, []
+    for path in paths:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        stored = decode_image(encode(rgb), v1).astype(np.float32)
+        same += np.array_equal(decode_image(encode(rgb), V4), stored)
+        frame = Image.new("RGB", (1920, 1080))
+        frame.paste(rgb.resize((1440, 1080), Image.Resampling.BILINEAR), (240, 0))
+        boxed = encode(frame)
+        gaps.append(
+            (
+                np.abs(decode_image(boxed, V4) - stored).mean(),
+                np.abs(decode_image(boxed, v1) - stored).mean(),
+            )
+        )
+    assert same >= 0.95 * len(paths)
+    four, one = np.array(gaps).T
+    assert np.median(four) < 3.0 and (four < one).all()

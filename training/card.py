@@ -121,6 +121,23 @@ def intended_use(manifest: Any) -> list[str]:
     ]
 
 
+def _reprocessed(raw: dict[str, Any]) -> str:
+    """For a version served under another preprocessing than it was trained with: which,
+    and how many of its own val and test inputs that changes (``endofuse reprocess``)."""
+    record = raw.get("reprocessed")
+    if not record:
+        return ""
+    counts = record["inputs_changed"]
+    changed = " and ".join(
+        f"{counts[s]['changed']} of {counts[s]['n']:,} {s}" for s in ("val", "test") if s in counts
+    )
+    return (
+        f" (preprocessing version {raw['image']['preprocessing']['version']}, the graph of "
+        f"{record['from']}, trained with version {record['preprocessing_before']}: "
+        f"{changed} inputs differ from that version's)"
+    )
+
+
 def model_details(manifest: Any) -> list[str]:
     raw = manifest.raw
     config = raw.get("training", {}).get("config", {})
@@ -132,7 +149,7 @@ def model_details(manifest: Any) -> list[str]:
         "",
         f"- **Backbone**: {raw.get('training', {}).get('backbone', 'not recorded')}; {tuned}.",
         f"- **Image input**: {image.get('height')}×{image.get('width')} RGB; "
-        f"{image.get('resize', 'resize not recorded')}.",
+        f"{image.get('resize', 'resize not recorded')}{_reprocessed(raw)}.",
     ]
     if manifest.tabular is not None:
         fields = ", ".join(f.name for f in manifest.tabular.fields)
