@@ -1,5 +1,5 @@
 """Cost of the preprocessing on the hot path: version 1 (squash) against version 2 (field-of-view
-crop, aspect-keeping fit, ellipse mask) and version 4 (black bars cut, aspect-keeping fit), same
+crop, aspect-keeping fit, ellipse mask) and version 4 (black bars cut, then squash), same
 frames, same process, interleaved rounds.
 
 Usage: python bench/preprocess.py [--rounds 20] [--out docs/performance.md]
@@ -26,7 +26,7 @@ SPECS = {
         224, 224, ((0.0, 0.0, 0.17, 0.67), (0.0, 0.67, 0.36, 1.0), (0.92, 0.82, 1.0, 1.0)), 1
     ),
     "v2 (FOV crop, fit, ellipse)": ImageSpec(224, 224, version=2),
-    "v4 (bars cut, fit)": ImageSpec(224, 224, version=4),
+    "v4 (bars cut, squash)": ImageSpec(224, 224, version=4),
 }
 
 

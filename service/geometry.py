@@ -237,13 +237,11 @@ def _keep(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray
 
 
 def canonical_frame(
-    image: Image.Image, height: int, width: int, ellipse: bool = True, bars_only: bool = False
+    image: Image.Image, height: int, width: int, ellipse: bool = True
 ) -> np.ndarray:
-    """RGB ``image`` -> uint8 [height, width, 3]: FOV crop (``bars_only``: only black bars
-    cut, ``find_bars``), aspect-keeping fit, and (with ``ellipse``) the mask outside the
-    inscribed ellipse."""
-    crop_box = find_bars(image) if bars_only else find_fov(image)
-    left, top, right, bottom = crop_box
+    """RGB ``image`` -> uint8 [height, width, 3]: FOV crop, aspect-keeping fit, and (with
+    ``ellipse``) the mask outside the inscribed ellipse."""
+    left, top, right, bottom = find_fov(image)
     crop = image.crop((left, top, right, bottom))
     box = fit_box(crop.width, crop.height, width, height)
     resized = crop.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR)

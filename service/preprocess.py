@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import PayloadTooLarge, UndecodableImage, UnsupportedMediaType
-from service.geometry import canonical_frame
+from service.geometry import canonical_frame, find_bars
 from service.png_check import check_png
 
 # Our own pixel cap (checked from the header, before any decoding) is stricter than Pillow's.
@@ -43,10 +43,11 @@ _EXIF_ORIENTATION = 0x0112
 #      ellipse (service/geometry.py): the capture's frame shape and overlays carry no signal.
 #   3: version 2 without the ellipse mask, for images whose content reaches the corners
 #      (dermoscopy: a large lesion's border is diagnostic); bars around it still carry none.
-#   4: only black bars cut (letterbox, pillarbox; edges set at full resolution), then the
-#      aspect-keeping fit: for a model trained on frames without bars (dermoscopy under
-#      version 1: a frame without bars gets version 1's pixels); content reaching the
-#      frame's edge, however dark or bright, is never cut.
+#   4: black bars cut (letterbox, pillarbox; to the pixel), then version 1: for a model
+#      trained with version 1 on frames without bars (dermoscopy), which then reads a frame
+#      in bars as the frame alone, and any other frame as version 1 would (a frame of
+#      another shape is squashed, not padded: padding would show it bars). Content reaching
+#      the frame's edge, however dark or bright, is never cut.
 PREPROCESSING_VERSIONS = (1, 2, 3, 4)
 
 
@@ -82,15 +83,15 @@ class ImageSpec:
         )
 
     def to_manifest(self) -> dict:
-        if self.version == 1:
+        if self.version in (1, 4):
             resize = "bilinear-antialiased, aspect not kept"
             steps = ["decode", "exif-orientation", "rgb", "squash-resize", "mask-regions"]
+            if self.version == 4:
+                resize = "black bars cut, then " + resize
+                steps.insert(3, "bar-crop")
         else:
             resize = "field-of-view crop, bilinear-antialiased, aspect kept, black padding"
             steps = ["decode", "exif-orientation", "rgb", "fov-crop", "fit-pad"]
-            if self.version == 4:
-                resize = "black-bar crop, bilinear-antialiased, aspect kept, black padding"
-                steps[3] = "bar-crop"
             if self.version == 2:
                 steps.append("ellipse-mask")
         return {
@@ -181,10 +182,12 @@ def from_pixels(pixels: np.ndarray, spec: ImageSpec, max_pixels: int = 40_000_00
 
 def prepare(rgb: Image.Image, spec: ImageSpec) -> np.ndarray:
     """A decoded RGB frame -> the model's uint8 input, by the spec's preprocessing version."""
-    if spec.version in (2, 3, 4):
-        return canonical_frame(
-            rgb, spec.height, spec.width, ellipse=spec.version == 2, bars_only=spec.version == 4
-        )
+    if spec.version in (2, 3):
+        return canonical_frame(rgb, spec.height, spec.width, ellipse=spec.version == 2)
+    if spec.version == 4:
+        box = find_bars(rgb)
+        if box != (0, 0, *rgb.size):
+            rgb = rgb.crop(box)
     if rgb.size != (spec.width, spec.height):
         rgb = rgb.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     array = np.asarray(rgb, dtype=np.uint8)
