@@ -58,7 +58,7 @@ def test_fixed_masks_cannot_be_rebased(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     model_dir = _copy(tmp_path, "hyperkvasir-lgi", "1")
     code, output = _run(model_dir, "9", 4)
-    assert code == 2 and "blanks fixed regions" in output
+    assert code == 2 and "blanks fixed regions" in output, output
     assert sorted(p.name for p in model_dir.parent.iterdir()) == ["1"]
 
 

@@ -62,7 +62,10 @@ def main(model_dir: Path, version: str, preprocessing: int) -> Path:
     if preprocessing == old.version:
         raise ValueError(f"{manifest.name}/{manifest.version} already uses version {preprocessing}")
     if old.mask_regions:
-        raise ValueError("a version that blanks fixed regions needs them: it cannot be rebased")
+        raise ValueError(
+            "a version that blanks fixed regions of the frame cannot be rebased: cutting the "
+            "frame's bars would move what they cover"
+        )
     new = replace(old, version=preprocessing)
     measured = {"val": changed_inputs(manifest, new, "val")}
     share = measured["val"]["changed"] / max(measured["val"]["n"], 1)
