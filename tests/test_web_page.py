@@ -131,6 +131,8 @@ def test_dermoscopy_image_with_fields(browser: webdriver.Chrome, site: tuple[str
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 7
     shot = os.environ.get("ENDOFUSE_SCREENSHOT")
     if shot:
+        # The screenshot is kept in the repository: the patient's image stays out of it.
+        browser.execute_script("document.getElementById('preview').hidden = true")
         browser.save_screenshot(shot)
 
 

@@ -144,7 +144,9 @@ def markdown(result: dict[str, Any], figure: str) -> str:
         f"| without the conflicting twins | {result['n'] - len(result['conflicting'])} | "
         f"{b['accuracy']:.4f} | {b['macro_f1']:.4f} | {b['balanced_accuracy']:.4f} |",
         "",
-        f"![conflicting twins]({figure})",
+        # The figure shows dataset frames: it stays beside the report, never in the repository.
+        f"The conflicting pairs side by side: `{figure}`, written beside this page by the "
+        "command (dataset frames, so not kept in the repository).",
         "",
     ]
     return "\n".join(lines)
