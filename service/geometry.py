@@ -90,17 +90,14 @@ def black_level(hi: np.ndarray) -> float:
     return min(min(float(np.median(c)) for c in corners), _MAX_BLACK_LEVEL)
 
 
-def content_mask(thumb: np.ndarray, level: float | None = None) -> np.ndarray:
-    """Pixels that may be tissue: neither border black (``level``, else the frame's own)
-    nor flat white padding."""
+def content_mask(thumb: np.ndarray) -> np.ndarray:
+    """Pixels that may be tissue: neither border black nor flat white padding."""
     r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]
     # Element-wise over the channel planes: several times faster than a reduction over a
     # 3-wide last axis, and this runs on every request.
     hi = np.maximum(np.maximum(r, g), b)
     lo = np.minimum(np.minimum(r, g), b)
-    if level is None:
-        level = black_level(hi)
-    return (hi > level + _BLACK_MARGIN) & (lo < _WHITE)
+    return (hi > black_level(hi) + _BLACK_MARGIN) & (lo < _WHITE)
 
 
 def _spans(mask: np.ndarray) -> np.ndarray:
@@ -112,15 +109,30 @@ def _spans(mask: np.ndarray) -> np.ndarray:
     return np.where(any_set, last - first + 1, 0)
 
 
-def _thumbnail(image: Image.Image) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """The frame analysed small: (RGB thumbnail, its max channel, the border's black level,
-    frame pixels per thumbnail pixel in x and in y)."""
+def _thumbnail(image: Image.Image) -> tuple[np.ndarray, float, float]:
+    """The frame analysed small: (RGB thumbnail, frame pixels per thumbnail pixel in x and
+    in y)."""
     width, height = image.size
     scale = min(1.0, _THUMB_LONG_SIDE / max(width, height))
     tw, th = max(1, round(width * scale)), max(1, round(height * scale))
     thumb = np.asarray(image.resize((tw, th), Image.Resampling.BOX), dtype=np.uint8)
-    hi = np.maximum(np.maximum(thumb[..., 0], thumb[..., 1]), thumb[..., 2])
-    return thumb, hi, black_level(hi), width / tw, height / th
+    return thumb, width / tw, height / th
+
+
+def _frame_box(
+    cols: tuple[int, int], rows: tuple[int, int], scale: tuple[float, float], size: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """Thumbnail [start, stop) runs of columns and rows -> (left, top, right, bottom) in
+    the frame, one thumbnail pixel wider each side (the box filter's edge is at most that
+    far off); None when smaller than ``_MIN_FOV_FRACTION`` of the frame either way."""
+    (sx, sy), (width, height) = scale, size
+    left = max(0, int((cols[0] - 1) * sx))
+    right = min(width, int(np.ceil((cols[1] + 1) * sx)))
+    top = max(0, int((rows[0] - 1) * sy))
+    bottom = min(height, int(np.ceil((rows[1] + 1) * sy)))
+    if right - left < _MIN_FOV_FRACTION * width or bottom - top < _MIN_FOV_FRACTION * height:
+        return None
+    return left, top, right, bottom
 
 
 def find_fov(image: Image.Image) -> tuple[int, int, int, int]:
@@ -133,9 +145,9 @@ def find_fov(image: Image.Image) -> tuple[int, int, int, int]:
     whole = (0, 0, width, height)
     if min(width, height) < _MIN_ANALYSIS_SIDE:
         return whole
-    thumb, _, level, sx, sy = _thumbnail(image)
+    thumb, sx, sy = _thumbnail(image)
     radius = max(1, round(_OPEN_FRACTION * max(thumb.shape[:2])))
-    mask = _open(content_mask(thumb, level), radius)
+    mask = _open(content_mask(thumb), radius)
     rows = _spans(mask)
     if rows.max(initial=0) == 0:
         return whole
@@ -146,14 +158,7 @@ def find_fov(image: Image.Image) -> tuple[int, int, int, int]:
     col_run = _longest_run(cols >= _PROFILE_FRACTION * cols.max())
     if col_run is None:
         return whole
-    # One thumbnail pixel of margin each side: the box filter's edge is at most that far off.
-    left = max(0, int((col_run[0] - 1) * sx))
-    right = min(width, int(np.ceil((col_run[1] + 1) * sx)))
-    top = max(0, int((row_run[0] - 1) * sy))
-    bottom = min(height, int(np.ceil((row_run[1] + 1) * sy)))
-    if right - left < _MIN_FOV_FRACTION * width or bottom - top < _MIN_FOV_FRACTION * height:
-        return whole
-    return left, top, right, bottom
+    return _frame_box(col_run, row_run, (sx, sy), (width, height)) or whole
 
 
 def _leading_bar(share: np.ndarray) -> int:
@@ -176,19 +181,23 @@ def find_bars(image: Image.Image) -> tuple[int, int, int, int]:
     whole = (0, 0, width, height)
     if min(width, height) < _MIN_ANALYSIS_SIDE:
         return whole
-    _, hi, level, sx, sy = _thumbnail(image)
+    thumb, sx, sy = _thumbnail(image)
+    hi = np.maximum(np.maximum(thumb[..., 0], thumb[..., 1]), thumb[..., 2])
+    level = black_level(hi)
     lit = hi > level + _BLACK_MARGIN
     cols, rows = lit.mean(axis=0), lit.mean(axis=1)
     if cols.max(initial=0) <= _BAR_FRACTION:  # an (almost) black frame: nothing to keep
         return whole
     th, tw = lit.shape
-    # One thumbnail pixel back into the bar: the box filter blurs the edge by up to that.
-    left = max(0, int((_leading_bar(cols) - 1) * sx))
-    right = min(width, int(np.ceil((tw - _leading_bar(cols[::-1]) + 1) * sx)))
-    top = max(0, int((_leading_bar(rows) - 1) * sy))
-    bottom = min(height, int(np.ceil((th - _leading_bar(rows[::-1]) + 1) * sy)))
-    if right - left < _MIN_FOV_FRACTION * width or bottom - top < _MIN_FOV_FRACTION * height:
+    box = _frame_box(
+        (_leading_bar(cols), tw - _leading_bar(cols[::-1])),
+        (_leading_bar(rows), th - _leading_bar(rows[::-1])),
+        (sx, sy),
+        (width, height),
+    )
+    if box is None:
         return whole
+    left, top, right, bottom = box
     reach_x, reach_y = int(np.ceil(2 * sx)) + 1, int(np.ceil(2 * sy)) + 1
 
     def lit_share(region: tuple[int, int, int, int], axis: int) -> np.ndarray:
