@@ -1,7 +1,8 @@
 """What each out-of-distribution feature layer costs inside the graph: hyperkvasir-lgi's
 served graph without distances, with the final pooling's distance (1,280 x 1,280), the
 middle stage's (112 x 112, averaged in the graph), the image token's (128 x 128), and with
-the first two together, timed in process at batch 1 on one thread, one inference of each
+the first two together, and the middle stage's with several prototypes per class (as
+fitted now), timed in process at batch 1 on one thread, one inference of each
 in turn. The cost of a distance does not depend on the fitted values, so the layers are
 given random class means and precisions of the real sizes.
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.serving import publish  # noqa: E402
 from training.ood_embed import (  # noqa: E402
+    PROTOTYPES,
     LayerFit,
     add_distances,
     image_token,
@@ -59,11 +61,13 @@ def main() -> None:
     classes = 5
     pooled = random_fit(pooled_feature(base), 1280, classes, False)
     middle = random_fit(mid_feature(), 112, classes, True)
+    prototypes = random_fit(mid_feature(), 112, classes * PROTOTYPES, True)
     token = random_fit(image_token(base), 128, classes, False)
     variants = {
         "no distance": base,
         "final pooling (1,280)": add_distances(base, [pooled]),
         "middle stage (112)": add_distances(base, [middle]),
+        f"middle stage (112), {PROTOTYPES} prototypes per class": add_distances(base, [prototypes]),
         "image token (128)": add_distances(base, [token]),
         "final pooling and middle stage": add_distances(base, [pooled, middle]),
     }

@@ -210,15 +210,18 @@ def ood_distance(
         help="Feature tensor, repeatable (default: the final pooling and, where the graph has "
         "it, the middle stage)",
     ),
-    fit_frames: int = typer.Option(3000, help="Train frames the class means are fitted on"),
+    fit_frames: int = typer.Option(3000, help="Train frames the prototypes are fitted on"),
     replace: bool = typer.Option(False, help="Refit a graph that has a distance already"),
+    prototypes: int = typer.Option(
+        4, min=1, max=64, help="k-means prototypes per class (1: the class mean)"
+    ),
 ) -> None:
     """Add Mahalanobis-distance outputs to a model's graph (probabilities unchanged), then
     refit its decision parameters with them."""
     _training()
     from training import conformal, ood_embed
 
-    info = ood_embed.main(model_dir, feature or None, fit_frames, replace)
+    info = ood_embed.main(model_dir, feature or None, fit_frames, replace, prototypes)
     layers = ", ".join(f["tensor"] for f in info["features"])
     typer.echo(f"added '{info['output']}' from {layers} ({info['fitted_on']})")
     conformal.main(model_dir)

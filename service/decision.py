@@ -10,7 +10,8 @@ thresholds every class, rare ones included, gets the stated coverage on its own 
 over cases, and the sets are smaller (sets ``marginal``).
 
 Out of distribution: a graph may output ``ood_distance``, the Mahalanobis distance of image
-features to the nearest class mean (Lee et al., NeurIPS 2018), one column per feature layer;
+features to the nearest class mean (Lee et al., NeurIPS 2018) or, in newer fits, to the
+nearest of several k-means prototypes per class, one column per feature layer;
 it sees what the logits cannot (another modality that still lands confidently on one class).
 The engine appends those columns to the logits row. The manifest names the signals the score
 combines, each scaled so that its val median is 0 and its own 95 % quantile is 1, and the

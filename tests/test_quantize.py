@@ -188,10 +188,10 @@ def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
     shutil.copytree(MODELS / "hyperkvasir-lgi" / "2", src)
     fit_distance, listed = quantize.ood_embed.main, []
 
-    def fit_and_look(model_dir: Path, *args: object) -> object:
+    def fit_and_look(model_dir: Path, *args: object, **kwargs: object) -> object:
         # Late in the build: what a service watching the repository would find now.
         listed.append([v for _, v, _ in discover(tmp_path)])
-        return fit_distance(model_dir, *args)
+        return fit_distance(model_dir, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quantize.ood_embed, "main", fit_and_look)
@@ -205,7 +205,12 @@ def test_quantize_writes_a_servable_int8_version(tmp_path: Path) -> None:
     assert raw["precision"] == "int8" and raw["quantization"]["calibration"]["frames"] == 32
     assert raw["quantization"]["kept_in_float"] == {}
     assert raw["quantization"]["rounding"] == {"method": "nearest"}  # tests/test_rounding.py
-    assert raw["ood_embedding"] != json.loads((src / "manifest.json").read_text())["ood_embedding"]
+    fitted = json.loads((src / "manifest.json").read_text())["ood_embedding"]
+    assert raw["ood_embedding"] != fitted  # refitted on the variant's own features,
+    # with the source's prototypes per class
+    assert raw["ood_embedding"].get("prototypes_per_class", 1) == fitted.get(
+        "prototypes_per_class", 1
+    )
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     open_session(out / "model.onnx", options)

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch", reason="training tests need the 'train' ext
 from service.api import create_app  # noqa: E402
 from service.preprocess import ImageSpec, decode_image  # noqa: E402
 from tests.conftest import make_settings, require_data  # noqa: E402
+from training.ood_embed import PROTOTYPES  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -193,6 +194,8 @@ def test_manifest_contract(exported: tuple[Path, object]) -> None:
     assert layers and not unused & set(layers)
     assert set(decision["ood"]["capture_shift_flagged"]) == set(layers) | unused
     assert any(k.startswith("/image_proj/") for k in [*layers, *unused])  # the image token
+    assert manifest["ood_embedding"]["prototypes_per_class"] == PROTOTYPES
+    assert "prototypes per class" in manifest["ood_embedding"]["method"]
     import onnx
 
     model = onnx.load(str(model_dir / "model.onnx"))

@@ -226,6 +226,9 @@ def main(
         [f["tensor"] for f in layers],
         [f["dims"] for f in layers],
     )
+    prototypes = manifest.raw.get("ood_embedding", {}).get("prototypes_per_class", 1)
+    if "scale" in ood_block and prototypes > 1:
+        ood_block["score"] += f", to the nearest of {prototypes} prototypes per class"
     if prune and ood_block.get("unused"):  # before the test split is scored on this graph
         prune_layers(model_dir, list(ood_block["unused"]))
         return main(model_dir, out, ood_study, class_confidence, False, ood_block)
@@ -352,7 +355,9 @@ def prune_layers(model_dir: Path, unused: list[str]) -> None:
 
     embedding = load_manifest(model_dir / "manifest.json").raw["ood_embedding"]
     keep = [f["tensor"] for f in embedding["features"] if f["tensor"] not in unused]
-    ood_embed.main(model_dir, keep, embedding["fitted_on"]["n"], replace=True)
+    ood_embed.main(
+        model_dir, keep, embedding["fitted_on"]["n"], True, ood_embed.prototypes_of(embedding)
+    )
 
 
 HEAVY_SHIFT = ("letterbox 1920x1080 (16:9)", "JPEG quality 40")

@@ -233,7 +233,9 @@ def main(
         fitted = manifest.raw.get("ood_embedding")
         if fitted:  # the same layers, fitted on the variant's own features
             ood_embed.main(
-                out, [f["tensor"] for f in fitted.get("features", [])] or [fitted["feature"]]
+                out,
+                [f["tensor"] for f in fitted.get("features", [])] or [fitted["feature"]],
+                prototypes=ood_embed.prototypes_of(fitted),
             )
         if decide:  # the sets and the flag, on the variant's own outputs
             conformal.main(out)
