@@ -212,7 +212,7 @@ def ood_distance(
     ),
     fit_frames: int = typer.Option(3000, help="Train frames the prototypes are fitted on"),
     replace: bool = typer.Option(False, help="Refit a graph that has a distance already"),
-    prototypes: int = typer.Option(
+    prototypes: int = typer.Option(  # = training.ood_embed.PROTOTYPES, kept out of import
         4, min=1, max=64, help="k-means prototypes per class (1: the class mean)"
     ),
 ) -> None:

@@ -74,3 +74,13 @@ def test_the_graph_reads_the_nearest_prototype_as_numpy_does() -> None:
 def test_fits_from_before_prototypes_read_as_one_mean_per_class() -> None:
     assert prototypes_of({"output": "ood_distance", "feature": "pool"}) == 1
     assert prototypes_of({"prototypes_per_class": 4}) == 4
+
+
+def test_the_command_fits_as_many_prototypes_as_an_export() -> None:
+    import inspect
+
+    from service.cli_models import ood_distance
+    from training.ood_embed import PROTOTYPES
+
+    option = inspect.signature(ood_distance).parameters["prototypes"].default
+    assert option.default == PROTOTYPES
