@@ -197,7 +197,7 @@ def test_flagged_count_tail_matches_simulated_val_and_test_draws() -> None:
 def test_a_refit_keeps_the_record_of_layers_an_earlier_fit_took_out() -> None:
     from types import SimpleNamespace
 
-    from training.conformal import removed_earlier
+    from training.ood import removed_earlier
 
     earlier = {
         "unused": {"pool": "a narrower layer passes the capture test", "stage5": "moves"},

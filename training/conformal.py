@@ -34,9 +34,9 @@ from service.label_rule import LabelRule
 from service.manifest import load_manifest
 from service.sessions import open_session
 from training import card, decision_plots, ood
-from training.config import load_config
 from training.decision_report import write_report
 from training.evaluate import decode_all, manifest_split, run_session
+from training.ood_embed import prototypes_of
 from training.patterns import PATTERN_NAMES, apply_eval_pattern, eval_patterns
 from training.ranks import confident_rank, conformal_rank
 
@@ -222,17 +222,15 @@ def main(
     ood_block = ood.fit_thresholds(
         {p: logits for p, (_, logits) in val_out.items()},
         len(manifest.labels),
-        shifted_val_rows(manifest, session, val_scored.table, val_out),
+        ood.shifted_val_rows(manifest, session, val_scored.table, val_out),
         [f["tensor"] for f in layers],
         [f["dims"] for f in layers],
+        prototypes_of(manifest.raw.get("ood_embedding", {})),
     )
-    prototypes = manifest.raw.get("ood_embedding", {}).get("prototypes_per_class", 1)
-    if "scale" in ood_block and prototypes > 1:
-        ood_block["score"] += f", to the nearest of {prototypes} prototypes per class"
     if prune and ood_block.get("unused"):  # before the test split is scored on this graph
-        prune_layers(model_dir, list(ood_block["unused"]))
+        ood.prune_layers(model_dir, list(ood_block["unused"]))
         return main(model_dir, out, ood_study, class_confidence, False, ood_block)
-    first_fit = first_fit or removed_earlier(manifest, ood_block, layers)
+    first_fit = first_fit or ood.removed_earlier(manifest, ood_block, layers)
     if first_fit:
         ood_block["capture_shift_flagged"] = first_fit.get("capture_shift_flagged", {})
         ood_block["unused"] = first_fit["unused"]
@@ -296,7 +294,7 @@ def main(
         scale = params.ood_scale.get(pattern) if params.ood_scale else None
         report["ood"] |= ood.study(
             session, manifest, test_out[pattern][1], test_scored.uniform,
-            ood_inputs(manifest, test_table), threshold, scale, np.asarray(test_labels),
+            ood.ood_inputs(manifest, test_table), threshold, scale, np.asarray(test_labels),
         )  # fmt: skip
         n_in = report["ood"]["n_in"]
         flagged = round(report["ood"]["in_distribution_flagged"] * n_in)
@@ -324,78 +322,3 @@ def report_dir(model_dir: Path, manifest: Any) -> Path:
     if model_dir.resolve().is_relative_to((REPO / "models").resolve()):
         return REPO / "docs" / "models" / manifest.name / manifest.version
     return model_dir / "decision-report"
-
-
-def removed_earlier(
-    manifest: Any, ood_block: dict[str, Any], layers: list[dict[str, Any]]
-) -> dict[str, Any] | None:
-    """A refit of a graph an earlier fit pruned: the layers it took out, and why, stay on
-    record beside this fit's (None when nothing was taken out)."""
-    earlier = manifest.raw.get("decision", {}).get("ood", {})
-    present = {f["tensor"] for f in layers}
-    gone = {k: v for k, v in earlier.get("unused", {}).items() if k not in present}
-    if not gone:
-        return None
-    now = ood_block.get("capture_shift_flagged", {})
-    rates = earlier.get("capture_shift_flagged", {})
-    return {
-        # in the first fit's order, this fit's rates where it measured them
-        "capture_shift_flagged": {
-            k: now.get(k, v) for k, v in rates.items() if k in gone or k in now
-        }
-        | now,
-        "unused": gone | ood_block.get("unused", {}),
-    }
-
-
-def prune_layers(model_dir: Path, unused: list[str]) -> None:
-    """Refit ``model_dir``'s distances without the layers ``unused`` (the others come out
-    the same: the same train frames, the same fit)."""
-    from training import ood_embed
-
-    embedding = load_manifest(model_dir / "manifest.json").raw["ood_embedding"]
-    keep = [f["tensor"] for f in embedding["features"] if f["tensor"] not in unused]
-    ood_embed.main(
-        model_dir, keep, embedding["fitted_on"]["n"], True, ood_embed.prototypes_of(embedding)
-    )
-
-
-HEAVY_SHIFT = ("letterbox 1920x1080 (16:9)", "JPEG quality 40")
-
-
-def heavily_shifted(frames: list[bytes]) -> list[bytes]:
-    """Frames re-captured under a capture change that carries no diagnosis: letterboxed to
-    16:9 and re-encoded at JPEG quality 40 (``training.audit``)."""
-    from training import audit
-
-    out = []
-    for i, frame in enumerate(frames):
-        for change in HEAVY_SHIFT:
-            frame = audit.recapture(frame, change, i)
-        out.append(frame)
-    return out
-
-
-def shifted_val_rows(
-    manifest: Any, session: Any, val_table: Any, val_out: dict[str, Any], n: int = 200
-) -> np.ndarray | None:
-    """Logits rows of ``n`` val frames under heavy capture shift, posted as pictures alone;
-    None where the graph has no feature distance (nothing to choose among)."""
-    rows = next(iter(val_out.values()))[1]
-    if rows.shape[1] <= len(manifest.labels):
-        return None
-    pick = np.linspace(0, len(val_table) - 1, min(n, len(val_table))).astype(int)
-    frames = heavily_shifted([val_table.paths[i].read_bytes() for i in pick])
-    return ood.logits_of(session, manifest, frames)[0]
-
-
-def ood_inputs(manifest: Any, test_table: Any) -> dict[str, list[bytes]]:
-    other = "ham10000" if manifest.name.startswith("hyperkvasir") else "hyperkvasir-lgi"
-    spec = load_config(Path(__file__).parent / "configs" / f"{other}.yaml").dataset
-    heavy = heavily_shifted([p.read_bytes() for p in test_table.paths[:100]])
-    return {
-        f"{other} images (the other bundled dataset)": ood.other_dataset_images(spec),
-        "natural photographs": ood.natural_photographs(),
-        **ood.synthetic_inputs(),
-        "own test frames, 16:9 letterbox + JPEG 40 (should pass)": heavy,
-    }

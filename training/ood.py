@@ -8,7 +8,8 @@ over the val draw. Measured as AUROC
 (in-distribution test inputs against each out-of-distribution set; 1.0 = always told apart)
 and as the share of inputs flagged: the other bundled dataset's images, natural photographs
 (the sample images inside matplotlib, several crops each), blank, solid and noise images, and
-the test split under heavy capture shift.
+the test split under heavy capture shift. Also the bookkeeping of the graph's distance layers
+across refits (which were taken out, and why).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import numpy as np
 from PIL import Image
 
 from service.decision import is_uniform, ood_score, ood_signals, signal_column
+from service.manifest import load_manifest
 from service.preprocess import decode_image
+from training import audit, ood_embed
+from training.config import load_config
 from training.data import DatasetSpec, load_split, read_rows
 from training.decision_plots import roc_points
 from training.evaluate import run_session
@@ -98,6 +102,7 @@ def fit_thresholds(
     shifted_rows: np.ndarray | None = None,
     layer_names: list[str] | None = None,
     layer_dims: list[int] | None = None,
+    prototypes: int = 1,
 ) -> dict[str, Any]:
     """Per pattern, the score threshold that lets 95 % of new in-distribution inputs pass,
     with probability ``PASS_CONFIDENCE`` over the val draw. With the graph's distances
@@ -135,6 +140,7 @@ def fit_thresholds(
             "largest scaled Mahalanobis distance of image features ("
             + ", ".join(layer(k) for k in chosen)
             + "), scaled on val"
+            + (f", to the nearest of {prototypes} prototypes per class" if prototypes > 1 else "")
         )
         block["scale"] = scale
         block["signals"] = chosen
@@ -304,3 +310,74 @@ def study(
         }
         out["roc"][name] = roc_points(inside, s)
     return out
+
+
+def removed_earlier(
+    manifest: Any, ood_block: dict[str, Any], layers: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """A refit of a graph an earlier fit pruned: the layers it took out, and why, stay on
+    record beside this fit's (None when nothing was taken out)."""
+    earlier = manifest.raw.get("decision", {}).get("ood", {})
+    present = {f["tensor"] for f in layers}
+    gone = {k: v for k, v in earlier.get("unused", {}).items() if k not in present}
+    if not gone:
+        return None
+    now = ood_block.get("capture_shift_flagged", {})
+    rates = earlier.get("capture_shift_flagged", {})
+    return {
+        # in the first fit's order, this fit's rates where it measured them
+        "capture_shift_flagged": {
+            k: now.get(k, v) for k, v in rates.items() if k in gone or k in now
+        }
+        | now,
+        "unused": gone | ood_block.get("unused", {}),
+    }
+
+
+def prune_layers(model_dir: Path, unused: list[str]) -> None:
+    """Refit ``model_dir``'s distances without the layers ``unused`` (the others come out
+    the same: the same train frames, the same fit)."""
+    embedding = load_manifest(model_dir / "manifest.json").raw["ood_embedding"]
+    keep = [f["tensor"] for f in embedding["features"] if f["tensor"] not in unused]
+    ood_embed.main(
+        model_dir, keep, embedding["fitted_on"]["n"], True, ood_embed.prototypes_of(embedding)
+    )
+
+
+HEAVY_SHIFT = ("letterbox 1920x1080 (16:9)", "JPEG quality 40")
+
+
+def heavily_shifted(frames: list[bytes]) -> list[bytes]:
+    """Frames re-captured under a capture change that carries no diagnosis: letterboxed to
+    16:9 and re-encoded at JPEG quality 40 (``training.audit``)."""
+    out = []
+    for i, frame in enumerate(frames):
+        for change in HEAVY_SHIFT:
+            frame = audit.recapture(frame, change, i)
+        out.append(frame)
+    return out
+
+
+def shifted_val_rows(
+    manifest: Any, session: Any, val_table: Any, val_out: dict[str, Any], n: int = 200
+) -> np.ndarray | None:
+    """Logits rows of ``n`` val frames under heavy capture shift, posted as pictures alone;
+    None where the graph has no feature distance (nothing to choose among)."""
+    rows = next(iter(val_out.values()))[1]
+    if rows.shape[1] <= len(manifest.labels):
+        return None
+    pick = np.linspace(0, len(val_table) - 1, min(n, len(val_table))).astype(int)
+    frames = heavily_shifted([val_table.paths[i].read_bytes() for i in pick])
+    return logits_of(session, manifest, frames)[0]
+
+
+def ood_inputs(manifest: Any, test_table: Any) -> dict[str, list[bytes]]:
+    other = "ham10000" if manifest.name.startswith("hyperkvasir") else "hyperkvasir-lgi"
+    spec = load_config(Path(__file__).parent / "configs" / f"{other}.yaml").dataset
+    heavy = heavily_shifted([p.read_bytes() for p in test_table.paths[:100]])
+    return {
+        f"{other} images (the other bundled dataset)": other_dataset_images(spec),
+        "natural photographs": natural_photographs(),
+        **synthetic_inputs(),
+        "own test frames, 16:9 letterbox + JPEG 40 (should pass)": heavy,
+    }
