@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.decision_overhead import without_decision  # noqa: E402
-from bench.serving import data_dir, frames, publish  # noqa: E402
+from bench.precision import model_frames  # noqa: E402
+from bench.serving import data_dir, default_version, publish  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine import Batch, Engine  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
@@ -97,19 +98,20 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=2000, help="Requests timed per copy")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    images = frames(data_dir())
     root = Path(tempfile.mkdtemp(prefix="endofuse-decision-cost-"))
     rows = []
     try:
         for name in ("hyperkvasir-lgi", "ham10000"):
-            rows += measure(name, "2", images, args.turns, root)
+            images = model_frames(data_dir(), name)
+            rows += measure(name, default_version(name), images, args.turns, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     publish(
         args.out,
         "Cost of decision support per request, in process",
         [
-            f"{args.turns} requests per copy, the 40 full-resolution frames in turn, the two "
+            f"{args.turns} requests per copy (hyperkvasir-lgi: the 40 full-resolution frames; "
+            "ham10000: 40 dermoscopy images of the test split), each in turn, the two "
             "copies alternating; CPU time of the process, one thread (ONNX Runtime intra-op "
             "threads 1, batch 1). ms per request, mean; change: with minus without, and as a "
             "share of a whole request without decision support (what the in-process path "

@@ -60,7 +60,7 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     """Status, and whether a Retry-After header came with it."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -98,7 +98,7 @@ async def run_load(
                     return
                 writer.write(requests[i % len(requests)])
                 i += concurrency
-                status, retry_after = await _read_response(reader)
+                status, retry_after = await read_response(reader)
                 done = time.perf_counter()
                 result.answered += 1
                 if sent >= measure_from:

@@ -89,6 +89,12 @@ def _model_version(models_dir: Path, model: str):
     return registry.get(model)
 
 
+def default_version(model: str, models_dir: Path = REPO / "models") -> str:
+    """The version a request naming none gets under the default settings (the newest fp32
+    one): what a benchmark of "the default model" measures as the repository moves on."""
+    return _model_version(models_dir, model).version
+
+
 def _solo(mv, spinning: bool):
     """One session on every core, as the single-request latency is measured."""
     return open_pool(
