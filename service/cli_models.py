@@ -38,13 +38,16 @@ def train(
     stop_after: int | None = typer.Option(
         None, "--stop-after", help="Stop after this many epochs in all; rerun to resume"
     ),
+    device: str = typer.Option(
+        "cpu", "--device", help="cpu, cuda (a CUDA GPU, else an error) or auto (the GPU if any)"
+    ),
 ) -> None:
-    """Train a model (resumes an interrupted run in the same run directory; a resumed run
-    ends exactly where an uninterrupted one would)."""
+    """Train a model (resumes an interrupted run in the same run directory, on either
+    device; a resumed run ends exactly where an uninterrupted one would)."""
     _training()
     from training.train import main
 
-    main(config, run_dir, stop_after=stop_after)
+    main(config, run_dir, stop_after=stop_after, device=device)
 
 
 @models.command()

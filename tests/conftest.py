@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -16,28 +15,14 @@ from service.api import create_app
 from service.config import Settings
 from service.registry import Registry
 from tests.builders import FIELDS, write_model_dir, write_slow_model_dir
+from tests.data_paths import REPO, require_data  # noqa: F401 (REPO: re-exported to tests)
 from tests.redis_harness import RedisServer, WorkerProcess
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Property-based tests keep no example database, and hypothesis's caches live in a temp
 # directory: nothing is written into the repository.
 hypothesis_settings.register_profile("endofuse", database=None)
 hypothesis_settings.load_profile("endofuse")
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="endofuse-hypothesis-"))
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-
-
-def require_data(sub: str) -> Path:
-    path = data_dir() / sub
-    if not path.is_dir():
-        pytest.skip(
-            f"real data not found at {path}: set ENDOFUSE_DATA_DIR to the shared data folder"
-        )
-    return path
 
 
 @pytest.fixture(scope="session")

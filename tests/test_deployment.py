@@ -73,6 +73,21 @@ def test_dockerfile_targets_are_torch_free_non_root_and_healthchecked() -> None:
     assert "onnxruntime-gpu" in text
 
 
+# The newest onnxruntime-gpu on PyPI built for each CUDA major (read from each wheel's
+# libonnxruntime_providers_cuda.so: 1.26 links libcudart.so.12, 1.27 libcudart.so.13).
+ORT_GPU_BEFORE = {12: "1.27"}
+
+
+def test_gpu_extra_matches_the_gpu_images_cuda() -> None:
+    """A wheel for another CUDA major than the image's cannot load its CUDA provider, and the
+    session quietly runs on the CPU: the gpu extra's bound follows the image's base."""
+    text = (REPO / "Dockerfile").read_text()
+    cuda = int(re.search(r"^FROM nvidia/cuda:(\d+)\.\S* AS gpu$", text, re.M).group(1))
+    # (tomllib is 3.11+; the project supports 3.10)
+    spec = re.search(r'^gpu = \["([^"]+)"\]$', (REPO / "pyproject.toml").read_text(), re.M)[1]
+    assert spec.startswith("onnxruntime-gpu") and f"<{ORT_GPU_BEFORE[cuda]}" in spec, spec
+
+
 def test_prometheus_scrapes_every_api_and_worker_replica() -> None:
     config = yaml.safe_load((REPO / "service/deploy/prometheus.yml").read_text())
     targets = {

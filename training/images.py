@@ -3,6 +3,7 @@ preprocessing (``service.preprocess.prepare``), so training sees what the servic
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ from training.features import FeatureSet, load_images
 
 Augment = Callable[[Image.Image, np.random.Generator], Image.Image]
 # Pillow releases the GIL while it resizes, filters and encodes: a small pool overlaps frames.
-_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="augment")
+# On a GPU the augmentation is most of a step, so a machine with cores to spare raises it.
+_POOL = ThreadPoolExecutor(
+    max_workers=int(os.environ.get("ENDOFUSE_AUGMENT_THREADS", "2")), thread_name_prefix="augment"
+)
 
 
 @dataclass

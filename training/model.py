@@ -170,7 +170,7 @@ class FusionModel(nn.Module):
         image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if image_mask is None:
-            image_mask = torch.ones(image_input.shape[0], 1)
+            image_mask = torch.ones(image_input.shape[0], 1, device=image_input.device)
         pooled = self.image_features(image_input)
         return self.head(self.encode(pooled, values, mask, image_mask)["fused"])
 
@@ -182,5 +182,5 @@ def contrastive_loss(
     a = F.normalize(anchor, dim=-1)
     p = F.normalize(positive, dim=-1)
     logits = a @ p.t() / temperature
-    target = torch.arange(a.shape[0])
+    target = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

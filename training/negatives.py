@@ -30,7 +30,7 @@ class OnlineKMeans:
         self.centroids: torch.Tensor | None = None
 
     def _init(self, z: torch.Tensor) -> None:
-        pick = torch.randperm(len(z), generator=self.generator)[: self.k]
+        pick = torch.randperm(len(z), generator=self.generator)[: self.k].to(z.device)
         self.centroids = z[pick].clone()
 
     def assign(self, z: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def negative_weights(
     """``w[i, j]``: how much row j counts as a negative for anchor i; the diagonal is 0."""
     same = assign[:, None] == assign[None, :]
     hard = assign[None, :] == nearest[assign][:, None]
-    w = torch.ones(len(assign), len(assign))
+    w = torch.ones(len(assign), len(assign), device=assign.device)
     w[hard] = hard_negative_weight
     w[same] = false_negative_weight
     w.fill_diagonal_(0.0)
@@ -80,7 +80,7 @@ def weighted_infonce(
     w = weights.clone()
     w.fill_diagonal_(1.0)
     log_w = torch.log(w.clamp_min(1e-30)).masked_fill(w == 0, -float("inf"))
-    target = torch.arange(len(a))
+    target = torch.arange(len(a), device=a.device)
     forward = F.cross_entropy(logits + log_w, target)
     backward = F.cross_entropy(logits.t() + log_w.t(), target)
     return 0.5 * (forward + backward)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from training.config import Config
 from training.data import Table
+from training.device import device_of
 from training.features import FeatureSet
 from training.images import AugmentedImages
 from training.model import FusionModel, contrastive_loss
@@ -49,9 +50,11 @@ def make_guide(cfg: Config) -> ClusterGuide | None:
 
 
 def make_decoder(model: FusionModel, cross_modal: bool) -> Reconstructor:
-    """Light reconstruction decoder; cross-modal ones also read the tabular summary."""
+    """Light reconstruction decoder, on the model's device; cross-modal ones also read the
+    tabular summary."""
     dim = model.cfg.dim
-    return Reconstructor(2 * dim if cross_modal and model.tabular is not None else dim, 2 * dim)
+    width = 2 * dim if cross_modal and model.tabular is not None else dim
+    return Reconstructor(width, 2 * dim).to(device_of(model))
 
 
 def build_auxiliary(cfg: Config, model: FusionModel) -> Auxiliary:
@@ -69,6 +72,7 @@ def make_batch(
     cfg: Config,
     rng: np.random.Generator,
 ) -> dict[str, torch.Tensor]:
+    dev = device_of(model)
     if isinstance(feats, AugmentedImages):
         image = torch.from_numpy(feats.batch(idx, rng))
     else:
@@ -85,12 +89,12 @@ def make_batch(
         cfg.train.p_partial_fields,
     )
     return {
-        "image": image,
-        "labels": torch.from_numpy(table.labels[idx]),
-        "values": torch.from_numpy(table.tabular[idx]) if has_tab else None,
-        "mask": torch.from_numpy(tab_mask) if has_tab else None,
-        "dropped_mask": torch.from_numpy(dropped) if has_tab else None,
-        "image_mask": torch.from_numpy(image_mask),
+        "image": image.to(dev),
+        "labels": torch.from_numpy(table.labels[idx]).to(dev),
+        "values": torch.from_numpy(table.tabular[idx]).to(dev) if has_tab else None,
+        "mask": torch.from_numpy(tab_mask).to(dev) if has_tab else None,
+        "dropped_mask": torch.from_numpy(dropped).to(dev) if has_tab else None,
+        "image_mask": torch.from_numpy(image_mask).to(dev),
     }
 
 
@@ -98,7 +102,7 @@ def train_step(
     model: FusionModel, cfg: Config, batch: dict[str, torch.Tensor], aux: Auxiliary
 ) -> tuple[torch.Tensor, dict[str, float]]:
     pooled = model.image_features(batch["image"])
-    ones = torch.ones(len(pooled), 1)
+    ones = pooled.new_ones(len(pooled), 1)
     full = model.encode(pooled, batch["values"], batch["mask"], ones)
     dropped = model.encode(pooled, batch["values"], batch["dropped_mask"], batch["image_mask"])
     y = batch["labels"]

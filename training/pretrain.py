@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from training.config import Config
 from training.data import Table
+from training.device import cpu_state, cpu_tree, device_of
 from training.features import FeatureSet
 from training.images import AugmentedImages
 from training.model import FusionModel, contrastive_loss, set_tail_mode
@@ -75,7 +76,7 @@ def pretrain_step(
     noise and channel dropout are no augmentation of pixels)."""
     pc = cfg.methods.pretrain
     noise = pc.feature_noise if noise is None else noise
-    ones = torch.ones(len(xa), 1)
+    ones = torch.ones(len(xa), 1, device=xa.device)
     pa = model.image_features(perturb(xa, noise))
     ea = model.encode(pa, values, mask, ones)
     eb = model.image_features(perturb(xb, noise))
@@ -150,9 +151,9 @@ class StageCheckpoint:
         if self.path is None:
             return
         state = {
-            "model": self.model.state_dict(),
-            "decoder": self.decoder.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": cpu_state(self.model),
+            "decoder": cpu_state(self.decoder),
+            "optimizer": cpu_tree(self.optimizer.state_dict()),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "epoch": epochs_done,
@@ -178,6 +179,7 @@ def pretrain(
     has_tab = model.tabular is not None
     decoder = make_decoder(model, cross_modal=cfg.methods.negatives.enabled)
     guide = make_guide(cfg)
+    dev = device_of(model)
     params = list(model.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=pc.lr, weight_decay=tc.weight_decay)
     source = feats.mid if model.tail is not None else feats.pooled
@@ -198,10 +200,10 @@ def pretrain(
             idx = order[s : s + tc.batch_size]
             if len(idx) < 2:
                 continue
-            xa = torch.from_numpy(np.asarray(source[va[idx], idx], np.float32))
-            xb = torch.from_numpy(np.asarray(source[vb[idx], idx], np.float32))
-            values = torch.from_numpy(table.tabular[idx]) if has_tab else None
-            mask = torch.from_numpy(table.mask[idx]) if has_tab else None
+            xa = torch.from_numpy(np.asarray(source[va[idx], idx], np.float32)).to(dev)
+            xb = torch.from_numpy(np.asarray(source[vb[idx], idx], np.float32)).to(dev)
+            values = torch.from_numpy(table.tabular[idx]).to(dev) if has_tab else None
+            mask = torch.from_numpy(table.mask[idx]).to(dev) if has_tab else None
             loss, parts = pretrain_step(model, decoder, cfg, xa, xb, values, mask, guide)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -235,6 +237,7 @@ def pretrain_pixels(
     has_tab = model.tabular is not None
     decoder = make_decoder(model, cross_modal=cfg.methods.negatives.enabled)
     guide = make_guide(cfg)
+    dev = device_of(model)
     tail = list(model.tail.parameters()) if model.tail is not None else []
     tail_ids = {id(p) for p in tail}
     head = [p for p in model.parameters() if id(p) not in tail_ids] + list(decoder.parameters())
@@ -258,11 +261,11 @@ def pretrain_pixels(
             idx = order[s : s + tc.batch_size]
             if len(idx) < 2:
                 continue
-            xa = torch.from_numpy(images.batch(idx, rng))
-            xb = torch.from_numpy(images.batch(idx, rng))
-            values = torch.from_numpy(table.tabular[idx]) if has_tab else None
-            mask = torch.from_numpy(table.mask[idx]) if has_tab else None
-            xc = None if has_tab else torch.from_numpy(images.batch(idx, rng))
+            xa = torch.from_numpy(images.batch(idx, rng)).to(dev)
+            xb = torch.from_numpy(images.batch(idx, rng)).to(dev)
+            values = torch.from_numpy(table.tabular[idx]).to(dev) if has_tab else None
+            mask = torch.from_numpy(table.mask[idx]).to(dev) if has_tab else None
+            xc = None if has_tab else torch.from_numpy(images.batch(idx, rng)).to(dev)
             loss, parts = pretrain_step(model, decoder, cfg, xa, xb, values, mask, guide, 0.0, xc)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

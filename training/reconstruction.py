@@ -27,12 +27,12 @@ def mask_input(x: torch.Tensor, ratio: float, generator: torch.Generator | None 
     if x.dim() == 4:
         n, _, h, w = x.shape
         keep = torch.rand(n, 1, h, w, generator=generator) >= ratio
-        return x * keep.to(x.dtype)
+        return x * keep.to(x.device, x.dtype)
     n, d = x.shape
     blocks = (d + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
     keep = torch.rand(n, blocks, generator=generator) >= ratio
     keep = keep.repeat_interleave(CHANNEL_BLOCK, dim=1)[:, :d]
-    return x * keep.to(x.dtype)
+    return x * keep.to(x.device, x.dtype)
 
 
 def mask_pixels(
@@ -44,7 +44,7 @@ def mask_pixels(
     gh, gw = -(-h // patch), -(-w // patch)
     keep = torch.rand(n, gh, gw, generator=generator) >= ratio
     keep = keep.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :h, :w, None]
-    return x * keep.to(x.dtype)
+    return x * keep.to(x.device, x.dtype)
 
 
 class Reconstructor(nn.Module):
@@ -81,7 +81,7 @@ def reconstruction_loss(
     target = F.layer_norm(unmasked.detach(), (FEATURE_DIM,))
     pixels = model.tail is not None and model.tail.start == 0
     masked = (mask_pixels if pixels else mask_input)(image_input.float(), ratio, generator)
-    ones = torch.ones(len(masked), 1)
+    ones = masked.new_ones(len(masked), 1)
     cross = model.tabular is not None and values is not None and mask is not None
     enc = model.encode(
         model.image_features(masked), values if cross else None, mask if cross else None, ones

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from training.calibrate import calibrated, temperatures_for
 from training.data import Table
+from training.device import device_of
 from training.features import FeatureSet
 from training.images import AugmentedImages
 from training.metrics import summarize
@@ -22,10 +23,13 @@ def pooled_features(model: FusionModel, feats: FeatureSet, batch: int = 128) -> 
     """Pooled image features of view 0 of every row: the backbone runs once per split, not
     once per pattern (with a fully fine-tuned backbone, that is most of the cost)."""
     model.eval()
+    dev = device_of(model)
     source = feats.mid[0] if model.tail is not None else feats.pooled[0]
     return torch.cat(
         [
-            model.image_features(torch.from_numpy(np.asarray(source[s : s + batch], np.float32)))
+            model.image_features(
+                torch.from_numpy(np.asarray(source[s : s + batch], np.float32)).to(dev)
+            )
             for s in range(0, len(source), batch)
         ]
     )
@@ -39,10 +43,11 @@ def predict_logits(
     model.eval()
     has_tab = model.tabular is not None
     image_mask, tab_mask = apply_eval_pattern(pattern, table.mask if has_tab else None, len(table))
-    values = torch.from_numpy(table.tabular) if has_tab else None
-    mask = torch.from_numpy(tab_mask) if has_tab else None
-    fused = model.encode(pooled, values, mask, torch.from_numpy(image_mask))["fused"]
-    return model.head(fused).numpy(), pattern_ids(image_mask, tab_mask)
+    dev = pooled.device
+    values = torch.from_numpy(table.tabular).to(dev) if has_tab else None
+    mask = torch.from_numpy(tab_mask).to(dev) if has_tab else None
+    fused = model.encode(pooled, values, mask, torch.from_numpy(image_mask).to(dev))["fused"]
+    return model.head(fused).cpu().numpy(), pattern_ids(image_mask, tab_mask)
 
 
 def collect_logits(
@@ -92,6 +97,7 @@ def true_class_probabilities(
     """p(y_i) from the fused head (all inputs) and from each unimodal head, for ``rows``; for
     a full fine-tune, on the training frames as stored (no augmentation)."""
     model.eval()
+    dev = device_of(model)
     has_tab = model.tabular is not None
     pixels = isinstance(feats, AugmentedImages)
     source = None if pixels else feats.mid[0] if model.tail is not None else feats.pooled[0]
@@ -101,14 +107,19 @@ def true_class_probabilities(
         idx = rows[s : s + batch]
         x = torch.from_numpy(
             feats.plain(idx).astype(np.float32) if pixels else np.asarray(source[idx], np.float32)
-        )
-        values = torch.from_numpy(table.tabular[idx]) if has_tab else None
-        mask = torch.from_numpy(table.mask[idx]) if has_tab else None
-        enc = model.encode(model.image_features(x), values, mask, torch.ones(len(idx), 1))
-        y = torch.from_numpy(table.labels[idx])[:, None]
-        fused.append(model.head(enc["fused"]).softmax(-1).gather(1, y)[:, 0].numpy())
-        image.append(model.image_head(enc["image"]).softmax(-1).gather(1, y)[:, 0].numpy())
+        ).to(dev)
+        values = torch.from_numpy(table.tabular[idx]).to(dev) if has_tab else None
+        mask = torch.from_numpy(table.mask[idx]).to(dev) if has_tab else None
+        ones = torch.ones(len(idx), 1, device=dev)
+        enc = model.encode(model.image_features(x), values, mask, ones)
+        y = torch.from_numpy(table.labels[idx]).to(dev)
+        fused.append(_p_true(model.head, enc["fused"], y))
+        image.append(_p_true(model.image_head, enc["image"], y))
         if has_tab:
-            tab.append(model.tabular_head(enc["tabular"]).softmax(-1).gather(1, y)[:, 0].numpy())
+            tab.append(_p_true(model.tabular_head, enc["tabular"], y))
     unimodal = [np.concatenate(image)] + ([np.concatenate(tab)] if has_tab else [])
     return np.concatenate(fused), unimodal
+
+
+def _p_true(head: torch.nn.Module, z: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    return head(z).softmax(-1).gather(1, y[:, None])[:, 0].cpu().numpy()

@@ -25,11 +25,11 @@ def shift_statistics(
     n = len(x)
     mu = x.mean(dim=-1, keepdim=True)
     sigma = (x.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-    perm = torch.randperm(n, generator=generator)
+    perm = torch.randperm(n, generator=generator).to(x.device)
     beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
-    lam = beta.sample((n, 1)).to(x.dtype)
+    lam = beta.sample((n, 1)).to(x.device, x.dtype)
     mixed_mu = lam * mu + (1 - lam) * mu[perm]
     mixed_sigma = lam * sigma + (1 - lam) * sigma[perm]
     shifted = (x - mu) / sigma * mixed_sigma + mixed_mu
-    apply = torch.rand(n, 1, generator=generator) < p
+    apply = (torch.rand(n, 1, generator=generator) < p).to(x.device)
     return torch.where(apply, shifted, x)

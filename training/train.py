@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from training.calibrate import fit_calibration, fit_per_pattern
 from training.config import Config, load_config
 from training.curriculum import curriculum_order, difficulty, progress, sample_order
 from training.data import Table, fit_schema, load_split, read_rows
+from training.device import cpu_state, cpu_tree, describe, resolve
 from training.features import FeatureSet, cached_features
 from training.images import AugmentedImages, pixel_set
 from training.model import BackboneTail, FusionModel, set_tail_mode
@@ -132,11 +132,16 @@ def epoch_order(
 
 
 def fit(
-    cfg: Config, data: Data, run_dir: Path, stop_after: int | None = None
+    cfg: Config,
+    data: Data,
+    run_dir: Path,
+    stop_after: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any] | None:
     """Train (resuming from ``run_dir`` if it holds a checkpoint), calibrate, report.
     ``stop_after`` ends the session after that many epochs in all, the label-free stage's
-    included (None: train to the end)."""
+    included (None: train to the end). ``device``: cpu, cuda or auto; not part of the
+    config, since a run may resume on another device."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     if tc.threads:
@@ -150,7 +155,8 @@ def fit(
     labelled = labelled_rows(train.labels, tc.label_fraction, tc.seed)
 
     # --- model, training-only parts and optimiser
-    model = build_model(cfg, n_classes, schema)
+    dev = resolve(device)
+    model = build_model(cfg, n_classes, schema).to(dev)
     aux: Auxiliary = build_auxiliary(cfg, model)
     tail_params = list(model.tail.parameters()) if model.tail is not None else []
     tail_ids = {id(p) for p in tail_params}
@@ -231,11 +237,11 @@ def fit(
         print(f"epoch {epoch + 1}: val {metric} {val_score:.4f}")
         if val_score > best:
             best = val_score
-            torch.save({"model": model.state_dict(), "epoch": epoch + 1}, run_dir / "ckpt_best.pt")
+            torch.save({"model": cpu_state(model), "epoch": epoch + 1}, run_dir / "ckpt_best.pt")
         torch.save(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": cpu_state(model),
+                "optimizer": cpu_tree(optimizer.state_dict()),
                 "epoch": epoch,
                 "best": best,
                 "history": history,
@@ -245,7 +251,7 @@ def fit(
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
 
     # --- calibration per missingness pattern, fitted on val (or train + val, where val says)
-    best_state = torch.load(run_dir / "ckpt_best.pt", weights_only=False)
+    best_state = torch.load(run_dir / "ckpt_best.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(best_state["model"])
     val_logits = collect_logits(model, feats["val"], tables["val"])
     test_logits = collect_logits(model, feats["test"], tables["test"])
@@ -279,8 +285,7 @@ def fit(
         "best_epoch": best_state["epoch"],
         "labelled_rows": len(labelled),
         "train_seconds_this_session": round(time.time() - started, 1),
-        "device": f"cpu ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
+        "device": describe(dev),
         "torch": torch.__version__,
     }
     (run_dir / "calibration.json").write_text(json.dumps(params, indent=2))
@@ -327,11 +332,13 @@ def main(
     run_dir: Path | None = None,
     overrides: dict | None = None,
     stop_after: int | None = None,
+    device: str = "cpu",
 ) -> Path:
+    resolve(device)  # a missing GPU is refused before the run directory or any decoding
     cfg = load_config(config_path, overrides)
     run_dir = run_dir or Path("runs") / cfg.name
     prepare_run_dir(cfg, run_dir)
-    report = fit(cfg, load_data(cfg), run_dir, stop_after)
+    report = fit(cfg, load_data(cfg), run_dir, stop_after, device)
     if report is None:
         print(f"stopped after epoch {stop_after}; the same command resumes {run_dir}")
         return run_dir
