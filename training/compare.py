@@ -47,13 +47,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--variant", action="append", required=True)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (as endofuse train)")
     args = parser.parse_args()
     name = yaml.safe_load(args.config.read_text())["name"]
     results = {}
     for spec in args.variant:
         variant, overrides = parse_variant(spec)
         run_dir = Path("runs/compare") / name / variant
-        train.main(args.config, run_dir, overrides)
+        train.main(args.config, run_dir, overrides, device=args.device)
         results[variant] = json.loads((run_dir / "results.json").read_text())
     command = (
         "python -m training.compare --config "

@@ -1,7 +1,8 @@
-"""Where training runs: the CPU, or a CUDA GPU when asked for. Random draws stay on the CPU
-(numpy and CPU generators) and their results move to the device, so a seed draws the same
-augmentations, masks and orders on either; checkpoints are written with CPU tensors, so a
-run trained on a GPU exports, resumes and evaluates on a machine without one."""
+"""Where training runs: the CPU, or a CUDA GPU when asked for. The draws made outside the
+model (numpy and CPU generators) stay on the CPU and their results move to the device, so a
+seed draws the same augmentations, masks and orders on either; checkpoints are written with
+CPU tensors, so a run trained on a GPU exports, resumes and evaluates on a machine without
+one."""
 
 from __future__ import annotations
 
