@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,18 +23,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.frames import data_dir, frames  # noqa: E402
 from service.engine import Batch, Engine, cpu_count, resolve_providers  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
-
-
-def frames(root: Path) -> list[bytes]:
-    paths = sorted((root / "hyperkvasir-lgi-fullres").glob("*/*.jpg"))
-    if not paths:
-        raise SystemExit(f"no frames under {root}/hyperkvasir-lgi-fullres (ENDOFUSE_DATA_DIR)")
-    return [p.read_bytes() for p in paths]
 
 
 def engine(model_dir: Path, providers: list[str], threads: int = 0) -> Engine:
@@ -141,8 +134,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per cell and round")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
-    data = Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-    raw = frames(data)
+    raw = frames(data_dir())
     batches = [int(b) for b in args.batches.split(",")]
     results = []
     for name in args.model:

@@ -34,22 +34,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.frames import data_dir, frames  # noqa: E402 (also imported from here by most benches)
 from bench.loadgen import multipart_request, run_load  # noqa: E402
 from service.engine import Batch, cpu_count, open_pool  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 from service.registry import Registry  # noqa: E402
-
-
-def data_dir() -> Path:
-    """Where the shared data is: ``ENDOFUSE_DATA_DIR``, else ``../shared/data``."""
-    return Path(os.environ.get("ENDOFUSE_DATA_DIR", REPO.parent / "shared" / "data"))
-
-
-def frames(root: Path) -> list[bytes]:
-    paths = sorted((root / "hyperkvasir-lgi-fullres").glob("*/*.jpg"))
-    if not paths:
-        raise SystemExit(f"no frames under {root}/hyperkvasir-lgi-fullres (ENDOFUSE_DATA_DIR)")
-    return [p.read_bytes() for p in paths]
 
 
 def in_process(
