@@ -11,6 +11,14 @@ import yaml
 
 from tests.data_paths import require_data
 
+# Every seed method at once, each at its smallest setting.
+ALL_METHODS = {
+    "pretrain": {"enabled": True, "epochs": 1},
+    "shift": {"enabled": True},
+    "negatives": {"enabled": True, "clusters": 3},
+    "curriculum": {"enabled": True},
+}
+
 
 def subset_csv(src_root: Path, csv_name: str, label_col: str, out: Path, per_class: dict) -> None:
     with (src_root / csv_name).open(newline="") as fh:
@@ -58,12 +66,7 @@ def smoke_config(tmp: Path, name: str) -> Path:
         # change whatever the options.
         raw["model"].update(finetune_from_block=14)
         raw["train"].update(label_fraction=0.5)
-        raw["methods"] = {
-            "pretrain": {"enabled": True, "epochs": 1},
-            "shift": {"enabled": True},
-            "negatives": {"enabled": True, "clusters": 3},
-            "curriculum": {"enabled": True},
-        }
+        raw["methods"] = ALL_METHODS
     raw["name"] = f"smoke-{name}"
     raw["dataset"].update(root=str(tmp), csv=f"{name}.csv")
     raw["image"].update(height=64, width=64, views=["orig", "hflip"])

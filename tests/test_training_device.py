@@ -12,7 +12,7 @@ import yaml
 
 torch = pytest.importorskip("torch", reason="training tests need the 'train' extra (torch)")
 
-from tests.smoke_configs import smoke_config  # noqa: E402
+from tests.smoke_configs import ALL_METHODS, smoke_config  # noqa: E402
 from training.device import cpu_state, cpu_tree, describe, resolve  # noqa: E402
 
 
@@ -53,14 +53,6 @@ def test_checkpoint_helpers_leave_no_tensor_on_the_device() -> None:
     assert cpu_tree((torch.ones(1, device=dev), [2]))[1] == [2]
 
 
-METHODS = {
-    "pretrain": {"enabled": True, "epochs": 1},
-    "shift": {"enabled": True},
-    "negatives": {"enabled": True, "clusters": 3},
-    "curriculum": {"enabled": True},
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("methods", [False, True], ids=["recipe", "all-methods"])
 def test_run_on_auto_device_writes_cpu_checkpoints_and_names_its_device(
@@ -75,7 +67,7 @@ def test_run_on_auto_device_writes_cpu_checkpoints_and_names_its_device(
     raw = yaml.safe_load(config.read_text())
     raw["train"].update(epochs=1)
     if methods:
-        raw["methods"] = METHODS
+        raw["methods"] = ALL_METHODS
     config.write_text(yaml.safe_dump(raw))
     run_dir = train.main(config, tmp_path / "run", device="auto")
     report = json.loads((run_dir / "results.json").read_text())
