@@ -65,8 +65,8 @@ bench: install
 	$(PY) bench/decision_overhead.py --out docs/performance.md
 	$(PY) bench/decision_cost.py --out docs/performance.md
 	$(PY) bench/ood_cost.py --out docs/performance.md
-	$(PY) bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 5 --out docs/performance.md
-	$(PY) bench/precision.py --model ham10000 --fp32 9 --int8 10 --out docs/performance.md
+	$(PY) bench/precision.py --model hyperkvasir-lgi --out docs/performance.md
+	$(PY) bench/precision.py --model ham10000 --out docs/performance.md
 
 # Ten minutes of abuse beside load, with the server's memory sampled throughout.
 bench-soak: install

@@ -3,8 +3,11 @@ sizes 1, 8 and 16, and end to end through one server holding both versions (the 
 load generator and server, two rounds in opposite orders). Each model gets frames of its own
 kind: the 40 full-resolution endoscopy frames, or 40 dermoscopy images of the test split.
 
-    python bench/precision.py --model hyperkvasir-lgi --fp32 2 --int8 5 --out docs/performance.md
-    python bench/precision.py --model ham10000 --fp32 9 --int8 10 --out docs/performance.md
+    python bench/precision.py --model hyperkvasir-lgi --out docs/performance.md
+    python bench/precision.py --model ham10000 --fp32 2 --int8 6 --out docs/performance.md
+
+Without --fp32 / --int8 it compares the versions the service serves by default for each
+precision (the newest of each), so the benchmark follows the bundled models.
 """
 
 from __future__ import annotations
@@ -26,9 +29,23 @@ from bench.loadgen import load_cells, multipart_request  # noqa: E402
 from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
+from service.repository import discover  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_split, read_rows  # noqa: E402
 from training.ood_embed import image_only_feeds, input_names  # noqa: E402
+
+
+def newest(model: str, precision: str) -> str:
+    """The version the service serves to requests naming none when ``precision`` is the
+    preferred one: the newest bundled version of that precision (``Registry.newest``)."""
+    found = [
+        version
+        for _, version, vdir in discover(REPO / "models", [model])
+        if load_manifest(vdir / "manifest.json").precision == precision
+    ]
+    if not found:
+        raise SystemExit(f"models/{model} has no {precision} version")
+    return found[-1]
 
 
 def model_frames(data: Path, model: str) -> list[bytes]:
@@ -76,14 +93,16 @@ def per_image_ms(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="hyperkvasir-lgi")
-    parser.add_argument("--fp32", default="2")
-    parser.add_argument("--int8", default="5")
+    parser.add_argument("--fp32", help="version (default: the newest fp32 one)")
+    parser.add_argument("--int8", help="version (default: the newest int8 one)")
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-http", action="store_true", help="in-process cost only")
     args = parser.parse_args()
     data = data_dir()
     raw = model_frames(data, args.model)
+    args.fp32 = args.fp32 or newest(args.model, "fp32")
+    args.int8 = args.int8 or newest(args.model, "int8")
     versions = {"fp32": args.fp32, "int8": args.int8}
     dirs = {k: REPO / "models" / args.model / v for k, v in versions.items()}
     spec = load_manifest(dirs["fp32"] / "manifest.json").image
