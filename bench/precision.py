@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from bench.instances import session as instance_session  # noqa: E402
 from bench.loadgen import load_cells, multipart_request  # noqa: E402
 from bench.serving import data_dir, frames, free_port, publish, start_server  # noqa: E402
+from service.errors import ManifestError  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
 from service.repository import discover  # noqa: E402
@@ -38,10 +39,12 @@ from training.ood_embed import image_only_feeds, input_names  # noqa: E402
 def newest(model: str, precision: str) -> str:
     """The version the service serves to requests naming none when ``precision`` is the
     preferred one: the newest bundled version of that precision (``Registry.newest``)."""
+    try:
+        listed = discover(REPO / "models", [model])
+    except ManifestError as exc:
+        raise SystemExit(str(exc)) from None
     found = [
-        version
-        for _, version, vdir in discover(REPO / "models", [model])
-        if load_manifest(vdir / "manifest.json").precision == precision
+        v for _, v, vdir in listed if load_manifest(vdir / "manifest.json").precision == precision
     ]
     if not found:
         raise SystemExit(f"models/{model} has no {precision} version")
@@ -99,10 +102,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-http", action="store_true", help="in-process cost only")
     args = parser.parse_args()
-    data = data_dir()
-    raw = model_frames(data, args.model)
     args.fp32 = args.fp32 or newest(args.model, "fp32")
     args.int8 = args.int8 or newest(args.model, "int8")
+    data = data_dir()
+    raw = model_frames(data, args.model)
     versions = {"fp32": args.fp32, "int8": args.int8}
     dirs = {k: REPO / "models" / args.model / v for k, v in versions.items()}
     spec = load_manifest(dirs["fp32"] / "manifest.json").image
