@@ -30,7 +30,7 @@ from bench.serving import data_dir, frames, free_port, publish, start_server  # 
 from service.errors import ManifestError  # noqa: E402
 from service.manifest import load_manifest  # noqa: E402
 from service.preprocess import decode_image  # noqa: E402
-from service.repository import discover  # noqa: E402
+from service.registry import Registry  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_split, read_rows  # noqa: E402
 from training.ood_embed import image_only_feeds, input_names  # noqa: E402
@@ -38,17 +38,21 @@ from training.ood_embed import image_only_feeds, input_names  # noqa: E402
 
 def newest(model: str, precision: str) -> str:
     """The version the service serves to requests naming none when ``precision`` is the
-    preferred one: the newest bundled version of that precision (``Registry.newest``)."""
+    preferred one, chosen by the registry itself (no engine opened)."""
     try:
-        listed = discover(REPO / "models", [model])
+        registry = Registry.load(
+            REPO / "models",
+            providers=["CPUExecutionProvider"],
+            only=[model],
+            precision=precision,
+            load_engines=False,
+        )
     except ManifestError as exc:
         raise SystemExit(str(exc)) from None
-    found = [
-        v for _, v, vdir in listed if load_manifest(vdir / "manifest.json").precision == precision
-    ]
-    if not found:
+    served = registry.newest(model)
+    if served is None or served.manifest.precision != precision:
         raise SystemExit(f"models/{model} has no {precision} version")
-    return found[-1]
+    return served.version
 
 
 def model_frames(data: Path, model: str) -> list[bytes]:
